@@ -1,0 +1,32 @@
+"""loopgraph: fast, faithful diffusion denoising loops written as modular pipeline blocks.
+
+The flow:
+    block API (``blocks``, ``state``, ``pipeline``)  — diffusers-compatible, runs eagerly
+    → ``compile_loop(wrapper)``: trace one iteration → analyse slots → hoist the schedule into per-step
+      tables → lower the BlockState to buffers → compile once → run all N steps without Python per step
+    → ``loopgraph bench``: eager vs compiled-denoiser vs compiled-loop throughput.
+
+The reference denoising loops (tiny DiT / UNet, schedulers, guidance) live in ``loopgraph.zoo``.
+"""
+
+from .blocks import AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks, SequentialPipelineBlocks
+from .pipeline import ModularPipeline
+from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # block API (also importable from loopgraph.modular_pipelines)
+    "ModularPipelineBlocks",
+    "SequentialPipelineBlocks",
+    "LoopSequentialPipelineBlocks",
+    "AutoPipelineBlocks",
+    "ModularPipeline",
+    # state and declarations
+    "PipelineState",
+    "BlockState",
+    "InputParam",
+    "OutputParam",
+    "ComponentSpec",
+    "ConfigSpec",
+]
