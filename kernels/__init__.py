@@ -1,0 +1,1 @@
+"""Triton kernels for fused guidance + scheduler updates (GPU work in progress)."""

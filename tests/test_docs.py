@@ -1,0 +1,24 @@
+"""Examples in docs/ are run: every ```python block of each page, in order, in one namespace per page."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = sorted(p for p in DOCS.glob("*.md") if "```python" in p.read_text())
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_doc_examples_run(page, capsys):
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for code in blocks:
+        exec(compile(code, str(page), "exec"), namespace)
+
+
+def test_getting_started_first_loop_output():
+    namespace: dict = {}
+    code = re.findall(r"```python\n(.*?)```", (DOCS / "getting-started.md").read_text(), flags=re.S)[0]
+    exec(code, namespace)
+    assert namespace["x"].tolist() == [2.625, 2.625]
