@@ -9,6 +9,7 @@ The flow:
 The reference denoising loops (tiny DiT / UNet, schedulers, guidance) live in ``loopgraph.zoo``.
 """
 
+from .compile import CompileConfig, CompiledLoop, compile_loop
 from .blocks import AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks, SequentialPipelineBlocks
 from .pipeline import ModularPipeline
 from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
@@ -22,6 +23,10 @@ __all__ = [
     "LoopSequentialPipelineBlocks",
     "AutoPipelineBlocks",
     "ModularPipeline",
+    # compiling loops
+    "compile_loop",
+    "CompiledLoop",
+    "CompileConfig",
     # state and declarations
     "PipelineState",
     "BlockState",

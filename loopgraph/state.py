@@ -138,6 +138,13 @@ def _summary(value: Any) -> str:
     return repr(value)
 
 
+_ATOMS = {int, float, bool, str, type(None)}
+
+
+def _atoms_only(values: list | tuple) -> bool:
+    return set(map(type, values)) <= _ATOMS  # map/set run in C: no Python call per element
+
+
 def values_equal(a: Any, b: Any) -> bool:
     """Structural equality that treats tensors by value (same dtype, shape and elements)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -148,6 +155,8 @@ def values_equal(a: Any, b: Any) -> bool:
             and a.device == b.device
             and torch.equal(a, b)
         )
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and _atoms_only(a) and _atoms_only(b):
+        return type(a) is type(b) and a == b  # one C-level comparison: cost does not grow with N in Python
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):

@@ -1,0 +1,420 @@
+"""``compile_loop``: the public entry point, and ``CompiledLoop``, the drop-in replacement for a loop wrapper.
+
+    trace    run the wrapper's own __call__ for real, recording each loop_step (trace.py)
+    analyse  classify slots, group steps into variants, hoist per-step values into tables (analysis.py)
+    lower    one whole-loop function of while_loops over a device-side step counter (runtime.py)
+    compile  once per (structure, shapes); checked against the eager result it was traced from
+    run      get_block_state -> compiled loop -> component Python state as eager leaves it -> set_block_state
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .analysis import LoopPlan, plan_loop
+from .blocks import ModularPipelineBlocks
+from .runtime import CompileCounter, compile_fn, lower
+from .state import BlockState, _atoms_only, values_equal
+from .trace import LoopTrace, Unsupported, trace_loop
+
+__all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop"]
+
+_BACKENDS = ("inductor", "eager", "aot_eager")
+_MIN_TABLE_ROWS = 64  # tables are padded to a power of two >= N, so a new N rarely changes a shape
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Options of ``compile_loop`` (see its docstring)."""
+
+    backend: str = "inductor"
+    mode: str | None = None
+    strict: bool = False
+    cuda_graphs: bool | str = "auto"
+    static_shapes: bool = False
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"compile_loop: backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.mode is not None and self.backend != "inductor":
+            raise ValueError(f"compile_loop: mode={self.mode!r} needs backend='inductor'")
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"compile_loop: cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
+
+
+@dataclass
+class LoopStats:
+    compiles: int = 0          # backend compilations (Dynamo frames handed to the backend)
+    step_graphs: int = 0       # distinct fused step graphs (variants) over all plans
+    eager_blocks: int = 0      # blocks that run eagerly (data-dependent Python, unsupported ops)
+    calls: int = 0
+    compiled_calls: int = 0
+    plans: int = 0
+    plan_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+
+@dataclass
+class _Plan:
+    trace: LoopTrace
+    loop: LoopPlan | None
+    start_python: dict
+    end_python: dict
+    schedule_values: dict[str, Any]     # untainted inputs, by value
+    data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
+    final_untainted: dict[str, Any]
+    fn: Callable | None = None
+    tables: list[list[torch.Tensor]] = field(default_factory=list)
+    ends: torch.Tensor | None = None
+    problems: list[Unsupported] = field(default_factory=list)
+
+
+def _tensor_spec(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device)
+
+
+def _python_state(wrapper, components) -> dict[str, dict[str, Any]]:
+    """Deep copies of the Python state of the wrapper's non-module components (schedulers, guiders)."""
+    snapshot = {}
+    for spec in wrapper.expected_components:
+        obj = getattr(components, spec.name, None)
+        if obj is None or isinstance(obj, torch.nn.Module) or not hasattr(obj, "__dict__"):
+            continue
+        snapshot[spec.name] = {k: _copy(v) for k, v in vars(obj).items() if not isinstance(v, torch.nn.Module)}
+    return snapshot
+
+
+def _copy(value: Any) -> Any:
+    # Flat lists of numbers (a scheduler's timestep list) are copied in C, so a call's Python work does not
+    # grow with N; everything else is deep-copied.
+    if isinstance(value, (list, tuple)) and _atoms_only(value):
+        return type(value)(value)
+    return copy.deepcopy(value)
+
+
+def _restore_python_state(components, snapshot: dict[str, dict[str, Any]]) -> None:
+    for name, attrs in snapshot.items():
+        vars(getattr(components, name)).update({k: _copy(v) for k, v in attrs.items()})
+
+
+def _tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}.get(
+        dtype, dict(rtol=1e-4, atol=1e-5))
+
+
+class CompiledLoop(ModularPipelineBlocks):
+    """A loop wrapper compiled by ``compile_loop``: same interface, same results, no Python per step.
+
+    Called as ``components, state = fast(components, state)``; drops into a ``SequentialPipelineBlocks`` or
+    a ``ModularPipeline`` in place of the wrapper.
+    """
+
+    def __init__(self, wrapper, config: CompileConfig) -> None:
+        super().__init__()
+        self.wrapper = wrapper
+        self.config = config
+        self.stats = LoopStats()
+        self._plans: list[_Plan] = []
+        self._compiled: dict[Any, Callable] = {}
+        self._counter = CompileCounter()
+        self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
+
+    def __deepcopy__(self, memo):
+        # ModularPipeline / init_pipeline deep-copy their blocks: the copy gets the wrapper's copy and its own
+        # (empty) plan cache; locks and compiled code are not copyable state.
+        return CompiledLoop(copy.deepcopy(self.wrapper, memo), self.config)
+
+    # -- the wrapper's interface ---------------------------------------------------------------------------
+    @property
+    def description(self) -> str:
+        return f"[compiled] {self.wrapper.description}"
+
+    @property
+    def inputs(self):
+        return self.wrapper.inputs
+
+    @property
+    def intermediate_outputs(self):
+        return self.wrapper.intermediate_outputs
+
+    @property
+    def expected_components(self):
+        return self.wrapper.expected_components
+
+    @property
+    def expected_configs(self):
+        return getattr(self.wrapper, "expected_configs", [])
+
+    @property
+    def model_name(self):
+        return getattr(self.wrapper, "model_name", None)
+
+    @property
+    def graph(self) -> torch.fx.GraphModule | None:
+        """The fused step of the most recent plan (its most used variant)."""
+        plan = next((p for p in reversed(self._plans) if p.loop is not None), None)
+        if plan is None:
+            return None
+        return max(plan.loop.variants, key=lambda v: len(v.steps)).module
+
+    # -- calling ---------------------------------------------------------------------------------------------
+    def __call__(self, components, state):
+        with self._lock, torch.no_grad():
+            self.stats.calls += 1
+            block_state = self.wrapper.get_block_state(state)  # eager's input checks and errors
+            plan = self._find_plan(components, block_state)
+            if plan is None:
+                return self._plan_and_run(components, state)
+            if plan.fn is None:
+                return self.wrapper(components, state)
+            self.stats.compiled_calls += 1
+            return self._run(plan, components, state, block_state)
+
+    def _find_plan(self, components, block_state) -> _Plan | None:
+        slots = vars(block_state)
+        python = None
+        for plan in reversed(self._plans):  # the newest plan is the one a settled caller matches
+            if set(plan.schedule_values) | set(plan.data_specs) != set(slots):
+                continue
+            if any(_tensor_spec(slots[k]) != spec if isinstance(slots[k], torch.Tensor) else True
+                   for k, spec in plan.data_specs.items()):
+                continue
+            if not all(values_equal(slots[k], v) for k, v in plan.schedule_values.items()):
+                continue
+            python = _python_state(self.wrapper, components) if python is None else python
+            if values_equal(python, plan.start_python):
+                return plan
+        if self._plans and self.config.static_shapes:
+            shapes = {k: tuple(v.shape) for k, v in slots.items() if isinstance(v, torch.Tensor)}
+            raise ValueError(
+                f"{type(self.wrapper).__name__} (compiled with static_shapes=True): this call's inputs or "
+                f"component state differ from the compiled plan (tensor shapes now {shapes}). Reset the "
+                f"scheduler (set_timesteps) and pass the shapes it was compiled for, or use static_shapes=False."
+            )
+        return None
+
+    def _plan_and_run(self, components, state):
+        start = time.perf_counter()
+        start_python = _python_state(self.wrapper, components)
+        try:
+            trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict)
+        except Unsupported:
+            _restore_python_state(components, start_python)
+            raise
+        plan = _Plan(
+            trace=trace, loop=None, start_python=start_python,
+            end_python=_python_state(self.wrapper, components),
+            schedule_values={k: copy.deepcopy(v) for k, v in trace.initial_slots.items()
+                             if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
+            data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
+                        if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs},
+            final_untainted={k: v for k, v in trace.final_slots.items() if k not in trace.tainted_final},
+            problems=list(trace.problems),
+        )
+        self.stats.plans += 1
+        self._plans.append(plan)
+        if not plan.problems and trace.steps:
+            self._lower_and_compile(plan, state)
+        elif plan.problems:
+            self._fall_back(plan, None)
+        self.stats.plan_seconds += time.perf_counter() - start
+        return result
+
+    def _lower_and_compile(self, plan: _Plan, state) -> None:
+        trace = plan.trace
+        needed = set(trace.initial_slots) | {o.name for o in self.wrapper.intermediate_outputs}
+        try:
+            plan.loop = plan_loop(trace, needed)
+        except Unsupported as e:
+            return self._fall_back(plan, e)
+        loop = plan.loop
+        rows = max(_MIN_TABLE_ROWS, 1 << (loop.num_steps - 1).bit_length())
+        plan.tables = [[_pad(t, rows) for t in v.tables] for v in loop.variants]
+        plan.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64)
+        key = self._compile_key(plan)
+        fn = self._compiled.get(key)
+        if fn is None:
+            device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
+                          torch.device("cpu"))
+            fn = compile_fn(lower(loop), backend=self.config.backend, mode=self.config.mode,
+                            counter=self._counter, device=device)
+            self.stats.step_graphs += len(loop.variants)
+        plan.fn = fn
+        if self.config.check:
+            try:
+                self._check_against_eager(plan)
+            except Exception as e:  # a failed compilation or a mismatch: never a silently different result
+                plan.fn = None
+                return self._fall_back(plan, e)
+        self._compiled[key] = fn
+
+    def _compile_key(self, plan: _Plan) -> tuple:
+        loop = plan.loop
+        inputs = [plan.data_specs.get(k) for k in [*loop.state_slots, *loop.invariant_slots]]
+        # the generated code holds the structure and every baked literal; buffers are compared by content
+        consts = tuple((name, t.dtype, tuple(t.shape), hash(tuple(t.flatten().tolist())) if t.numel() <= 1 << 16
+                        else id(t)) for v in loop.variants for name, t in v.module.named_buffers())
+        return (tuple(v.module.code for v in loop.variants), tuple(v for v, _, _ in loop.runs),
+                tuple(map(str, inputs)), consts, tuple(tuple(t.shape for t in ts) for ts in plan.tables))
+
+    def _check_against_eager(self, plan: _Plan) -> None:
+        """Run the compiled loop on the traced call's inputs and compare with the eager result it produced."""
+        outputs = self._execute(plan, plan.trace.initial_inputs_copy)
+        for name, value in zip(plan.loop.state_slots, outputs):
+            expected = plan.trace.final_slots[name]
+            if not torch.allclose(value, expected, **_tolerance(expected.dtype)):
+                err = (value - expected).abs().max().item()
+                raise RuntimeError(f"compiled loop differs from eager on slot {name!r} (max abs error {err:.3g})")
+        self.stats.compiles = self._counter.count
+        self.stats.compile_seconds = self._counter.seconds
+
+    def _execute(self, plan: _Plan, slots: dict[str, Any]) -> list[torch.Tensor]:
+        loop = plan.loop
+        state = []
+        for name in loop.state_slots:
+            value = slots.get(name)
+            if not isinstance(value, torch.Tensor):  # a temporary first written inside the loop
+                value = torch.zeros_like(plan.trace.final_slots[name])
+            state.append(value)
+        invariants = [slots[name] for name in loop.invariant_slots]
+        start = torch.zeros((), dtype=torch.int64)
+        return plan.fn(state, invariants, plan.tables, plan.ends, start)
+
+    def _run(self, plan: _Plan, components, state, block_state: BlockState):
+        outputs = self._execute(plan, vars(block_state))
+        final = BlockState()
+        computed = dict(zip(plan.loop.state_slots, outputs))
+        for name in plan.trace.final_slots:
+            if name in computed:
+                value = computed[name]
+                original = vars(block_state).get(name)
+                if name in plan.trace.inplace_slots and isinstance(original, torch.Tensor):
+                    original.copy_(value)  # eager mutated the caller's tensor in place: so do we
+                    value = original
+                final[name] = value
+            elif name in plan.trace.tainted_final:
+                if name in vars(block_state):  # invariant inputs: the caller's own objects
+                    final[name] = vars(block_state)[name]
+            else:
+                value = plan.final_untainted[name]
+                final[name] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+        _restore_python_state(components, plan.end_python)
+        self.wrapper.set_block_state(state, final)
+        self.stats.compiles = self._counter.count
+        self.stats.compile_seconds = self._counter.seconds
+        return components, state
+
+    def _fall_back(self, plan: _Plan, error: Exception | None) -> None:
+        problems = plan.problems or [Unsupported(f"compilation failed: {error}")]
+        plan.problems = problems
+        self.stats.eager_blocks = len({p.block for p in problems if p.block})
+        text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" if p.block else p.reason
+                         for p in problems)
+        if self.config.strict:
+            raise RuntimeError(f"compile_loop(strict=True): {type(self.wrapper).__name__}: {text}") from error
+        warnings.warn(f"compile_loop: {type(self.wrapper).__name__} runs eagerly: {text}", stacklevel=4)
+
+    # -- introspection ---------------------------------------------------------------------------------------
+    def explain(self) -> str:
+        """What was compiled, what runs eagerly and why, the slot table, the step graphs and hoisted tables."""
+        lines = [f"CompiledLoop({type(self.wrapper).__name__}) backend={self.config.backend} "
+                 f"mode={self.config.mode} strict={self.config.strict}"]
+        if not self._plans:
+            return "\n".join(lines + ["  not planned yet: the first call traces the loop"])
+        plan = self._plans[-1]
+        eager = {p.block: p for p in plan.problems if p.block}
+        lines.append("blocks:")
+        for name, block in self.wrapper.sub_blocks.items():
+            try:
+                where = f"{inspect.getsourcefile(type(block))}:{inspect.getsourcelines(type(block))[1]}"
+            except (TypeError, OSError):
+                where = "<unknown source>"
+            if name in eager:
+                status = f"eager: {eager[name].reason} at {eager[name].where}"
+            elif plan.fn is None:
+                status = "eager: the whole loop fell back (" + "; ".join(p.reason for p in plan.problems) + ")"
+            else:
+                status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"
+            lines.append(f"  {name} ({type(block).__name__}, {where}): {status}")
+        if plan.loop is None:
+            return "\n".join(lines)
+        loop = plan.loop
+        lines.append("slots:")
+        for info in loop.slots.values():
+            end = ", written back" if info.needed_at_end else ""
+            lines.append(f"  {info.name:<28} {info.role:<10} {info.kind}{end}")
+        lines.append(f"step graphs: {len(loop.variants)} for {loop.num_steps} steps")
+        for k, v in enumerate(loop.variants):
+            ops = sum(1 for n in v.module.graph.nodes if n.op == "call_function")
+            lines.append(f"  variant {k}: {ops} ops, steps {_ranges(v.steps)}")
+        lines.append("runs: " + ", ".join(f"variant {v} for steps [{a}, {b})" for v, a, b in loop.runs))
+        lines.append("hoisted per-step tables:")
+        for k, v in enumerate(loop.variants):
+            for name, table in zip(v.lifted, v.tables):
+                lines.append(f"  variant {k} {name}: {tuple(table.shape)} {str(table.dtype).replace('torch.', '')}")
+        s = self.stats
+        lines.append(f"stats: compiles={s.compiles} step_graphs={s.step_graphs} plans={s.plans} calls={s.calls} "
+                     f"plan_s={s.plan_seconds:.2f} compile_s={s.compile_seconds:.2f}")
+        return "\n".join(lines)
+
+
+def _pad(table: torch.Tensor, rows: int) -> torch.Tensor:
+    out = torch.zeros((rows, *table.shape[1:]), dtype=table.dtype, device=table.device)
+    out[: table.shape[0]] = table
+    return out
+
+
+def _ranges(steps: list[int]) -> str:
+    spans, start = [], steps[0]
+    for a, b in zip(steps, steps[1:] + [None]):
+        if b != a + 1:
+            spans.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(spans)
+
+
+def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None, strict: bool = False,
+                 cuda_graphs: bool | str = "auto", static_shapes: bool = False, check: bool = True) -> CompiledLoop:
+    """Compile a loop wrapper's whole denoising loop.
+
+    Args:
+        wrapper: a loop wrapper (loopgraph's or diffusers' ``LoopSequentialPipelineBlocks``, or any object
+            with ``sub_blocks``, ``loop_step``, ``get_block_state``/``set_block_state`` and a looping
+            ``__call__``).
+        backend: "inductor" (default; C++ host loop on CPU), or "eager"/"aot_eager" for debugging.
+        mode: an Inductor mode such as "max-autotune-no-cudagraphs".
+        strict: raise instead of falling back to eager on data-dependent Python or a failed compilation.
+        cuda_graphs: "auto" | True | False (the whole-loop CUDA graph; not used on CPU).
+        static_shapes: raise instead of re-planning when shapes or component state change.
+        check: compare the first compiled run with the eager run it was traced from (fall back if they differ).
+
+    Returns:
+        A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.
+
+    Example:
+        >>> from loopgraph.zoo.loops import build_loop
+        >>> setup = build_loop("dit", steps=8)
+        >>> fast = compile_loop(setup.wrapper)
+        >>> _, state = fast(setup.components, setup.new_state())   # traces (eagerly) and compiles
+        >>> _, state = fast(setup.components, setup.new_state())   # runs the compiled loop
+    """
+    config = CompileConfig(backend=backend, mode=mode, strict=strict, cuda_graphs=cuda_graphs,
+                           static_shapes=static_shapes, check=check)
+    missing = [a for a in ("sub_blocks", "loop_step", "get_block_state", "set_block_state") if not hasattr(wrapper, a)]
+    if missing or not callable(wrapper):
+        raise TypeError(
+            f"compile_loop expects a loop wrapper (a LoopSequentialPipelineBlocks); {type(wrapper).__name__} "
+            f"lacks {missing or ['__call__']}. Pass the denoise loop block itself, not a pipeline or a leaf block."
+        )
+    if isinstance(wrapper, CompiledLoop):
+        raise TypeError("compile_loop: this wrapper is already compiled")
+    return CompiledLoop(wrapper, config)

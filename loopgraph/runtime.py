@@ -1,0 +1,113 @@
+"""Lower a plan to one whole-loop function and compile it once.
+
+The lowered function runs every step of the plan: each *run* of consecutive steps that share a variant is a
+``torch.while_loop`` whose body reads its per-step table rows at a device-side counter ``i`` and calls the
+variant's fused step. The run bounds and the tables are inputs, so a new N with the same run pattern reuses
+the compiled code. On CPU, Inductor with ``cpp_wrapper`` turns each while_loop into a C++ loop: no Python
+per step. (CUDA: the whole-loop CUDA graph goes here; see the GPU issue.)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import types
+from typing import Callable
+
+import torch
+from torch._higher_order_ops.while_loop import while_loop
+
+from .analysis import LoopPlan
+
+__all__ = ["lower", "compile_fn", "CompileCounter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    # table: [N, *shape], i: [] int64 -> [*shape]; index_select keeps the index a tensor (no .item()).
+    return torch.index_select(table, 0, i.reshape(1)).reshape(table.shape[1:])
+
+
+def lower(plan: LoopPlan) -> Callable:
+    """The whole loop as a function ``(state, invariants, tables, ends, start) -> state``.
+
+    ``state``/``invariants`` follow ``plan.state_slots``/``plan.invariant_slots``; ``tables[v]`` are variant
+    v's lifted tables; ``ends[r]`` is run r's end step (an int64 tensor).
+    """
+    modules = [v.module for v in plan.variants]
+    pattern = [v for v, _, _ in plan.runs]
+
+    def whole_loop(state: list[torch.Tensor], invariants: list[torch.Tensor],
+                   tables: list[list[torch.Tensor]], ends: torch.Tensor, start: torch.Tensor):
+        i = start
+        for r, v in enumerate(pattern):
+            end, step, vt = ends[r], modules[v], tables[v]
+
+            def cond(i, *carried, end=end):
+                return i < end
+
+            def body(i, *carried, step=step, vt=vt):
+                out = step(*carried, *invariants, *[_row(t, i) for t in vt])
+                return (i + 1, *[o.clone() for o in out])
+
+            i, *state = while_loop(cond, body, (i, *state))
+        return state
+
+    # Dynamo caches compiled code per code object: a fresh code object per lowering keeps every compiled
+    # loop's cache entries (and recompile limit) its own instead of piling up on one shared function.
+    global _lowered
+    _lowered += 1
+    code = whole_loop.__code__.replace(co_name=f"whole_loop_{_lowered}")
+    return types.FunctionType(code, whole_loop.__globals__, code.co_name, None, whole_loop.__closure__)
+
+
+_lowered = 0
+
+
+class CompileCounter:
+    """Counts backend compilations (each Dynamo frame handed to the backend)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+
+
+def compile_fn(fn: Callable, *, backend: str, mode: str | None, counter: CompileCounter,
+               device: torch.device) -> Callable:
+    """The one place loopgraph calls ``torch.compile``: scoped Inductor options, compile counting."""
+    if backend == "inductor":
+        from torch._inductor import config as inductor_config
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        # cpp_wrapper: the host code that drives the kernels (and the while loops) is C++, not Python
+        options = {**(list_mode_options(mode) if mode else {}), "cpp_wrapper": device.type == "cpu"}
+
+        def backend_fn(gm, example_inputs):
+            counter.count += 1
+            with inductor_config.patch(options):
+                return compile_fx(gm, example_inputs)
+    else:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        named = lookup_backend(backend)
+
+        def backend_fn(gm, example_inputs):
+            counter.count += 1
+            return named(gm, example_inputs)
+
+    compiled = torch.compile(fn, backend=backend_fn, fullgraph=True, dynamic=False)
+    return _timed(compiled, counter)
+
+
+def _timed(compiled: Callable, counter: CompileCounter) -> Callable:
+    def call(*args):
+        before = counter.count
+        start = time.perf_counter()
+        out = compiled(*args)
+        if counter.count != before:
+            counter.seconds += time.perf_counter() - start
+        return out
+
+    return call

@@ -1,0 +1,300 @@
+"""Trace: run the wrapper's own ``__call__`` for real, intercept ``loop_step``, record each step into an FX graph.
+
+Only tensors derived from loop data are proxied (the *taint*): the BlockState's tensor slots (minus the
+wrapper's own ``loop_inputs``, which are the schedule: ``timesteps`` and friends). Every other tensor —
+parameters, sigma tables, ``t`` — is evaluated eagerly and enters the graph as a constant, keyed by
+identity. So a scheduler's first-step ``nonzero().item()`` on the timesteps is simply evaluated, while an
+``.item()`` or ``bool()`` on a tainted value is *data-dependent* and is reported, never baked.
+
+Because the trace is a real eager run, the call that plans returns eager's own result.
+"""
+
+from __future__ import annotations
+
+import operator
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .blocks import run_block
+
+__all__ = ["StepTrace", "LoopTrace", "Unsupported", "trace_loop"]
+
+# Tensor queries that return static metadata (shapes are part of the plan's key, not data).
+_METADATA = {
+    "shape", "size", "dim", "ndim", "ndimension", "dtype", "device", "numel", "nelement", "stride",
+    "is_contiguous", "element_size", "is_floating_point", "is_complex", "requires_grad", "layout", "__len__",
+    "storage_offset", "data_ptr", "is_cuda", "is_cpu", "get_device", "names", "is_sparse", "is_quantized",
+    "is_meta", "_version", "grad_fn", "is_leaf", "__hash__", "is_inference", "itemsize", "nbytes", "grad",
+    "is_mkldnn", "is_nested", "untyped_storage", "_is_view", "dim_order", "has_names",
+}
+# Results whose *values* (or whose shape) depend on tensor data: cannot be constants of a traced step.
+_DATA_DEPENDENT = {
+    "item", "__bool__", "__int__", "__float__", "__index__", "__complex__", "tolist", "numpy", "__array__",
+    "__format__", "__repr__", "__str__", "nonzero", "masked_select", "unique", "unique_consecutive",
+    "argwhere", "equal", "allclose", "is_nonzero", "bincount", "_local_scalar_dense", "nonzero_static",
+}
+_RANDOM = {
+    "randn", "rand", "randint", "randn_like", "rand_like", "randint_like", "normal", "normal_", "uniform_",
+    "bernoulli", "bernoulli_", "multinomial", "exponential_", "randperm", "poisson", "random_",
+    "cauchy_", "geometric_", "log_normal_",
+}
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+_LOOPGRAPH_DIR = __file__.rsplit("/", 1)[0]
+
+
+class Unsupported(Exception):
+    """Something in a step cannot be compiled; carries the block, the user-code location and why."""
+
+    def __init__(self, reason: str, block: str | None = None, where: str | None = None) -> None:
+        self.reason, self.block, self.where = reason, block, where
+        super().__init__(f"{reason} (block {block!r}, {where})" if block else reason)
+
+
+def _func_name(func: Callable) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property getter: its descriptor's name (`shape`, `T`, `data`, ...)
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _is_inplace(name: str, kwargs: dict) -> bool:
+    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
+
+
+def _user_location() -> str:
+    """file:line of the innermost frame outside torch and loopgraph (the user's code that did it)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" in frame.filename or frame.filename.startswith(_LOOPGRAPH_DIR):
+            continue
+        return f"{frame.filename}:{frame.lineno}"
+    return "<unknown>"
+
+
+@dataclass
+class StepTrace:
+    """One iteration: its graph, which slots fed it, what it left in the BlockState, and per-block effects."""
+
+    index: int
+    graph: fx.Graph
+    inputs: list[str]                      # slot names, in placeholder order
+    outputs: dict[str, fx.Node]            # slot name -> node holding its value at step end
+    constants: dict[str, torch.Tensor]     # get_attr target -> tensor
+    stable: dict[str, int]                 # get_attr target -> id of the constant tensor
+    versions: dict[str, int] = field(default_factory=dict)     # get_attr target -> its _version when used
+    reads: dict[str, set[str]] = field(default_factory=dict)   # block -> slots it read
+    writes: dict[str, set[str]] = field(default_factory=dict)  # block -> slots it wrote
+    block_ops: dict[str, int] = field(default_factory=dict)    # block -> recorded ops
+    kwargs: dict[str, Any] = field(default_factory=dict)       # the loop_step keyword arguments
+
+
+@dataclass
+class LoopTrace:
+    """Everything one real run of the wrapper showed."""
+
+    steps: list[StepTrace]
+    initial_slots: dict[str, Any]          # BlockState right after get_block_state
+    initial_inputs_copy: dict[str, Any]    # the same, with data tensors cloned before the loop ran
+    final_slots: dict[str, Any]            # BlockState after the last step (the real, eager values)
+    tainted_final: set[str]                # slots whose final value came from the graph
+    inplace_slots: set[str]                # slots mutated in place (same object, new value)
+    schedule_inputs: list[str]             # loop_inputs: treated as schedule, never proxied
+    problems: list[Unsupported]
+    block_names: list[str]
+
+
+class _Recorder(TorchFunctionMode):
+    """Records ops on tainted tensors into the current step's graph; evaluates everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taint: dict[int, tuple[torch.Tensor, fx.Node]] = {}
+        self.stale: dict[int, torch.Tensor] = {}  # tainted in an earlier step: must not leak into this one
+        self.step: StepTrace | None = None
+        self.block: str | None = None
+        self.problems: list[Unsupported] = []
+        self.strict = False
+        self._const_ids: dict[int, str] = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor]) -> None:
+        self.stale.update({k: t for k, (t, _) in self.taint.items()})
+        self.taint, self._const_ids, self.step = {}, {}, step
+        for name, tensor in slots.items():
+            self.taint[id(tensor)] = (tensor, step.graph.placeholder(name))
+            self.stale.pop(id(tensor), None)
+            step.inputs.append(name)
+
+    def node_of(self, value: Any) -> fx.Node | None:
+        hit = self.taint.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return hit[1] if hit is not None and hit[0] is value else None
+
+    def problem(self, reason: str) -> None:
+        issue = Unsupported(reason, self.block, _user_location())
+        if issue.reason not in {p.reason for p in self.problems}:
+            self.problems.append(issue)
+        if self.strict:
+            raise issue
+
+    def _constant(self, tensor: torch.Tensor) -> fx.Node:
+        step = self.step
+        name = self._const_ids.get(id(tensor))
+        if name is None:
+            name = f"_c{len(step.constants)}"
+            self._const_ids[id(tensor)] = name
+            step.constants[name] = tensor
+            step.stable[name] = id(tensor)
+            try:
+                step.versions[name] = tensor._version
+            except RuntimeError:  # inference tensors have no version counter (and cannot be mutated)
+                step.versions[name] = 0
+        return step.graph.get_attr(name)
+
+    def _arg(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            node = self.node_of(value)
+            if node is not None:
+                return node
+            if id(value) in self.stale and self.stale[id(value)] is value:
+                self.problem("a tensor computed in an earlier step reached this step outside the BlockState "
+                             "(component state carried across steps)")
+            return self._constant(value)
+        return value  # Python scalars stay literals; analysis lifts those that differ between steps
+
+    # -- the mode -------------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = pytree.tree_flatten((args, kwargs))
+        tainted = any(self.node_of(v) is not None for v in flat)
+        name = _func_name(func)
+        if not tainted:
+            if name in _RANDOM and self.step is not None:
+                self.problem(f"random op `{name}` inside the loop (stochastic samplers are not compiled yet)")
+            if self.step is not None:
+                for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
+                    if isinstance(v, torch.Tensor) and id(v) in self.stale and self.stale[id(v)] is v:
+                        self.problem("a tensor computed in an earlier step reached this step outside the "
+                                     "BlockState (component state carried across steps)")
+            return func(*args, **kwargs)
+        if name in _DATA_DEPENDENT:
+            self.problem(f"data-dependent Python: `{name}` on a value derived from loop state")
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name in _METADATA and not isinstance(out, torch.Tensor):
+            return out
+        if self.step is None:
+            self.problem("tensor computation on loop data outside loop_step (in the wrapper's __call__)")
+            return out
+        if not _is_inplace(name, kwargs) and self.node_of(out) is not None:
+            return out  # `.to()`/`.contiguous()` that returned its input: nothing happened
+        if not any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out)) and out is not None:
+            self.problem(f"data-dependent Python: `{name}` returned {type(out).__name__} from loop data")
+            return out
+        self._record(func, name, args, kwargs, out)
+        return out
+
+    def _record(self, func, name, args, kwargs, out) -> None:
+        graph = self.step.graph
+        self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
+        inplace = _is_inplace(name, kwargs)
+        target = kwargs.get("out", args[0] if args else None) if inplace else None
+        if inplace and isinstance(target, torch.Tensor):
+            tnode = self.node_of(target)
+            if tnode is None or tnode.op == "placeholder":
+                # Mutating a constant or a step input in place: work on a copy inside the graph, so the
+                # compiled step stays functional over its inputs; the tensor now maps to that copy.
+                base = tnode if tnode is not None else self._constant(target)
+                tnode = graph.call_function(torch.clone, (base,))
+                self.taint[id(target)] = (target, tnode)
+        g_args, g_kwargs = pytree.tree_map(self._arg, (args, kwargs))
+        if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
+            node = graph.call_function(getattr, (g_args[0], _func_name(func)))
+        else:
+            node = graph.call_function(func, tuple(g_args), g_kwargs)
+        if inplace and isinstance(target, torch.Tensor):
+            self.taint[id(target)] = (target, node if out is target else self.node_of(target))
+        if isinstance(out, torch.Tensor):
+            self.taint[id(out)] = (out, node)
+        elif isinstance(out, (tuple, list)):
+            for k, item in enumerate(out):
+                if isinstance(item, torch.Tensor):
+                    self.taint[id(item)] = (item, graph.call_function(operator.getitem, (node, k)))
+
+
+def _tensor_slots(block_state, exclude: set[str]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in vars(block_state).items() if isinstance(v, torch.Tensor) and k not in exclude}
+
+
+def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[LoopTrace, Any, Any]:
+    """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
+
+    Returns the trace and the wrapper's own return value ``(components, state)``.
+    """
+    recorder = _Recorder()
+    recorder.strict = strict
+    schedule_inputs = [p.name for p in getattr(wrapper, "loop_inputs", []) if p.name]
+    exclude = set(schedule_inputs)
+    steps: list[StepTrace] = []
+    seen: dict[str, Any] = {}
+    original_get = wrapper.get_block_state
+
+    def get_block_state(st):
+        bs = original_get(st)
+        seen["initial"] = dict(vars(bs))
+        seen["copy"] = {k: v.clone() if isinstance(v, torch.Tensor) and k not in exclude else v
+                        for k, v in vars(bs).items()}
+        seen["versions"] = {k: v._version for k, v in vars(bs).items()
+                            if isinstance(v, torch.Tensor) and k not in exclude and not v.is_inference()}
+        return bs
+
+    def loop_step(comps, block_state, **kwargs):
+        step = StepTrace(index=len(steps), graph=fx.Graph(), inputs=[], outputs={}, constants={}, stable={},
+                         kwargs=dict(kwargs))
+        if not steps:
+            seen.setdefault("initial", dict(vars(block_state)))
+        recorder.start_step(step, _tensor_slots(block_state, exclude))
+        for name, block in wrapper.sub_blocks.items():
+            before = dict(vars(block_state))
+            recorder.block = name
+            ops_before = len(step.graph.nodes)
+            comps, block_state = run_block(name, block, comps, block_state, **kwargs)
+            after = vars(block_state)
+            step.writes[name] = {k for k, v in after.items() if k not in before or before[k] is not v}
+            step.reads[name] = {a.target for n in list(step.graph.nodes)[ops_before:]
+                                for a in n.all_input_nodes if a.op == "placeholder"}
+        recorder.block = None
+        for name, value in vars(block_state).items():
+            node = recorder.node_of(value)
+            if node is not None:
+                step.outputs[name] = node
+        steps.append(step)
+        seen["final"] = dict(vars(block_state))
+        return comps, block_state
+
+    wrapper.get_block_state = get_block_state
+    wrapper.loop_step = loop_step
+    try:
+        with recorder:
+            result = wrapper(components, state)
+    finally:
+        del wrapper.loop_step
+        del wrapper.get_block_state
+    initial, final = seen.get("initial", {}), seen.get("final", {})
+    tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
+    inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
+    for name, version in seen.get("versions", {}).items():
+        if initial[name]._version != version and name not in inplace:
+            recorder.problems.append(Unsupported(
+                f"input {name!r} is updated in place and then replaced by a new tensor: the caller's tensor "
+                f"keeps an intermediate value (not compiled yet)", None, None))
+    trace = LoopTrace(steps=steps, initial_slots=initial, initial_inputs_copy=seen.get("copy", initial),
+                      final_slots=final, tainted_final=tainted_final,
+                      inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
+                      block_names=list(wrapper.sub_blocks))
+    return trace, result

@@ -1,0 +1,340 @@
+"""compile_loop: equality with the eager wrapper first, then compile counts, Python calls, fallbacks, errors.
+
+The equivalence matrix uses backend="eager" (the same trace -> analyse -> hoist -> lower pipeline, with
+the lowered loop run by Dynamo's eager backend) so it stays fast; the Inductor tests at the end compile
+for real and count compilations with Dynamo's own counters.
+"""
+
+import sys
+import warnings
+
+import pytest
+import torch
+
+from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
+from loopgraph import SequentialPipelineBlocks, compile_loop
+from loopgraph.compile import CompiledLoop
+from loopgraph.zoo.loops import build_loop
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def eager_and_compiled(setup, fast, calls=3):
+    """Latents from the eager wrapper and from each of `calls` calls of the compiled loop (fresh states)."""
+    expected = setup.run()
+    got = []
+    for _ in range(calls):
+        _, state = fast(setup.components, setup.new_state())
+        got.append(state)
+    return expected, got
+
+
+@pytest.mark.parametrize("preset", ["dit", "unet", "dit-ddim"])
+@pytest.mark.parametrize("scheduler", [None, "euler"])
+@pytest.mark.parametrize("guidance", [4.0, 1.0])
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_equivalence_matrix(preset, scheduler, guidance, steps):
+    setup = build_loop(preset, steps=steps, scheduler=scheduler, guidance_scale=guidance, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    expected, states = eager_and_compiled(setup, fast)
+    for state in states:
+        assert torch.allclose(state.get("latents"), expected, **TOL)
+        assert set(state.values) == {"latents", "prompt_embeds", "negative_prompt_embeds", "timesteps",
+                                     "num_inference_steps", "scale_initial_noise"}
+    assert fast.stats.compiled_calls >= 1  # not an eager fallback in disguise
+    assert setup.components.scheduler.step_index == steps  # Python state as eager leaves it
+
+
+def test_guidance_window_gets_its_own_step_graphs_not_more_with_n():
+    counts = []
+    for steps in (6, 12, 24):
+        setup = build_loop("dit", steps=steps, guidance_window=(0.0, 0.5), sample_size=8)
+        fast = compile_loop(setup.wrapper, backend="eager")
+        expected, states = eager_and_compiled(setup, fast, calls=2)
+        assert torch.allclose(states[-1].get("latents"), expected, **TOL)
+        counts.append(len(fast._plans[-1].loop.variants))
+    assert counts == [3, 3, 3]  # first step (noise scaling), guided steps, unguided steps
+
+
+def test_repeat_call_does_not_retrace_after_settling():
+    setup = build_loop("dit", steps=4, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    for _ in range(4):
+        fast(setup.components, setup.new_state())
+    plans = fast.stats.plans
+    fast(setup.components, setup.new_state())
+    assert fast.stats.plans == plans and fast.stats.compiled_calls >= 2
+
+
+def test_scheduler_not_reset_raises_eagers_error():
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    fast(setup.components, setup.new_state())
+    fast(setup.components, setup.new_state())
+    fast(setup.components, setup.new_state())
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fast(setup.components, _stale_state(setup))  # the scheduler was not reset: eager's error, no result
+
+
+def _stale_state(setup):
+    state = PipelineState()
+    for k, v in setup.inputs.items():
+        state.set(k, v)
+    state.set("timesteps", setup.components.scheduler.timesteps)
+    state.set("num_inference_steps", setup.steps)
+    return state
+
+
+def test_new_latents_and_prompts_reuse_the_plan():
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    for _ in range(3):
+        fast(setup.components, setup.new_state())
+    plans = fast.stats.plans
+    setup.inputs["latents"] = torch.randn_like(setup.inputs["latents"])
+    setup.inputs["prompt_embeds"] = torch.randn_like(setup.inputs["prompt_embeds"])
+    expected, states = eager_and_compiled(setup, fast, calls=1)
+    assert torch.allclose(states[0].get("latents"), expected, **TOL)
+    assert fast.stats.plans == plans
+
+
+def test_outputs_do_not_alias_between_calls():
+    setup = build_loop("dit", steps=2, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    outs = [fast(setup.components, setup.new_state())[1].get("latents") for _ in range(4)]
+    keep = outs[-2].clone()
+    fast(setup.components, setup.new_state())
+    assert torch.equal(outs[-2], keep) and outs[-1] is not outs[-2]
+
+
+# -- the seed document's loop (Python ints, in-place tensor updates) ---------------------------------------------
+class Add(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x += 1
+        return components, block_state
+
+
+class Scale(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * (0.5 if i % 2 else 2.0)
+        return components, block_state
+
+
+class Loop(LoopSequentialPipelineBlocks):
+    @property
+    def description(self):
+        return "seed loop"
+
+    @property
+    def loop_inputs(self):
+        return [InputParam("num_steps")]
+
+    def __call__(self, components, state):
+        bs = self.get_block_state(state)
+        for i in range(bs.num_steps):
+            components, bs = self.loop_step(components, bs, i=i)
+        self.set_block_state(state, bs)
+        return components, state
+
+
+def run_loop(loop, x, n):
+    state = PipelineState()
+    state.set("x", x)
+    state.set("num_steps", n)
+    _, state = loop(None, state)
+    return state.get("x")
+
+
+def test_seed_loop_in_place_updates_match_eager():
+    loop = Loop.from_blocks_dict({"block1": Add(), "block2": Add})  # the seed document's second example
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        x_eager, x_fast = torch.ones(3), torch.ones(3)
+        expected = run_loop(loop, x_eager, 5)
+        got = run_loop(fast, x_fast, 5)
+        assert torch.equal(got, expected) and got is x_fast  # updated in place, as eagerly
+        assert torch.equal(x_fast, x_eager)
+    assert fast.stats.compiled_calls == 2
+
+
+def test_in_place_then_rebound_input_falls_back_and_matches():
+    loop = Loop.from_blocks_dict({"add": Add, "scale": Scale, "add2": Add()})
+    fast = compile_loop(loop, backend="eager")
+    for k in range(3):
+        x_eager, x_fast = torch.ones(3), torch.ones(3)
+        expected = run_loop(loop, x_eager, 5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run_loop(fast, x_fast, 5)
+        if k == 0:
+            assert "updated in place and then replaced" in str(caught[0].message)
+        assert torch.allclose(got, expected, **TOL)
+        assert torch.equal(x_fast, x_eager)  # the first in-place add mutated the caller's tensor in both
+    assert fast.stats.compiled_calls == 0
+
+
+# -- data-dependent Python -----------------------------------------------------------------------------------------
+class Branchy(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        if block_state.x.sum() > 0:  # data-dependent: must never be baked
+            block_state.x = block_state.x - 1
+        else:
+            block_state.x = block_state.x + 10
+        return components, block_state
+
+
+def test_data_dependent_branch_falls_back_with_warning_and_matches():
+    loop = Loop.from_blocks_dict({"branchy": Branchy})
+    fast = compile_loop(loop, backend="eager")
+    with pytest.warns(UserWarning, match=r"data-dependent Python: `__bool__`.*block 'branchy'.*test_compile_loop.py"):
+        got = run_loop(fast, torch.ones(2), 3)
+    assert torch.equal(got, run_loop(loop, torch.ones(2), 3))
+    for x in (torch.ones(2), -torch.ones(2)):  # both sides of the branch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert torch.equal(run_loop(fast, x.clone(), 4), run_loop(loop, x.clone(), 4))
+
+
+def test_data_dependent_branch_strict_raises():
+    fast = compile_loop(Loop.from_blocks_dict({"branchy": Branchy}), backend="eager", strict=True)
+    with pytest.raises(Exception, match=r"data-dependent Python: `__bool__`.*'branchy'"):
+        run_loop(fast, torch.ones(2), 3)
+
+
+# -- interface and bad input -----------------------------------------------------------------------------------------
+def test_compiled_loop_is_a_block_with_the_wrappers_interface():
+    setup = build_loop("dit", steps=2, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    assert isinstance(fast, CompiledLoop)
+    assert [p.name for p in fast.inputs] == [p.name for p in setup.wrapper.inputs]
+    assert fast.intermediate_outputs == setup.wrapper.intermediate_outputs
+    assert fast.expected_components == setup.wrapper.expected_components
+    assert "Denoising loop" in fast.description
+
+
+def test_drop_in_inside_a_modular_pipeline():
+    setup = build_loop("unet", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    pipe = SequentialPipelineBlocks.from_blocks_dict({"denoise": fast}).init_pipeline()
+    pipe.update_components(**setup.components.components)
+    expected = setup.run()
+    for _ in range(3):
+        setup.components.scheduler.set_timesteps(3)
+        pipe.update_components(scheduler=setup.components.scheduler)
+        out = pipe(latents=setup.inputs["latents"], prompt_embeds=setup.inputs["prompt_embeds"],
+                   negative_prompt_embeds=setup.inputs["negative_prompt_embeds"],
+                   timesteps=setup.components.scheduler.timesteps, num_inference_steps=3, output="latents")
+        assert torch.allclose(out, expected, **TOL)
+
+
+def test_missing_input_gets_eagers_error():
+    setup = build_loop("dit", steps=2, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    state.values.pop("prompt_embeds")
+    with pytest.raises(ValueError, match="Required input 'prompt_embeds' is missing"):
+        fast(setup.components, state)
+
+
+def test_not_a_loop_wrapper():
+    with pytest.raises(TypeError, match="expects a loop wrapper.*Add lacks \\['loop_step'\\]"):
+        compile_loop(Add())
+    with pytest.raises(ValueError, match="backend must be one of"):
+        compile_loop(Loop(), backend="nope")
+
+
+def test_static_shapes_raises_on_shape_change():
+    setup = build_loop("dit", steps=2, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager", static_shapes=True)
+    fast(setup.components, setup.new_state())
+    setup.inputs["latents"] = torch.randn(2, 4, 8, 8)
+    setup.inputs["prompt_embeds"] = torch.randn(2, 8, 32)
+    setup.inputs["negative_prompt_embeds"] = torch.zeros(2, 8, 32)
+    with pytest.raises(ValueError, match="static_shapes=True"):
+        fast(setup.components, setup.new_state())
+
+
+def test_explain_and_graph():
+    setup = build_loop("dit", steps=4, guidance_window=(0.0, 0.5), sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    assert "not planned yet" in fast.explain()
+    fast(setup.components, setup.new_state())
+    text = fast.explain()
+    assert "denoiser (LoopDenoiser, " in text and "loops.py:" in text and "compiled (" in text
+    assert "latents                      carried" in text
+    assert "prompt_embeds                invariant" in text
+    assert "noise_pred                   dead" in text
+    assert "step graphs: 3 for 4 steps" in text
+    assert "hoisted per-step tables:" in text
+    assert isinstance(fast.graph, torch.fx.GraphModule) and "while_loop" not in fast.graph.code
+
+
+# -- Inductor: compile counts and no Python per step ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inductor_loop():
+    import torch._dynamo.utils as dynamo_utils
+
+    setup = build_loop("dit", steps=8)
+    fast = compile_loop(setup.wrapper)
+    dynamo_utils.counters.clear()
+    fast(setup.components, setup.new_state())
+    return setup, fast, dynamo_utils.counters
+
+
+def count_python_calls(fn):
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+def test_inductor_equals_eager_and_compiles_once(inductor_loop):
+    setup, fast, counters = inductor_loop
+    assert counters["stats"]["unique_graphs"] == 1  # Dynamo's own count, independent of fast.stats
+    assert fast.stats.compiles == 1
+    expected, states = eager_and_compiled(setup, fast, calls=3)
+    for state in states:
+        assert torch.allclose(state.get("latents"), expected, **TOL)
+    assert counters["stats"]["unique_graphs"] == 1  # repeat calls compile nothing
+    setup.inputs["latents"] = torch.randn_like(setup.inputs["latents"])
+    expected, states = eager_and_compiled(setup, fast, calls=2)
+    assert torch.allclose(states[-1].get("latents"), expected, **TOL)
+    assert counters["stats"]["unique_graphs"] == 1  # new latents: nothing new
+
+
+def test_inductor_new_n_compiles_no_new_step_graph_and_no_python_per_step(inductor_loop):
+    setup, fast, counters = inductor_loop
+    per_n = {}
+    for steps in (8, 32):
+        setup.steps = steps
+        for _ in range(3):  # plan, settle the guider's leftover state, warm
+            fast(setup.components, setup.new_state())
+        state = setup.new_state()
+        per_n[steps] = count_python_calls(lambda: fast(setup.components, state))
+        assert torch.allclose(state.get("latents"), setup.run(), **TOL)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert per_n[8] == per_n[32], per_n
