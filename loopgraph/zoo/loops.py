@@ -198,9 +198,12 @@ class LoopSetup:
     device: torch.device
     inputs: dict[str, Any] = field(default_factory=dict)
 
-    def new_state(self) -> PipelineState:
+    def new_state(self, reset: bool = True) -> PipelineState:
+        """A fresh state with the same inputs; ``reset=False`` leaves the scheduler as it is (as a caller
+        who forgot ``set_timesteps`` would)."""
         scheduler = self.components.scheduler
-        scheduler.set_timesteps(self.steps, device=self.device)
+        if reset:
+            scheduler.set_timesteps(self.steps, device=self.device)
         state = PipelineState()
         for name, value in self.inputs.items():
             state.set(name, value)
