@@ -44,7 +44,6 @@ class Variant:
     steps: list[int]
     lifted: list[str]                    # placeholder names of lifted per-step values, in order
     tables: list[torch.Tensor] = field(default_factory=list)  # [N, *shape] each, row i = value at step i
-    signature: tuple = ()
 
 
 @dataclass
@@ -181,8 +180,7 @@ def plan_loop(trace: LoopTrace, needed_at_end: set[str]) -> LoopPlan:
     for step in trace.steps:
         groups.setdefault(_signature(step, stable), []).append(step)
     n = len(trace.steps)
-    variants = [_build_variant(members, state_slots, invariant_slots, n, stable, sig)
-                for sig, members in groups.items()]
+    variants = [_build_variant(members, state_slots, invariant_slots, n, stable) for members in groups.values()]
     step_variant = {s.index: k for k, v in enumerate(variants) for s in [trace.steps[i] for i in v.steps]}
     runs: list[tuple[int, int, int]] = []
     for i in range(n):
@@ -195,7 +193,7 @@ def plan_loop(trace: LoopTrace, needed_at_end: set[str]) -> LoopPlan:
 
 
 def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_slots: list[str], n: int,
-                   stable: set[int], signature: tuple) -> Variant:
+                   stable: set[int]) -> Variant:
     template = members[0]
     per_step = [_lift_candidates(s) for s in members]
     # Lifted into per-step tables: every value that differs between this variant's steps, and every small
@@ -261,5 +259,4 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         for step, row in zip(members, rows):
             table[step.index] = row.to(dtype)
         tables.append(table)
-    return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
-                   signature=signature)
+    return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables)

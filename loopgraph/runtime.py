@@ -9,7 +9,6 @@ per step. (CUDA: the whole-loop CUDA graph goes here; see the GPU issue.)
 
 from __future__ import annotations
 
-import logging
 import time
 import types
 from typing import Callable
@@ -20,8 +19,6 @@ from torch._higher_order_ops.while_loop import while_loop
 from .analysis import LoopPlan
 
 __all__ = ["lower", "compile_fn", "CompileCounter"]
-
-logger = logging.getLogger(__name__)
 
 
 def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:

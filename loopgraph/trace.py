@@ -156,14 +156,17 @@ class _Recorder(TorchFunctionMode):
                 step.versions[name] = 0
         return step.graph.get_attr(name)
 
+    def _check_stale(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and self.stale.get(id(value)) is value:
+            self.problem("a tensor computed in an earlier step reached this step outside the BlockState "
+                         "(component state carried across steps)")
+
     def _arg(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             node = self.node_of(value)
             if node is not None:
                 return node
-            if id(value) in self.stale and self.stale[id(value)] is value:
-                self.problem("a tensor computed in an earlier step reached this step outside the BlockState "
-                             "(component state carried across steps)")
+            self._check_stale(value)
             return self._constant(value)
         return value  # Python scalars stay literals; analysis lifts those that differ between steps
 
@@ -178,9 +181,7 @@ class _Recorder(TorchFunctionMode):
                 self.problem(f"random op `{name}` inside the loop (stochastic samplers are not compiled yet)")
             if self.step is not None:
                 for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
-                    if isinstance(v, torch.Tensor) and id(v) in self.stale and self.stale[id(v)] is v:
-                        self.problem("a tensor computed in an earlier step reached this step outside the "
-                                     "BlockState (component state carried across steps)")
+                    self._check_stale(v)
             return func(*args, **kwargs)
         if name in _DATA_DEPENDENT:
             self.problem(f"data-dependent Python: `{name}` on a value derived from loop state")
