@@ -1,37 +1,99 @@
-"""``python -m loopgraph``: run the default zoo loop eagerly and report what it did."""
+"""``loopgraph`` command line: ``loopgraph bench`` (the default) measures denoising throughput."""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
-import time
+from pathlib import Path
 
-import torch
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _model_override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hidden_dim=128), got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .bench import METHODS
+
+    parser = argparse.ArgumentParser(prog="loopgraph", description=__doc__)
+    commands = parser.add_subparsers(dest="command")
+    bench = commands.add_parser(
+        "bench", help="time eager vs compile_denoiser vs compile_loop on one loop (the default command)",
+        description="Runs every method on identical inputs, checks each against eager, then times them "
+                    "interleaved. Writes bench.json, bench.csv and bench.png into --out.")
+    bench.add_argument("--preset", default="dit",
+                       help="zoo preset (dit, dit-ddim, unet, unet-ddim) or a diffusers loop (sdxl, flux, wan, "
+                            "qwenimage; needs loopgraph[diffusers]); default: dit")
+    bench.add_argument("--steps", type=int, help="denoising steps N (default 20; --quick: 4)")
+    bench.add_argument("--batch", type=int, help="batch size (default 1)")
+    bench.add_argument("--resolution", type=int, dest="sample_size", help="latent height = width")
+    bench.add_argument("--model", type=_model_override, action="append", default=[], metavar="KEY=VALUE",
+                       help="denoiser config override, repeatable (e.g. --model hidden_dim=256 --model depth=4)")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available, else CPU)")
+    bench.add_argument("--repeats", type=int, help="timed calls per method (default 30; --quick: 3)")
+    bench.add_argument("--methods", type=lambda s: tuple(m for m in s.split(",") if m),
+                       help=f"comma-separated, from {','.join(METHODS)} (default: all but compile_wrapper)")
+    bench.add_argument("--scaling", type=_int_list, help="step counts of the scaling run (default 5,10,20,50)")
+    bench.add_argument("--compile-timeout", type=float, help="seconds allowed for compile_wrapper's first call")
+    bench.add_argument("--seed", type=int)
+    bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<timestamp>)")
+    bench.add_argument("--quick", action="store_true", help="CI-sized run: 4 steps, 3 repeats")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .zoo.loops import PRESETS, build_loop
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "bench")
+    args = _parser().parse_args(argv)
+    return _bench(args)
 
-    parser = argparse.ArgumentParser(prog="loopgraph", description=__doc__)
-    parser.add_argument("--preset", default="dit", choices=sorted(PRESETS))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
 
-    setup = build_loop(args.preset, steps=args.steps)
-    setup.run()  # warm-up
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        latents = setup.run()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    print(f"loopgraph {args.preset}: {PRESETS[args.preset].description}")
-    print(f"  torch {torch.__version__}, device cpu, {args.steps} steps, batch 1, eager")
-    print(f"  latents {tuple(latents.shape)} mean {latents.mean():+.4f} std {latents.std():.4f}")
-    print(f"  median {median * 1e3:.1f} ms per loop ({median / args.steps * 1e3:.2f} ms per step, "
-          f"{args.repeats} runs)")
+def _bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .bench import BenchConfig, default_out, render_table, run_bench, targets, with_overrides, write_report
+
+    base = BenchConfig.quick() if args.quick else BenchConfig()
+    try:
+        config = with_overrides(
+            base, preset=args.preset, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
+            dtype=args.dtype, device=args.device, repeats=args.repeats, methods=args.methods,
+            scaling=args.scaling, compile_timeout=args.compile_timeout, seed=args.seed,
+            model=dict(args.model) or None)
+        if args.quick and args.scaling is None and args.steps is not None:
+            config = with_overrides(config, scaling=(max(config.steps // 2, 1), config.steps))
+    except (TypeError, ValueError) as error:
+        print(f"loopgraph bench: {error}", file=sys.stderr)
+        return 2
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: do not squeeze the table into 80 columns
+        console = Console(width=170)
+    report = run_bench(config)
+    console.print(render_table(report))
+    for rejected in report["rejected"]:
+        console.print(f"[red]not reported: {rejected['method']}: {rejected['reason']}[/red]")
+    floor = report["floor"]
+    console.print(f"floor: bare {floor['denoiser']} denoiser, {floor['calls_per_loop']} calls per loop, "
+                  f"{floor['ms_per_loop']:.2f} ms per loop")
+    for line in targets(report):
+        console.print(line)
+    paths = write_report(report, args.out or default_out())
+    console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

@@ -1,0 +1,591 @@
+"""``loopgraph bench``: denoising throughput of one loop, every method run side by side on identical inputs.
+
+Methods (each gets its own copy of the loop, built from the same seed, so inputs and weights are identical):
+
+    eager             the wrapper run as written (the semantics of the seed API and of diffusers)
+    compile_denoiser  the same eager loop with the denoiser in ``torch.compile`` (what diffusers recommends
+                      today: ``mode="reduce-overhead"`` on CUDA, the default mode on CPU)
+    compile_loop      loopgraph
+    compile_wrapper   plain ``torch.compile`` of the wrapper's ``__call__`` (optional; its first call is
+                      bounded by ``compile_timeout``)
+
+Measurements:
+
+    latency            one call from a fresh state, warm; methods interleaved (the order rotates every
+                       round) so drift hits all alike; CUDA calls are bracketed by synchronize
+    compilations       Dynamo's ``unique_graphs`` counter, read around each method's own calls
+    compile_s          wall time of the calls that compiled something, less their steady-state time
+    python calls       ``sys.setprofile`` "call" events during one warm call; per step is the slope between
+                       the smallest and the largest N of the scaling run (0 means no Python per step)
+    peak memory        CUDA: ``max_memory_allocated`` during one call less what was allocated before it;
+                       CPU (Linux): growth of the process's peak resident set during one call, measured
+                       after ``malloc_trim`` and a reset of the high-water mark
+    floor              the bare denoiser (compiled, when ``compile_denoiser`` runs) timed alone on the
+                       inputs the loop gives it, times the calls per loop: per-step overhead is what a
+                       method spends above it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import json
+import platform
+import re
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .compile import _tolerance, compile_loop
+
+__all__ = ["BenchConfig", "METHODS", "run_bench", "write_report"]
+
+METHODS = ("eager", "compile_denoiser", "compile_loop", "compile_wrapper")
+DEFAULT_METHODS = ("eager", "compile_denoiser", "compile_loop")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class BenchConfig:
+    """Everything one bench run depends on; written whole into ``bench.json``."""
+
+    preset: str = "dit"
+    steps: int = 20
+    batch: int = 1
+    sample_size: int | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    repeats: int = 30
+    warmup: int = 2
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    scaling: tuple[int, ...] = (5, 10, 20, 50)
+    scaling_repeats: int = 5
+    compile_timeout: float = 300.0
+    seed: int = 0
+    model: dict[str, Any] = field(default_factory=dict)  # denoiser config overrides, e.g. hidden_dim=128
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchConfig":
+        """CI-sized: few steps, few repeats, two points of scaling."""
+        return cls(**{"steps": 4, "repeats": 3, "warmup": 1, "scaling": (2, 4), "scaling_repeats": 2,
+                      **overrides})
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        self.scaling = tuple(sorted(set(self.scaling)))
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"bench: unknown methods {unknown}; choose from {list(METHODS)}")
+        if "eager" not in self.methods:
+            raise ValueError("bench: 'eager' must be among the methods: every method is checked against it")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"bench: dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.steps < 1 or self.batch < 1 or self.repeats < 1 or self.warmup < 1:
+            raise ValueError("bench: steps, batch, repeats and warmup must be >= 1")
+        if len(self.scaling) < 2 or min(self.scaling) < 1:
+            raise ValueError(f"bench: scaling needs at least two step counts >= 1, got {self.scaling}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+# --- the loop and the methods -------------------------------------------------------------------------------
+
+
+def build_setup(config: BenchConfig):
+    """A fresh copy of the benchmarked loop (zoo preset, or a diffusers loop when diffusers is installed)."""
+    from .zoo.loops import PRESETS, build_loop
+
+    kwargs = dict(steps=config.steps, batch=config.batch, seed=config.seed, device=config.torch_device,
+                  dtype=_DTYPES[config.dtype], **config.model)
+    if config.sample_size is not None:
+        kwargs["sample_size"] = config.sample_size
+    if config.preset in PRESETS:
+        return build_loop(config.preset, **kwargs)
+    from .zoo import diffusers_loops  # imports diffusers lazily, with a clear error when it is absent
+
+    if config.preset not in diffusers_loops.LOOPS:
+        raise ValueError(f"bench: unknown preset {config.preset!r}; zoo presets: {sorted(PRESETS)}, "
+                         f"diffusers loops: {sorted(diffusers_loops.LOOPS)}")
+    return diffusers_loops.build_diffusers_loop(config.preset, **kwargs)
+
+
+def _denoiser_name(setup) -> str:
+    return getattr(setup, "denoiser_name", "denoiser")
+
+
+def _latents(state) -> torch.Tensor:
+    return state.get("latents")
+
+
+def make_method(name: str, setup) -> Callable:
+    """``run(state) -> latents`` for one method, on its own ``setup``."""
+    if name == "eager":
+        return lambda state: _latents(setup.wrapper(setup.components, state)[1])
+    if name == "compile_denoiser":
+        mode = "reduce-overhead" if setup.device.type == "cuda" else None
+        denoiser = _denoiser_name(setup)
+        setattr(setup.components, denoiser, torch.compile(getattr(setup.components, denoiser), mode=mode))
+        return lambda state: _latents(setup.wrapper(setup.components, state)[1])
+    if name == "compile_loop":
+        fast = compile_loop(setup.wrapper)
+        setup.compiled = fast
+        return lambda state: _latents(fast(setup.components, state)[1])
+    if name == "compile_wrapper":
+        call = torch.compile(setup.wrapper.__call__)
+        return lambda state: _latents(call(setup.components, state)[1])
+    raise ValueError(f"bench: unknown method {name!r}; choose from {list(METHODS)}")
+
+
+# --- measurements -------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@dataclass
+class _Method:
+    name: str
+    setup: Any
+    run: Callable
+    times: list[float] = field(default_factory=list)
+    compilations: int = 0
+    compile_wall: list[float] = field(default_factory=list)  # times of the calls that compiled
+    output: torch.Tensor | None = None
+    python_calls: dict[int, int] = field(default_factory=dict)
+    scaling: dict[int, list[float]] = field(default_factory=dict)
+    peak_mem_bytes: int | None = None
+    failure: str | None = None
+
+    def call(self) -> tuple[torch.Tensor, float]:
+        """One timed call from a fresh state; counts what it compiled."""
+        state = self.setup.new_state()
+        device = self.setup.device
+        before = _unique_graphs()
+        _sync(device)
+        start = time.perf_counter()
+        out = self.run(state)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        compiled = _unique_graphs() - before
+        if compiled:
+            self.compilations += compiled
+            self.compile_wall.append(seconds)
+        return out, seconds
+
+
+def _count_python_calls(fn: Callable[[], Any]) -> int:
+    calls = 0
+
+    def profile(frame, event, arg):
+        nonlocal calls
+        if event == "call":
+            calls += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+_LIBC = None
+
+
+def _resident(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) * 1024
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak bytes a call adds over what was in use before it (see the module docstring); None if unknown."""
+    global _LIBC
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+        base = _resident("VmRSS")
+        fn()
+        return max(_resident("VmHWM") - base, 0)
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str):
+    """Interrupt a long first call (SIGALRM; main thread on Unix only, else unbounded)."""
+    usable = hasattr(signal, "SIGALRM") and seconds > 0
+    if usable:
+        try:
+            def alarm(signum, frame):
+                raise TimeoutError(f"{what} took longer than {seconds:.0f} s")
+
+            previous = signal.signal(signal.SIGALRM, alarm)
+        except ValueError:  # not the main thread
+            usable = False
+    if usable:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        if usable:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+def _denoiser_floor(eager: _Method, methods: dict[str, _Method]) -> dict[str, Any]:
+    """Time the bare denoiser on the calls one loop makes; the compiled one when compile_denoiser ran."""
+    calls: list[tuple[tuple, dict]] = []
+    model = getattr(eager.setup.components, _denoiser_name(eager.setup))
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        eager.run(eager.setup.new_state())
+    finally:
+        handle.remove()
+    compiled = methods.get("compile_denoiser")
+    bare = getattr(compiled.setup.components, _denoiser_name(compiled.setup)) if compiled and not compiled.failure \
+        else model
+    groups: dict[tuple, list] = {}
+    for args, kwargs in calls:
+        key = tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v).__name__
+                    for v in (*args, *kwargs.values()))
+        groups.setdefault(key, [args, kwargs, 0])[2] += 1
+    device = eager.setup.device
+    per_loop = 0.0
+    with torch.no_grad():
+        for args, kwargs, count in groups.values():
+            for _ in range(3):
+                bare(*args, **kwargs)
+            times = []
+            for _ in range(20):
+                _sync(device)
+                start = time.perf_counter()
+                bare(*args, **kwargs)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            per_loop += count * statistics.median(times)
+    return {"denoiser": "compiled" if bare is not model else "eager", "calls_per_loop": len(calls),
+            "ms_per_loop": per_loop * 1e3}
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
+def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
+    """Run every method of ``config`` side by side; returns the report written to ``bench.json``."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, BarColumn
+
+    torch.manual_seed(config.seed)
+    own = progress is None
+    if own:
+        from rich.console import Console
+
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                            console=Console(stderr=True), transient=False)
+    started = datetime.now().astimezone()
+    with progress if own else contextlib.nullcontext():
+        methods = _prepare(config, progress)
+        eager = methods["eager"]
+        _check(config, methods)
+        live = [m for m in methods.values() if not m.failure]
+        _time_interleaved(live, config.repeats, progress, f"timing N={config.steps}", lambda m, s: m.times.append(s))
+        task = progress.add_task("bare denoiser (floor)", total=1)
+        floor = _denoiser_floor(eager, methods)
+        progress.advance(task)
+        task = progress.add_task("peak memory", total=len(live))
+        for m in live:
+            m.peak_mem_bytes = peak_memory(lambda: m.run(m.setup.new_state()), m.setup.device)
+            progress.advance(task)
+        _scale(config, [m for m in live if m.name != "compile_wrapper"], progress)
+    return _report(config, methods, floor, started)
+
+
+def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
+    methods: dict[str, _Method] = {}
+    task = progress.add_task("build, compile and warm up", total=len(config.methods) * config.warmup)
+    for name in config.methods:
+        progress.update(task, description=f"build, compile and warm up: {name}")
+        setup = build_setup(config)
+        method = _Method(name, setup, None)
+        methods[name] = method
+        try:
+            method.run = make_method(name, setup)
+            limit = config.compile_timeout if name == "compile_wrapper" else 0
+            with _time_limit(limit, f"{name}'s first call"):
+                for _ in range(config.warmup):
+                    method.output, _ = method.call()
+                    progress.advance(task)
+            if name == "compile_loop":
+                # the guider's step counter left by the first call differs from a fresh one: settle once
+                method.output, _ = method.call()
+        except Exception as error:  # a method that cannot run is reported, not fatal
+            method.failure = f"{type(error).__name__}: {error}"
+    if methods["eager"].failure:
+        raise RuntimeError(f"bench: the eager loop itself fails: {methods['eager'].failure}")
+    return methods
+
+
+def _check(config: BenchConfig, methods: dict[str, _Method]) -> None:
+    """Refuse to report a method whose output differs from eager's on identical inputs."""
+    reference = methods["eager"].output
+    tolerance = _tolerance(_DTYPES[config.dtype])
+    for m in methods.values():
+        if m.failure or m.name == "eager":
+            continue
+        out = m.output
+        if out.shape != reference.shape or out.dtype != reference.dtype:
+            m.failure = f"output {tuple(out.shape)} {out.dtype} differs from eager's {tuple(reference.shape)}"
+        elif not torch.allclose(out.float(), reference.float(), **tolerance):
+            diff = (out.float() - reference.float()).abs().max().item()
+            m.failure = f"output differs from eager's (max abs diff {diff:.3g}, tolerance {tolerance})"
+
+
+def _time_interleaved(methods: list[_Method], repeats: int, progress, what: str,
+                      record: Callable[[_Method, float], None]) -> None:
+    task = progress.add_task(what, total=repeats)
+    for r in range(repeats):
+        for k in range(len(methods)):
+            m = methods[(r + k) % len(methods)]
+            _, seconds = m.call()
+            record(m, seconds)
+        progress.advance(task)
+
+
+def _scale(config: BenchConfig, methods: list[_Method], progress) -> None:
+    """Latency and Python calls at each N of ``config.scaling``."""
+    for steps in config.scaling:
+        for m in methods:
+            m.setup.steps = steps
+            for _ in range(2 if m.name == "compile_loop" else 1):  # compile_loop: plan, then settle
+                m.call()
+            m.python_calls[steps] = _count_python_calls(lambda: m.run(m.setup.new_state()))
+            m.scaling[steps] = []
+        _time_interleaved(methods, config.scaling_repeats, progress, f"scaling N={steps}",
+                          lambda m, s, steps=steps: m.scaling[steps].append(s))
+    for m in methods:
+        m.setup.steps = config.steps
+
+
+def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, started: datetime) -> dict[str, Any]:
+    eager_median = statistics.median(methods["eager"].times)
+    low, high = min(config.scaling), max(config.scaling)
+    results, rejected, scaling = [], [], []
+    for m in methods.values():
+        if m.failure:
+            rejected.append({"method": m.name, "reason": m.failure})
+            continue
+        median = statistics.median(m.times)
+        compile_s = max(sum(m.compile_wall) - len(m.compile_wall) * median, 0.0)
+        stats = getattr(getattr(m.setup, "compiled", None), "stats", None)
+        row = {
+            "method": m.name,
+            "steps": config.steps,
+            "median_ms": median * 1e3,
+            "p20_ms": _quantile(m.times, 0.2) * 1e3,
+            "p80_ms": _quantile(m.times, 0.8) * 1e3,
+            "steps_per_s": config.steps / median,
+            "ms_per_step": median * 1e3 / config.steps,
+            "overhead_per_step_us": (median * 1e3 - floor["ms_per_loop"]) / config.steps * 1e3,
+            "speedup_vs_eager": eager_median / median,
+            "compile_s": compile_s,
+            "plan_s": stats.plan_seconds if stats else None,
+            "compilations": m.compilations,
+            "python_calls_per_call": m.python_calls.get(high),
+            "python_calls_per_step": ((m.python_calls[high] - m.python_calls[low]) / (high - low)
+                                      if low in m.python_calls else None),
+            "peak_mem_bytes": m.peak_mem_bytes,
+        }
+        results.append(row)
+        for steps, times in m.scaling.items():
+            scaling.append({"method": m.name, "steps": steps, "median_ms": statistics.median(times) * 1e3,
+                            "python_calls": m.python_calls[steps]})
+    device = config.torch_device
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_type": device.type,
+        "versions": _versions(),
+        "config": {**asdict(config), "device": str(device)},
+        "command": " ".join(["loopgraph", *sys.argv[1:]]) if sys.argv else "",
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "floor": floor,
+        "results": results,
+        "rejected": rejected,
+        "scaling": scaling,
+    }
+
+
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("loopgraph", "triton", "diffusers"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return found
+
+
+# --- output -------------------------------------------------------------------------------------------------
+
+_COLUMNS = [  # (key, header, format)
+    ("method", "method", "{}"),
+    ("median_ms", "median ms", "{:.2f}"),
+    ("p20_ms", "p20", "{:.2f}"),
+    ("p80_ms", "p80", "{:.2f}"),
+    ("steps_per_s", "steps/s", "{:.0f}"),
+    ("ms_per_step", "ms/step", "{:.3f}"),
+    ("overhead_per_step_us", "overhead/step µs", "{:.0f}"),
+    ("speedup_vs_eager", "vs eager", "{:.2f}x"),
+    ("compile_s", "compile s", "{:.1f}"),
+    ("compilations", "compiles", "{}"),
+    ("python_calls_per_step", "py calls/step", "{:.1f}"),
+    ("peak_mem_bytes", "peak MiB", None),
+]
+
+
+def _cell(row: dict, key: str, fmt: str | None) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "peak_mem_bytes":
+        return f"{value / 2**20:.1f}"
+    return fmt.format(value)
+
+
+def render_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    config = report["config"]
+    table = Table(title=f"loopgraph bench: {config['preset']}, {config['steps']} steps, batch {config['batch']}, "
+                        f"{config['dtype']}, {report['device']}")
+    for _, header, _ in _COLUMNS:
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for row in report["results"]:
+        table.add_row(*[_cell(row, key, fmt) for key, _, fmt in _COLUMNS])
+    return table
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The results as a Markdown table (for docs/benchmarks and the README)."""
+    lines = ["| " + " | ".join(h for _, h, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    for row in report["results"]:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], out: Path) -> list[Path]:
+    """Write ``bench.json``, ``bench.csv`` and ``bench.png`` into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json", out / "bench.csv", out / "bench.png"]
+    paths[0].write_text(json.dumps(report, indent=2, default=str) + "\n")
+    with paths[1].open("w", newline="") as f:
+        keys = list(report["results"][0]) if report["results"] else ["method"]
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(report["results"])
+    _plot(report, paths[2])
+    return paths
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in report["results"]]
+    bars.bar(names, [r["ms_per_step"] for r in report["results"]], color="tab:blue")
+    floor = report["floor"]["ms_per_loop"] / report["config"]["steps"]
+    bars.axhline(floor, color="tab:red", linestyle="--", label=f"bare {report['floor']['denoiser']} denoiser")
+    bars.set_ylabel("ms per step (median)")
+    bars.set_title(f"per-step time, N={report['config']['steps']}")
+    bars.legend()
+    for name in names:
+        points = sorted((s["steps"], s["median_ms"]) for s in report["scaling"] if s["method"] == name)
+        if points:
+            lines.plot(*zip(*points), marker="o", label=name)
+    lines.set_xlabel("steps N")
+    lines.set_ylabel("ms per call (median)")
+    lines.set_title("scaling with N")
+    lines.legend()
+    fig.suptitle(f"loopgraph bench: {report['config']['preset']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    """The issue's targets, each as a line saying measured value and whether it is met."""
+    rows = {r["method"]: r for r in report["results"]}
+    mine = rows.get("compile_loop")
+    if mine is None:
+        return ["compile_loop did not run or was rejected: no targets to check"]
+    lines = [f"compile_loop vs eager: {mine['speedup_vs_eager']:.2f}x steps/s"]
+    if report["device_type"] == "cpu":
+        lines[0] += f" (target >= 3x: {'met' if mine['speedup_vs_eager'] >= 3 else 'MISSED'})"
+        if "compile_denoiser" in rows:
+            ratio = rows["compile_denoiser"]["median_ms"] / mine["median_ms"]
+            lines.append(f"compile_loop vs compile_denoiser: {ratio:.2f}x (target >= 1.5x: "
+                         f"{'met' if ratio >= 1.5 else 'MISSED'})")
+        per_step = mine["python_calls_per_step"]
+        lines.append(f"compile_loop Python calls per step: {per_step} (target 0: "
+                     f"{'met' if per_step == 0 else 'MISSED'})")
+    else:
+        lines[0] += f" (target >= 10x: {'met' if mine['speedup_vs_eager'] >= 10 else 'MISSED'})"
+        lines.append(f"compile_loop overhead per step over the bare denoiser: {mine['overhead_per_step_us']:.1f} µs "
+                     "(target <= 2 µs)")
+    return lines
+
+
+def default_out() -> Path:
+    return Path("bench-results") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def with_overrides(config: BenchConfig, **changes: Any) -> BenchConfig:
+    return replace(config, **{k: v for k, v in changes.items() if v is not None})

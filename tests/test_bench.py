@@ -1,0 +1,103 @@
+"""``loopgraph bench``: the CLI end to end (--quick), the output schema, and the pieces that decide what is
+reported (equality check, Python-call counting, memory measurement, config validation)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loopgraph.bench import BenchConfig, _check, _count_python_calls, _Method, peak_memory
+
+RESULT_KEYS = {"method": str, "median_ms": float, "p20_ms": float, "p80_ms": float, "steps_per_s": float,
+               "compile_s": float, "compilations": int, "python_calls_per_step": float,
+               "peak_mem_bytes": (int, type(None))}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc.stdout
+
+
+def test_bench_quick_writes_json_csv_png_with_the_schema(quick_run):
+    out, stdout = quick_run
+    report = json.loads((out / "bench.json").read_text())
+    assert report["device"] and report["versions"]["torch"] == torch.__version__
+    assert report["config"]["preset"] == "dit" and report["config"]["steps"] == 4
+    assert [r["method"] for r in report["results"]] == ["eager", "compile_denoiser", "compile_loop"]
+    assert report["rejected"] == []
+    for row in report["results"]:
+        for key, kind in RESULT_KEYS.items():
+            assert isinstance(row[key], kind), (row["method"], key, row[key])
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+    rows = {r["method"]: r for r in report["results"]}
+    assert rows["eager"]["compilations"] == 0
+    assert rows["compile_loop"]["compilations"] == 1  # one whole-loop graph, also across the scaling Ns
+    assert rows["compile_loop"]["python_calls_per_step"] == 0
+    assert rows["eager"]["python_calls_per_step"] > 10
+    assert {(s["method"], s["steps"]) for s in report["scaling"]} == {
+        (m, n) for m in rows for n in (2, 4)}
+    with (out / "bench.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == list(rows) and set(RESULT_KEYS) <= set(table[0])
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "compile_loop" in stdout and "wrote" in stdout
+
+
+def test_a_method_that_disagrees_with_eager_is_not_reported():
+    reference = torch.ones(2, 3)
+    methods = {"eager": _Method("eager", None, None, output=reference),
+               "close": _Method("close", None, None, output=reference + 1e-7),
+               "wrong": _Method("wrong", None, None, output=reference * 1.01),
+               "shape": _Method("shape", None, None, output=torch.ones(3, 2))}
+    _check(BenchConfig(), methods)
+    assert methods["close"].failure is None
+    assert "differs from eager's (max abs diff 0.01" in methods["wrong"].failure
+    assert "(3, 2)" in methods["shape"].failure
+
+
+def test_python_call_counter_counts_python_frames_only():
+    def leaf():
+        return 1
+
+    def three():
+        return leaf() + leaf() + len([1, 2])  # len is a C call: not counted
+
+    assert _count_python_calls(three) == 3  # three, leaf, leaf
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc (Linux)")
+def test_cpu_peak_memory_sees_a_temporary_allocation():
+    x = torch.ones(1 << 21)  # 8 MiB
+
+    def two_temporaries():
+        y = x * 2           # 8 MiB alive ...
+        return (y + 1).sum()  # ... while 8 MiB more are made
+
+    peak = peak_memory(two_temporaries, torch.device("cpu"))
+    assert 14 * 2**20 <= peak <= 24 * 2**20
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(methods=("eager", "fast")), "unknown methods ['fast']"),
+    (dict(methods=("compile_loop",)), "'eager' must be among the methods"),
+    (dict(scaling=(5,)), "at least two step counts"),
+    (dict(dtype="float64"), "dtype must be one of"),
+    (dict(steps=0), "must be >= 1"),
+])
+def test_bench_config_rejects_bad_options(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        BenchConfig(**kwargs)
+
+
+def test_cli_reports_bad_options_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--methods", "eager,fast"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "unknown methods ['fast']" in proc.stderr and "Traceback" not in proc.stderr
