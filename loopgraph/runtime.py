@@ -18,7 +18,10 @@ from torch._higher_order_ops.while_loop import while_loop
 
 from .analysis import LoopPlan
 
-__all__ = ["lower", "compile_fn", "CompileCounter"]
+__all__ = ["lower", "compile_fn", "CompileCounter", "WHOLE_TABLES"]
+
+# GraphModule.meta flag set by kernel_pass: the step takes whole tables and the counter, not table rows.
+WHOLE_TABLES = "loopgraph.whole_tables"
 
 
 def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -33,6 +36,7 @@ def lower(plan: LoopPlan) -> Callable:
     v's lifted tables; ``ends[r]`` is run r's end step (an int64 tensor).
     """
     modules = [v.module for v in plan.variants]
+    whole_tables = [m.meta.get(WHOLE_TABLES, False) for m in modules]
     pattern = [v for v, _, _ in plan.runs]
 
     def whole_loop(state: list[torch.Tensor], invariants: list[torch.Tensor],
@@ -44,8 +48,9 @@ def lower(plan: LoopPlan) -> Callable:
             def cond(i, *carried, end=end):
                 return i < end
 
-            def body(i, *carried, step=step, vt=vt):
-                out = step(*carried, *invariants, *[_row(t, i) for t in vt])
+            def body(i, *carried, step=step, vt=vt, whole=whole_tables[v]):
+                rows = [*vt, i] if whole else [_row(t, i) for t in vt]
+                out = step(*carried, *invariants, *rows)
                 return (i + 1, *[o.clone() for o in out])
 
             i, *state = while_loop(cond, body, (i, *state))
