@@ -8,10 +8,10 @@ METHODS = ("eager", "compile_denoiser", "compile_loop")
 
 
 def prepared(method: str, steps: int, device: str, **model):
-    """A loop built for ``method`` and warmed up (compiled, planned, settled) at ``steps``."""
+    """A loop built for ``method`` and warmed up (compiled and planned) at ``steps``."""
     setup = build_setup(BenchConfig(steps=steps, device=device, model=model))
     run = make_method(method, setup)
-    for _ in range(3):  # compile or plan; compile_loop settles its guider on the second call
+    for _ in range(2):  # the first call compiles (compile_denoiser) or plans and compiles (compile_loop)
         run(setup.new_state())
     return setup, run
 

@@ -15,8 +15,7 @@ def test_overhead_vs_steps(benchmark, device, method, steps):
         _loops[method] = prepared(method, STEPS[0], device)  # one compile per method, then new N only
     setup, run = _loops[method]
     setup.steps = steps
-    for _ in range(2):  # compile_loop plans the new N (no new compile), then settles
-        run(setup.new_state())
+    run(setup.new_state())  # compile_loop plans the new N here (no new compile)
     benchmark.group = f"steps={steps}"
     benchmark.extra_info.update(method=method, steps=steps, device=device)
     time_loop(benchmark, setup, run, rounds=10 if steps <= 20 else 5)

@@ -3,7 +3,8 @@
 Slots are classified on a networkx dataflow graph (slot -> block when a block reads it, block -> slot when
 it writes it):
 
-    carried    read at the start of some step and written during the loop (``latents``)
+    carried    read at the start of some step and written during the loop (``latents``, a scheduler's
+               history ``scheduler.model_outputs[1]``)
     invariant  read, never written (``prompt_embeds``)
     temporary  written before it is read in every step (``noise_pred``); never a loop input
     dead       written, never read and not needed after the loop
@@ -15,6 +16,7 @@ Steps whose graphs are the same modulo per-step constants share one *variant*; t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -83,12 +85,16 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
         for slot, node in step.outputs.items():
             if node.op != "placeholder" or node.target != slot:
                 written.add(slot)
-    names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots]))
+    names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots, *trace.component_slots]))
     slots: dict[str, SlotInfo] = {}
     for name in names:
-        value = trace.final_slots.get(name, trace.initial_slots.get(name))
+        if name in trace.component_slots:
+            value = trace.component_slots[name].value
+        else:
+            value = trace.final_slots.get(name, trace.initial_slots.get(name))
         graph.add_node(("slot", name))
-        if name in trace.schedule_inputs or name not in trace.tainted_final:
+        tainted = name in trace.tainted_final or name in trace.component_slots
+        if name in trace.schedule_inputs or not tainted:
             role = "schedule"
         elif name in read_first and name in written:
             role = "carried"
@@ -120,11 +126,14 @@ def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, int | None, Any]]:
 
 
 def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
-    index = {node: k for k, node in enumerate(step.graph.nodes)}
+    # A slot in the BlockState that this step never reads (step 0 has no `noise_pred` yet, later steps do)
+    # does not make the step different: unused placeholders are left out.
+    live = [n for n in step.graph.nodes if n.op != "placeholder" or n.users]
+    index = {node: k for k, node in enumerate(live)}
 
     def enc(a: Any) -> Any:
         if isinstance(a, fx.Node):
-            return ("node", index[a])
+            return ("node", index[a]) if a in index else ("unread slot", a.target)
         if isinstance(a, float):
             return ("float",)
         if isinstance(a, (list, tuple)):
@@ -134,7 +143,7 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
         return ("lit", repr(a))
 
     parts = []
-    for node in step.graph.nodes:
+    for node in live:
         if node.op == "get_attr":
             t = step.constants[node.target]
             key = ("const", id(t)) if id(t) in stable_ids else ("lift", tuple(t.shape), str(t.dtype), str(t.device))
@@ -143,6 +152,7 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
             parts.append(("placeholder", node.target, len(node.users) > 0))
         else:
             parts.append((node.op, str(node.target), enc(node.args), enc(node.kwargs)))
+    parts.append(("outputs", tuple((slot, enc(node)) for slot, node in sorted(step.outputs.items()))))
     return tuple(parts)
 
 
@@ -209,7 +219,7 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     env: dict[fx.Node, fx.Node] = {}
     holders: dict[str, fx.Node] = {}
     for name in [*state_slots, *invariant_slots]:
-        holders[name] = graph.placeholder(name)
+        holders[name] = graph.placeholder(re.sub(r"\W", "_", name))  # `scheduler.model_outputs[1]`
     lifted_names = [f"lift_{k}" for k in range(len(lift_positions))]
     lift_nodes = {pos: graph.placeholder(name) for pos, name in zip(lift_positions, lifted_names)}
     root = torch.nn.Module()
@@ -243,12 +253,13 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             if k is not None and k in lift_nodes:
                 args[pos] = lift_nodes[k]  # a Python float that changes per step becomes a 0-d table row
         env[node] = graph.call_function(node.target, tuple(args), fx.map_arg(node.kwargs, lambda a: env[a]))
+        env[node].meta["mutates"] = node.meta.get("mutates", False)
     outs = []
     for name in state_slots:
         node = template.outputs.get(name)
         outs.append(env[node] if node is not None else holders[name])
     graph.output(tuple(outs))
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("mutates", False))
     module = fx.GraphModule(root, graph, class_name="FusedStep")
     tables = []
     for k in lift_positions:

@@ -113,16 +113,25 @@ def build_setup(config: BenchConfig):
         kwargs["sample_size"] = config.sample_size
     if config.preset in PRESETS:
         return build_loop(config.preset, **kwargs)
-    from .zoo import diffusers_loops  # imports diffusers lazily, with a clear error when it is absent
+    from .zoo import diffusers_loops  # diffusers itself is imported by the builder, with a clear error if absent
 
-    if config.preset not in diffusers_loops.LOOPS:
+    if config.preset not in diffusers_loops.DIFFUSERS_LOOPS:
         raise ValueError(f"bench: unknown preset {config.preset!r}; zoo presets: {sorted(PRESETS)}, "
-                         f"diffusers loops: {sorted(diffusers_loops.LOOPS)}")
-    return diffusers_loops.build_diffusers_loop(config.preset, **kwargs)
+                         f"diffusers loops: {sorted(diffusers_loops.DIFFUSERS_LOOPS)}")
+    fixed = {"batch": 1, "dtype": "float32", "sample_size": None, "model": {}}
+    changed = [k for k, v in fixed.items() if getattr(config, k) != v]
+    if changed or config.torch_device.type != "cpu":
+        raise ValueError(f"bench: the diffusers loops are built at their tiny test configs, batch 1, float32, on "
+                         f"CPU; drop {changed or ['--device']} for preset {config.preset!r}")
+    return diffusers_loops.build_diffusers_loop(config.preset, steps=config.steps, seed=config.seed)
 
 
 def _denoiser_name(setup) -> str:
-    return getattr(setup, "denoiser_name", "denoiser")
+    """The component that is the denoiser: ``denoiser`` in the zoo, ``unet`` or ``transformer`` in diffusers."""
+    for name in ("denoiser", "unet", "transformer"):
+        if isinstance(getattr(setup.components, name, None), torch.nn.Module):
+            return name
+    raise ValueError(f"bench: no denoiser component (denoiser, unet or transformer) in {type(setup.wrapper).__name__}")
 
 
 def _latents(state) -> torch.Tensor:
@@ -350,9 +359,6 @@ def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
                 for _ in range(config.warmup):
                     method.output, _ = method.call()
                     progress.advance(task)
-            if name == "compile_loop":
-                # the guider's step counter left by the first call differs from a fresh one: settle once
-                method.output, _ = method.call()
         except Exception as error:  # a method that cannot run is reported, not fatal
             method.failure = f"{type(error).__name__}: {error}"
     if methods["eager"].failure:
@@ -391,8 +397,7 @@ def _scale(config: BenchConfig, methods: list[_Method], progress) -> None:
     for steps in config.scaling:
         for m in methods:
             m.setup.steps = steps
-            for _ in range(2 if m.name == "compile_loop" else 1):  # compile_loop: plan, then settle
-                m.call()
+            m.call()  # compile_loop plans the new N here (a traced eager run, no new compile)
             m.python_calls[steps] = _count_python_calls(lambda: m.run(m.setup.new_state()))
             m.scaling[steps] = []
         _time_interleaved(methods, config.scaling_repeats, progress, f"scaling N={steps}",

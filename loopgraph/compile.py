@@ -4,7 +4,8 @@
     analyse  classify slots, group steps into variants, hoist per-step values into tables (analysis.py)
     lower    one whole-loop function of while_loops over a device-side step counter (runtime.py)
     compile  once per (structure, shapes); checked against the eager result it was traced from
-    run      get_block_state -> compiled loop -> component Python state as eager leaves it -> set_block_state
+    run      get_block_state -> compiled loop -> component Python state as eager leaves it (with the tensors
+             the loop computed in place of the traced run's) -> set_block_state
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from .analysis import LoopPlan, plan_loop
 from .blocks import ModularPipelineBlocks
 from .runtime import CompileCounter, compile_fn, lower
 from .state import BlockState, _atoms_only, values_equal
-from .trace import LoopTrace, Unsupported, trace_loop
+from .pystate import live_in, live_out, watch_attributes
+from .trace import LoopTrace, Unsupported, component_objects, trace_loop
 
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop"]
 
 _BACKENDS = ("inductor", "eager", "aot_eager")
-_MIN_TABLE_ROWS = 64  # tables are padded to a power of two >= N, so a new N rarely changes a shape
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class CompileConfig:
     cuda_graphs: bool | str = "auto"
     static_shapes: bool = False
     check: bool = True
+    fused_kernels: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in _BACKENDS:
@@ -49,6 +51,8 @@ class CompileConfig:
             raise ValueError(f"compile_loop: mode={self.mode!r} needs backend='inductor'")
         if self.cuda_graphs not in (True, False, "auto"):
             raise ValueError(f"compile_loop: cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
+        if self.fused_kernels not in (True, False, "auto"):
+            raise ValueError(f"compile_loop: fused_kernels must be True, False or 'auto', got {self.fused_kernels!r}")
 
 
 @dataclass
@@ -63,12 +67,12 @@ class LoopStats:
     compile_seconds: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: `_plans.remove(plan)` must not compare traces field by field
 class _Plan:
     trace: LoopTrace
     loop: LoopPlan | None
-    start_python: dict
-    end_python: dict
+    start_python: dict                  # component attributes the loop reads before writing them
+    end_python: dict                    # component attributes the loop writes, as it leaves them
     schedule_values: dict[str, Any]     # untainted inputs, by value
     data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
     final_untainted: dict[str, Any]
@@ -84,13 +88,8 @@ def _tensor_spec(t: torch.Tensor) -> tuple:
 
 def _python_state(wrapper, components) -> dict[str, dict[str, Any]]:
     """Deep copies of the Python state of the wrapper's non-module components (schedulers, guiders)."""
-    snapshot = {}
-    for spec in wrapper.expected_components:
-        obj = getattr(components, spec.name, None)
-        if obj is None or isinstance(obj, torch.nn.Module) or not hasattr(obj, "__dict__"):
-            continue
-        snapshot[spec.name] = {k: _copy(v) for k, v in vars(obj).items() if not isinstance(v, torch.nn.Module)}
-    return snapshot
+    return {name: {k: _copy(v) for k, v in vars(obj).items() if not isinstance(v, torch.nn.Module)}
+            for name, obj in component_objects(wrapper, components).items()}
 
 
 def _copy(value: Any) -> Any:
@@ -104,6 +103,25 @@ def _copy(value: Any) -> Any:
 def _restore_python_state(components, snapshot: dict[str, dict[str, Any]]) -> None:
     for name, attrs in snapshot.items():
         vars(getattr(components, name)).update({k: _copy(v) for k, v in attrs.items()})
+
+
+def _put(components, path: tuple, value: torch.Tensor) -> None:
+    """Store ``value`` at ``path`` = (component, attribute, index or key, ...) in the components' state."""
+    comp, attr, *keys = path
+    obj = getattr(components, comp)
+    setattr(obj, attr, _replaced(getattr(obj, attr), keys, value))
+
+
+def _replaced(container: Any, keys: list, value: Any) -> Any:
+    """``container`` with the item at ``keys`` set to ``value``: lists and dicts in place, tuples rebuilt."""
+    if not keys:
+        return value
+    key, *rest = keys
+    item = _replaced(container[key], rest, value)
+    if isinstance(container, tuple):
+        return container[:key] + (item,) + container[key + 1:]
+    container[key] = item
+    return container
 
 
 def _tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -191,7 +209,9 @@ class CompiledLoop(ModularPipelineBlocks):
             if not all(values_equal(slots[k], v) for k, v in plan.schedule_values.items()):
                 continue
             python = _python_state(self.wrapper, components) if python is None else python
-            if values_equal(python, plan.start_python):
+            if _holds(python, plan.start_python):
+                self._plans.remove(plan)  # most recently used last: a repeat call matches it first,
+                self._plans.append(plan)  # so the lookup's cost does not depend on older plans
                 return plan
         if self._plans and self.config.static_shapes:
             shapes = {k: tuple(v.shape) for k, v in slots.items() if isinstance(v, torch.Tensor)}
@@ -206,13 +226,14 @@ class CompiledLoop(ModularPipelineBlocks):
         start = time.perf_counter()
         start_python = _python_state(self.wrapper, components)
         try:
-            trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict)
+            with watch_attributes(component_objects(self.wrapper, components)) as logs:
+                trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict)
         except Unsupported:
             _restore_python_state(components, start_python)
             raise
         plan = _Plan(
-            trace=trace, loop=None, start_python=start_python,
-            end_python=_python_state(self.wrapper, components),
+            trace=trace, loop=None, start_python=live_in(start_python, logs),
+            end_python=live_out(_python_state(self.wrapper, components), logs),
             schedule_values={k: copy.deepcopy(v) for k, v in trace.initial_slots.items()
                              if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
             data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
@@ -231,20 +252,26 @@ class CompiledLoop(ModularPipelineBlocks):
 
     def _lower_and_compile(self, plan: _Plan, state) -> None:
         trace = plan.trace
-        needed = set(trace.initial_slots) | {o.name for o in self.wrapper.intermediate_outputs}
+        needed = set(trace.initial_slots) | {o.name for o in self.wrapper.intermediate_outputs} | set(
+            trace.final_components)
         try:
             plan.loop = plan_loop(trace, needed)
         except Unsupported as e:
             return self._fall_back(plan, e)
         loop = plan.loop
-        rows = max(_MIN_TABLE_ROWS, 1 << (loop.num_steps - 1).bit_length())
-        plan.tables = [[_pad(t, rows) for t in v.tables] for v in loop.variants]
-        plan.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64)
+        device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
+                      torch.device("cpu"))
+        if self.config.fused_kernels is True or (self.config.fused_kernels == "auto" and device.type == "cuda"):
+            from .kernel_pass import fuse_loop_kernels  # imports Triton: only where the kernels can run
+
+            fuse_loop_kernels(loop, device)
+        # Tables, run ends and the step counter live on the loop's device (no host scalars per step); a
+        # table's length N is an unbacked size, so one compiled loop serves every N.
+        plan.tables = [[_unbacked_rows(t.to(device)) for t in v.tables] for v in loop.variants]
+        plan.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=device)
         key = self._compile_key(plan)
         fn = self._compiled.get(key)
         if fn is None:
-            device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
-                          torch.device("cpu"))
             fn = compile_fn(lower(loop), backend=self.config.backend, mode=self.config.mode,
                             counter=self._counter, device=device)
             self.stats.step_graphs += len(loop.variants)
@@ -264,13 +291,16 @@ class CompiledLoop(ModularPipelineBlocks):
         consts = tuple((name, t.dtype, tuple(t.shape), hash(tuple(t.flatten().tolist())) if t.numel() <= 1 << 16
                         else id(t)) for v in loop.variants for name, t in v.module.named_buffers())
         return (tuple(v.module.code for v in loop.variants), tuple(v for v, _, _ in loop.runs),
-                tuple(map(str, inputs)), consts, tuple(tuple(t.shape for t in ts) for ts in plan.tables))
+                tuple(map(str, inputs)), consts,
+                tuple(tuple((t.shape[1:], t.dtype) for t in ts) for ts in plan.tables))  # any N: one key
 
     def _check_against_eager(self, plan: _Plan) -> None:
         """Run the compiled loop on the traced call's inputs and compare with the eager result it produced."""
         outputs = self._execute(plan, plan.trace.initial_inputs_copy)
         for name, value in zip(plan.loop.state_slots, outputs):
-            expected = plan.trace.final_slots[name]
+            expected = plan.trace.final_value(name)
+            if expected is None:  # a component tensor gone by the end of the loop
+                continue
             if not torch.allclose(value, expected, **_tolerance(expected.dtype)):
                 err = (value - expected).abs().max().item()
                 raise RuntimeError(f"compiled loop differs from eager on slot {name!r} (max abs error {err:.3g})")
@@ -282,11 +312,12 @@ class CompiledLoop(ModularPipelineBlocks):
         state = []
         for name in loop.state_slots:
             value = slots.get(name)
-            if not isinstance(value, torch.Tensor):  # a temporary first written inside the loop
-                value = torch.zeros_like(plan.trace.final_slots[name])
+            if not isinstance(value, torch.Tensor):  # first written inside the loop (a temporary, a history)
+                slot = plan.trace.component_slots.get(name)
+                value = torch.zeros_like(slot.value if slot else plan.trace.final_slots[name])
             state.append(value)
         invariants = [slots[name] for name in loop.invariant_slots]
-        start = torch.zeros((), dtype=torch.int64)
+        start = torch.zeros((), dtype=torch.int64, device=plan.ends.device)
         return plan.fn(state, invariants, plan.tables, plan.ends, start)
 
     def _run(self, plan: _Plan, components, state, block_state: BlockState):
@@ -304,10 +335,16 @@ class CompiledLoop(ModularPipelineBlocks):
             elif name in plan.trace.tainted_final:
                 if name in vars(block_state):  # invariant inputs: the caller's own objects
                     final[name] = vars(block_state)[name]
+            elif name in vars(block_state) and plan.trace.initial_slots.get(name) is plan.final_untainted[name]:
+                # an input the loop never rebound: the caller's own object, so set_block_state skips it as
+                # eagerly (re-setting a kwargs-type input would tag it twice in the PipelineState)
+                final[name] = vars(block_state)[name]
             else:
                 value = plan.final_untainted[name]
                 final[name] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
         _restore_python_state(components, plan.end_python)
+        for name in plan.trace.final_components:  # the loop's own tensors, not the traced run's
+            _put(components, plan.trace.component_slots[name].path, computed[name])
         self.wrapper.set_block_state(state, final)
         self.stats.compiles = self._counter.count
         self.stats.compile_seconds = self._counter.seconds
@@ -367,10 +404,16 @@ class CompiledLoop(ModularPipelineBlocks):
         return "\n".join(lines)
 
 
-def _pad(table: torch.Tensor, rows: int) -> torch.Tensor:
-    out = torch.zeros((rows, *table.shape[1:]), dtype=table.dtype, device=table.device)
-    out[: table.shape[0]] = table
-    return out
+def _unbacked_rows(table: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.decorators.mark_unbacked(table, 0)
+    return table
+
+
+def _holds(python: dict[str, dict[str, Any]], wanted: dict[str, dict[str, Any]]) -> bool:
+    """Whether the components' Python state ``python`` has every attribute value in ``wanted``."""
+    missing = object()
+    return all(values_equal(python.get(name, {}).get(k, missing), v)
+               for name, attrs in wanted.items() for k, v in attrs.items())
 
 
 def _ranges(steps: list[int]) -> str:
@@ -383,7 +426,8 @@ def _ranges(steps: list[int]) -> str:
 
 
 def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None, strict: bool = False,
-                 cuda_graphs: bool | str = "auto", static_shapes: bool = False, check: bool = True) -> CompiledLoop:
+                 cuda_graphs: bool | str = "auto", static_shapes: bool = False, check: bool = True,
+                 fused_kernels: bool | str = "auto") -> CompiledLoop:
     """Compile a loop wrapper's whole denoising loop.
 
     Args:
@@ -396,6 +440,8 @@ def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None,
         cuda_graphs: "auto" | True | False (the whole-loop CUDA graph; not used on CPU).
         static_shapes: raise instead of re-planning when shapes or component state change.
         check: compare the first compiled run with the eager run it was traced from (fall back if they differ).
+        fused_kernels: "auto" (on CUDA) | True | False: replace guidance + scheduler updates with fused Triton
+            kernels (``loopgraph.kernel_pass``); True forces them on CPU too (needs TRITON_INTERPRET=1; testing).
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.
@@ -408,7 +454,7 @@ def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None,
         >>> _, state = fast(setup.components, setup.new_state())   # runs the compiled loop
     """
     config = CompileConfig(backend=backend, mode=mode, strict=strict, cuda_graphs=cuda_graphs,
-                           static_shapes=static_shapes, check=check)
+                           static_shapes=static_shapes, check=check, fused_kernels=fused_kernels)
     missing = [a for a in ("sub_blocks", "loop_step", "get_block_state", "set_block_state") if not hasattr(wrapper, a)]
     if missing or not callable(wrapper):
         raise TypeError(

@@ -6,6 +6,11 @@ parameters, sigma tables, ``t`` — is evaluated eagerly and enters the graph as
 identity. So a scheduler's first-step ``nonzero().item()`` on the timesteps is simply evaluated, while an
 ``.item()`` or ``bool()`` on a tainted value is *data-dependent* and is reported, never baked.
 
+Tensors derived from loop data that a component keeps in its Python state across steps (UniPC's
+``model_outputs`` history and ``last_sample``) are loop state too: at the start of a step each one becomes a
+placeholder named by its path (``scheduler.model_outputs[1]``), and whatever such tensors the components
+hold at the end of the step are that step's outputs.
+
 Because the trace is a real eager run, the call that plans returns eager's own result.
 """
 
@@ -14,7 +19,7 @@ from __future__ import annotations
 import operator
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -23,7 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .blocks import run_block
 
-__all__ = ["StepTrace", "LoopTrace", "Unsupported", "trace_loop"]
+__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "Unsupported", "component_objects", "trace_loop"]
 
 # Tensor queries that return static metadata (shapes are part of the plan's key, not data).
 _METADATA = {
@@ -46,6 +51,9 @@ _RANDOM = {
 }
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
                     "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+# Python-level Tensor methods Dynamo cannot inline (they end in `super().<name>(...)`): the graph calls the
+# torch.* function with the same signature instead.
+_GRAPH_EQUIVALENT = {torch.Tensor.unflatten: torch.unflatten}
 _LOOPGRAPH_DIR = __file__.rsplit("/", 1)[0]
 
 
@@ -75,6 +83,46 @@ def _user_location() -> str:
             continue
         return f"{frame.filename}:{frame.lineno}"
     return "<unknown>"
+
+
+class ComponentSlot(NamedTuple):
+    """A tensor derived from loop data that a component holds across steps (a scheduler's history)."""
+
+    path: tuple              # (component, attribute, index or key, ...)
+    value: torch.Tensor      # its value when last seen (the eager run's)
+
+
+def component_objects(wrapper, components) -> dict[str, Any]:
+    """The wrapper's components that keep Python state (schedulers, guiders): every non-module one."""
+    found = {}
+    for spec in wrapper.expected_components:
+        obj = getattr(components, spec.name, None)
+        if obj is not None and not isinstance(obj, torch.nn.Module) and hasattr(obj, "__dict__"):
+            found[spec.name] = obj
+    return found
+
+
+def _component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """Every tensor in the components' attributes, through lists, tuples and dicts: name -> (path, tensor).
+
+    Only plain containers are walked (a named tuple or another object is not): a loop-derived tensor held
+    anywhere else is reported by the tracer as state carried across steps outside the loop's reach."""
+    found: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def walk(value: Any, path: tuple, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[name] = (path, value)
+        elif type(value) in (list, tuple):
+            for k, item in enumerate(value):
+                walk(item, (*path, k), f"{name}[{k}]")
+        elif type(value) is dict:
+            for k, item in value.items():
+                walk(item, (*path, k), f"{name}[{k!r}]")
+
+    for comp, obj in objects.items():
+        for attr, value in vars(obj).items():
+            walk(value, (comp, attr), f"{comp}.{attr}")
+    return found
 
 
 @dataclass
@@ -107,6 +155,14 @@ class LoopTrace:
     schedule_inputs: list[str]             # loop_inputs: treated as schedule, never proxied
     problems: list[Unsupported]
     block_names: list[str]
+    component_slots: dict[str, ComponentSlot] = field(default_factory=dict)  # loop state held by components
+    final_components: dict[str, torch.Tensor] = field(default_factory=dict)  # of those, held after the loop
+
+    def final_value(self, slot: str) -> Any:
+        """A slot's value after the eager loop (BlockState or component state; None if gone)."""
+        if slot in self.final_slots:
+            return self.final_slots[slot]
+        return self.final_components.get(slot)
 
 
 class _Recorder(TorchFunctionMode):
@@ -123,10 +179,14 @@ class _Recorder(TorchFunctionMode):
         self._const_ids: dict[int, str] = {}
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
-    def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor]) -> None:
+    def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
+                   component_tensors: dict[str, torch.Tensor]) -> None:
+        """Make the BlockState's tensors, and the components' tensors derived from loop data in an earlier
+        step, this step's placeholders."""
         self.stale.update({k: t for k, (t, _) in self.taint.items()})
+        carried = {name: t for name, t in component_tensors.items() if self.stale.get(id(t)) is t}
         self.taint, self._const_ids, self.step = {}, {}, step
-        for name, tensor in slots.items():
+        for name, tensor in {**slots, **carried}.items():
             self.taint[id(tensor)] = (tensor, step.graph.placeholder(name))
             self.stale.pop(id(tensor), None)
             step.inputs.append(name)
@@ -158,8 +218,8 @@ class _Recorder(TorchFunctionMode):
 
     def _check_stale(self, value: Any) -> None:
         if isinstance(value, torch.Tensor) and self.stale.get(id(value)) is value:
-            self.problem("a tensor computed in an earlier step reached this step outside the BlockState "
-                         "(component state carried across steps)")
+            self.problem("a tensor computed in an earlier step reached this step outside the BlockState and "
+                         "the components' attributes (state carried across steps in another object)")
 
     def _arg(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -176,9 +236,9 @@ class _Recorder(TorchFunctionMode):
         flat, _ = pytree.tree_flatten((args, kwargs))
         tainted = any(self.node_of(v) is not None for v in flat)
         name = _func_name(func)
+        if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
+            self.problem(f"random op `{name}` inside the loop (stochastic samplers are not compiled yet)")
         if not tainted:
-            if name in _RANDOM and self.step is not None:
-                self.problem(f"random op `{name}` inside the loop (stochastic samplers are not compiled yet)")
             if self.step is not None:
                 for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
                     self._check_stale(v)
@@ -217,7 +277,9 @@ class _Recorder(TorchFunctionMode):
         if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
             node = graph.call_function(getattr, (g_args[0], _func_name(func)))
         else:
-            node = graph.call_function(func, tuple(g_args), g_kwargs)
+            node = graph.call_function(_GRAPH_EQUIVALENT.get(func, func), tuple(g_args), g_kwargs)
+        if inplace:
+            node.meta["mutates"] = True  # kept even when nothing uses its result (`out[..., 0::2] = x`)
         if inplace and isinstance(target, torch.Tensor):
             self.taint[id(target)] = (target, node if out is target else self.node_of(target))
         if isinstance(out, torch.Tensor):
@@ -243,6 +305,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
     exclude = set(schedule_inputs)
     steps: list[StepTrace] = []
     seen: dict[str, Any] = {}
+    component_slots: dict[str, ComponentSlot] = {}
     original_get = wrapper.get_block_state
 
     def get_block_state(st):
@@ -259,7 +322,9 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
                          kwargs=dict(kwargs))
         if not steps:
             seen.setdefault("initial", dict(vars(block_state)))
-        recorder.start_step(step, _tensor_slots(block_state, exclude))
+        objects = component_objects(wrapper, comps)
+        held = _component_tensors(objects)
+        recorder.start_step(step, _tensor_slots(block_state, exclude), {k: t for k, (_, t) in held.items()})
         for name, block in wrapper.sub_blocks.items():
             before = dict(vars(block_state))
             recorder.block = name
@@ -274,6 +339,13 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
             node = recorder.node_of(value)
             if node is not None:
                 step.outputs[name] = node
+        seen["final_components"] = {}
+        for name, (path, value) in _component_tensors(objects).items():
+            node = recorder.node_of(value)
+            if node is not None:
+                step.outputs[name] = node
+                component_slots[name] = ComponentSlot(path, value)
+                seen["final_components"][name] = value
         steps.append(step)
         seen["final"] = dict(vars(block_state))
         return comps, block_state
@@ -297,5 +369,6 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
     trace = LoopTrace(steps=steps, initial_slots=initial, initial_inputs_copy=seen.get("copy", initial),
                       final_slots=final, tainted_final=tainted_final,
                       inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
-                      block_names=list(wrapper.sub_blocks))
+                      block_names=list(wrapper.sub_blocks), component_slots=component_slots,
+                      final_components=seen.get("final_components", {}))
     return trace, result

@@ -1,0 +1,226 @@
+"""compile_loop on diffusers' own denoise steps: SDXL (Euler, CFG), Flux (flow-matching Euler), Wan (UniPC,
+CFG) and QwenImage (flow-matching Euler, CFG), built offline from tiny configs with seeded random weights.
+
+Equality with diffusers' eager run first (latents, the returned state, the scheduler's and guider's Python
+state), then the same inside a diffusers ModularPipeline, then compile counts and Python calls per step with
+Inductor. The equivalence tests use backend="eager" (the same trace -> analyse -> lower pipeline, run by
+Dynamo's eager backend) to keep the suite short. Skipped when diffusers is not installed.
+"""
+
+import copy
+import importlib.util
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+
+from loopgraph import compile_loop
+
+needs_diffusers = pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None,
+    reason="diffusers is not installed (pip install loopgraph[diffusers]; `make test` installs it)",
+)
+LOOPS = ["sdxl", "flux", "wan", "qwenimage"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def python_state(setup) -> dict:
+    """Deep copies of the scheduler's and guider's instance attributes."""
+    comps = setup.components
+    return {name: copy.deepcopy(vars(getattr(comps, name))) for name in ("scheduler", "guider")
+            if getattr(comps, name, None) is not None}
+
+
+def assert_same(got, expected, path="state"):
+    """Equal structure; tensors allclose (fp32 tolerance), everything else ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == expected.shape, path
+        assert torch.allclose(got, expected, **TOL), f"{path}: max abs diff {(got - expected).abs().max():.3g}"
+    elif isinstance(expected, (list, tuple)):
+        assert type(got) is type(expected) and len(got) == len(expected), path
+        for k, (a, b) in enumerate(zip(got, expected)):
+            assert_same(a, b, f"{path}[{k}]")
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), path
+        for k in expected:
+            assert_same(got[k], expected[k], f"{path}.{k}")
+    else:
+        assert got == expected, f"{path}: {got!r} != {expected!r}"
+
+
+def eager_reference(setup):
+    """diffusers' own run: the returned state and the components' Python state after it."""
+    _, state = setup.wrapper(setup.components, setup.new_state())
+    return state, python_state(setup)
+
+
+def no_fallback_warnings(caught) -> None:
+    assert not [w for w in caught if "compile_loop" in str(w.message)], [str(w.message) for w in caught]
+
+
+# -- equality with diffusers' eager run ----------------------------------------------------------------------------
+@needs_diffusers
+@pytest.mark.parametrize("name", LOOPS)
+def test_compiled_matches_diffusers_eager(name):
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop(name, steps=5)
+    expected_state, expected_python = eager_reference(setup)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    dynamo_utils.counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # the call that plans (a traced eager run), then compiled calls
+            _, state = fast(setup.components, setup.new_state())
+            assert_same(state.values, expected_state.values, "values")
+            assert state.kwargs_mapping == expected_state.kwargs_mapping
+            assert_same(python_state(setup), expected_python)  # step index, UniPC history, guider step
+    no_fallback_warnings(caught)
+    assert fast.stats.compiled_calls == 2 and fast.stats.plans == 1
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: the repeat compiled nothing
+
+
+@needs_diffusers
+def test_unipc_history_is_loop_state_and_step_graphs_do_not_grow_with_n():
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    variants = {}
+    for steps in (6, 12):
+        setup = build_diffusers_loop("wan", steps=steps)
+        expected_state, expected_python = eager_reference(setup)
+        fast = compile_loop(setup.wrapper, backend="eager")
+        for _ in range(2):
+            _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected_state.get("latents"), **TOL)
+        assert_same(python_state(setup), expected_python)
+        slots = fast._plans[-1].loop.slots
+        assert slots["scheduler.model_outputs[1]"].role == "carried"
+        assert slots["scheduler.last_sample"].role == "carried"
+        variants[steps] = len(fast._plans[-1].loop.variants)
+    assert variants[6] == variants[12] <= 4, variants  # first, second (order warm-up), middle, last
+
+
+@needs_diffusers
+def test_random_op_in_scheduler_falls_back_with_warning_and_matches():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop("flux", steps=3)
+    setup.components.update_components(scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    torch.manual_seed(0)
+    expected = setup.run()
+    fast = compile_loop(setup.wrapper, backend="eager")
+    for k in range(2):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, state = fast(setup.components, setup.new_state())
+        if k == 0:
+            assert any("runs eagerly: random op `randn`" in str(w.message) and "'after_denoiser'"
+                       in str(w.message) for w in caught), [str(w.message) for w in caught]
+        assert torch.equal(state.get("latents"), expected)
+    assert fast.stats.compiled_calls == 0
+
+
+# -- inside a diffusers ModularPipeline, in place of the original sub-block -------------------------------------------
+def _set_timesteps_step(name):
+    from diffusers.modular_pipelines.flux.before_denoise import FluxSetTimestepsStep
+    from diffusers.modular_pipelines.qwenimage.before_denoise import QwenImageSetTimestepsStep
+    from diffusers.modular_pipelines.stable_diffusion_xl.before_denoise import StableDiffusionXLSetTimestepsStep
+    from diffusers.modular_pipelines.wan.before_denoise import WanSetTimestepsStep
+
+    steps = {"sdxl": (StableDiffusionXLSetTimestepsStep, {}),
+             "flux": (FluxSetTimestepsStep, {"batch_size": 1, "height": 64, "width": 64}),
+             "wan": (WanSetTimestepsStep, {}), "qwenimage": (QwenImageSetTimestepsStep, {})}
+    block, extra = steps[name]
+    return block(), extra
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", LOOPS)
+def test_drop_in_inside_a_diffusers_modular_pipeline(name):
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop(name, steps=3)
+    kwargs = setup.pipeline_kwargs()
+    del kwargs["timesteps"]  # the set-timesteps step makes them (and resets the scheduler) on every call
+
+    def pipeline(denoise_compiled: bool):
+        set_timesteps, extra = _set_timesteps_step(name)
+        blocks = SequentialPipelineBlocks.from_blocks_dict({"set_timesteps": set_timesteps, "denoise": setup.wrapper})
+        if denoise_compiled:
+            blocks.sub_blocks["denoise"] = compile_loop(blocks.sub_blocks["denoise"], backend="eager")
+        pipe = blocks.init_pipeline()
+        pipe.update_components(**setup.components.components)
+        return pipe, {**kwargs, **extra}
+
+    eager, call_kwargs = pipeline(denoise_compiled=False)
+    expected = eager(**call_kwargs, output="latents")
+    pipe, _ = pipeline(denoise_compiled=True)
+    for _ in range(3):
+        assert torch.allclose(pipe(**call_kwargs, output="latents"), expected, **TOL)
+    fast = pipe._blocks.sub_blocks["denoise"]  # the pipeline's own (deep) copy of the compiled loop
+    assert fast.stats.compiled_calls == 2 and fast.stats.plans == 1
+
+
+# -- Inductor: compiled once, no Python per step -------------------------------------------------------------------------
+def count_python_calls(fn) -> int:
+    calls = [0]
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls[0]
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", ["flux"])
+def test_inductor_compiles_once_and_runs_no_python_per_step(name):
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop(name, steps=8)
+    fast = compile_loop(setup.wrapper)
+    dynamo_utils.counters.clear()
+    per_n = {}
+    for steps in (8, 32):
+        setup.steps = steps
+        expected_state, expected_python = eager_reference(setup)
+        for _ in range(2):  # plan (and compile, for the first N), then a compiled call
+            _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected_state.get("latents"), **TOL)
+        assert_same(python_state(setup), expected_python)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: N=32 compiled nothing
+    for steps in (8, 32):  # both plans exist now: each warm call finds its plan the same way
+        setup.steps = steps
+        state = setup.new_state()
+        per_n[steps] = count_python_calls(lambda: fast(setup.components, state))
+        assert torch.allclose(state.get("latents"), setup.run(), **TOL)
+    assert per_n[8] == per_n[32], per_n
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1 and fast.stats.compiles == 1
+
+
+# -- diffusers stays optional ------------------------------------------------------------------------------------------
+def test_import_loopgraph_does_not_import_diffusers():
+    code = ("import sys, loopgraph, loopgraph.zoo.loops, loopgraph.zoo.diffusers_loops; "
+            "assert 'diffusers' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_builders_say_how_to_install_diffusers_when_absent():
+    code = ("import sys; sys.modules['diffusers'] = None\n"  # makes `import diffusers` raise ImportError
+            "from loopgraph.zoo.diffusers_loops import build_diffusers_loop\n"
+            "try:\n    build_diffusers_loop('flux')\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install loopgraph[diffusers]" in out
