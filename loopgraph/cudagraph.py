@@ -1,0 +1,94 @@
+"""CUDA: the whole N-step loop as one CUDA graph.
+
+Each step graph (variant) is compiled once by Inductor and reads its per-step table rows at a device step
+counter. The N steps are then captured once, in order, into one CUDA graph per (plan structure, N):
+
+    capture   counter.zero_(); for every step: state = step(state, invariants, tables, counter); counter += 1
+    replay    copy the caller's tensors into the static inputs, one graph launch, clone the outputs out
+
+so a warm call is a few copies and one launch, and users never hold an alias of a static buffer. Graphs of
+one ``CompiledLoop`` share a memory pool. Anything that cannot be captured (a host sync, a CPU tensor in
+the step) makes that loop run its compiled steps one by one, with a warning saying why.
+
+Not validated on a GPU in this repository's CI (no GPU there): see docs/how-compile-loop-works.md.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from typing import Callable
+
+import torch
+
+from .analysis import LoopPlan
+
+__all__ = ["WholeLoopGraph"]
+
+
+def _step_function(module: torch.nn.Module, whole_tables: bool, name: str) -> Callable:
+    def step(carried: list[torch.Tensor], invariants: list[torch.Tensor], tables: list[torch.Tensor],
+             i: torch.Tensor) -> list[torch.Tensor]:
+        rows = [*tables, i] if whole_tables else [
+            torch.index_select(t, 0, i.reshape(1)).reshape(t.shape[1:]) for t in tables]
+        return list(module(*carried, *invariants, *rows))
+
+    # a code object per step keeps each step's Dynamo cache entries its own
+    code = step.__code__.replace(co_name=name)
+    return types.FunctionType(code, step.__globals__, name, None, step.__closure__)
+
+
+class WholeLoopGraph:
+    """Callable like the lowered loop: ``(state, invariants, tables, ends, start) -> state``."""
+
+    def __init__(self, plan: LoopPlan, compile_step: Callable[[Callable], Callable], pool, whole_tables: list[bool]):
+        self.pattern = [v for v, _, _ in plan.runs]
+        self.steps = [compile_step(_step_function(v.module, whole, f"loop_step_{k}"))
+                      for k, (v, whole) in enumerate(zip(plan.variants, whole_tables))]
+        self.pool = pool
+        self.graphs: dict[tuple, tuple] = {}
+        self.failed: str | None = None
+
+    def _run_steps(self, state, invariants, tables, ends: list[int], counter: torch.Tensor):
+        counter.zero_()
+        begin = 0
+        for v, end in zip(self.pattern, ends):
+            for _ in range(begin, end):
+                state = self.steps[v](state, invariants, tables[v], counter)
+                counter.add_(1)
+            begin = end
+        return state
+
+    def __call__(self, state, invariants, tables, ends: torch.Tensor, start: torch.Tensor):
+        ends_host = [int(e) for e in ends.tolist()]  # one host read per call, none per step
+        counter = torch.zeros((), dtype=torch.int64, device=start.device)
+        if self.failed:
+            return self._run_steps(state, invariants, tables, ends_host, counter)
+        key = (tuple(ends_host), tuple(id(t) for ts in tables for t in ts))
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(state, invariants, tables, ends_host)
+            except Exception as error:  # noqa: BLE001 — any capture failure: run the steps uncaptured
+                self.failed = f"{type(error).__name__}: {error}"
+                warnings.warn(f"compile_loop: the loop could not be captured into one CUDA graph ({self.failed}); "
+                              "running its compiled steps one by one (Python per step)", stacklevel=3)
+                return self._run_steps(state, invariants, tables, ends_host, counter)
+        graph, static_state, static_invariants, outputs = self.graphs[key]
+        for dst, src in zip([*static_state, *static_invariants], [*state, *invariants]):
+            dst.copy_(src)
+        graph.replay()
+        return [o.clone() for o in outputs]
+
+    def _capture(self, state, invariants, tables, ends: list[int]):
+        static_state = [t.clone() for t in state]
+        static_invariants = [t.clone() for t in invariants]
+        counter = torch.zeros((), dtype=torch.int64, device=static_state[0].device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (compile, allocator, library handles) outside the capture
+            self._run_steps(static_state, static_invariants, tables, ends, counter)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._run_steps(static_state, static_invariants, tables, ends, counter)
+        return graph, static_state, static_invariants, outputs

@@ -1,0 +1,71 @@
+"""The CUDA whole-loop graph: its unrolled step sequence is checked on CPU against the lowered while_loop;
+capture, replay and dtypes need a GPU and skip without one."""
+
+import pytest
+import torch
+
+from loopgraph import compile_loop
+from loopgraph.cudagraph import WholeLoopGraph
+from loopgraph.runtime import WHOLE_TABLES
+from loopgraph.zoo.loops import build_loop
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("preset, window", [("dit", (0.0, 1.0)), ("unet-ddim", (0.0, 0.5))])
+def test_unrolled_steps_equal_the_lowered_loop(preset, window):
+    setup = build_loop(preset, steps=6, sample_size=8, guidance_window=window)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
+    fast(setup.components, state)
+    plan = fast._plans[-1]
+    loop = plan.loop
+    assert len(loop.runs) >= 2  # first step + the rest (+ unguided steps): the pattern is exercised
+    unrolled = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
+                              whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
+    carried = [inputs[name] for name in loop.state_slots]
+    invariants = [inputs[name] for name in loop.invariant_slots]
+    ends = [int(e) for e in plan.ends.tolist()]
+    got = unrolled._run_steps(carried, invariants, plan.tables, ends, torch.zeros((), dtype=torch.int64))
+    expected = fast._execute(plan, inputs)
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, **TOL)
+    assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, dict(rtol=1e-3, atol=1e-4)),
+                                        (torch.bfloat16, dict(rtol=5e-2, atol=5e-2)),
+                                        (torch.float16, dict(rtol=1e-2, atol=1e-2))])
+def test_whole_loop_cuda_graph_equals_eager(dtype, tol):
+    setup = build_loop("dit", steps=8, device="cuda", dtype=dtype)
+    fast = compile_loop(setup.wrapper)
+    expected = setup.run()
+    for _ in range(3):
+        _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents").float(), expected.float(), **tol)
+    fn = fast._plans[-1].fn
+    assert isinstance(fn, WholeLoopGraph) and fn.failed is None and len(fn.graphs) == 1
+
+
+@needs_cuda
+def test_cuda_graph_outputs_are_not_static_buffers():
+    setup = build_loop("dit", steps=4, device="cuda")
+    fast = compile_loop(setup.wrapper)
+    first = fast(setup.components, setup.new_state())[1].get("latents")
+    keep = first.clone()
+    setup.inputs["latents"] = torch.randn_like(setup.inputs["latents"])
+    fast(setup.components, setup.new_state())
+    assert torch.equal(first, keep)
+
+
+@needs_cuda
+def test_cuda_graphs_false_uses_the_while_loop():
+    setup = build_loop("dit", steps=4, device="cuda")
+    fast = compile_loop(setup.wrapper, cuda_graphs=False)
+    expected = setup.run()
+    _, state = fast(setup.components, setup.new_state())
+    assert torch.allclose(state.get("latents"), expected, rtol=1e-3, atol=1e-4)
+    assert not isinstance(fast._plans[-1].fn, WholeLoopGraph)
