@@ -28,7 +28,7 @@ from .trace import LoopTrace, StepTrace, Unsupported
 
 _LIFT_MAX_NUMEL = 1 << 16  # larger per-step-constant tensors stay baked rather than copied into N-row tables
 
-__all__ = ["SlotInfo", "Variant", "LoopPlan", "classify_slots", "plan_loop"]
+__all__ = ["SlotInfo", "Variant", "LoopPlan", "Segment", "classify_slots", "plan_loop", "plan_segments"]
 
 
 class SlotInfo(NamedTuple):
@@ -271,3 +271,86 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             table[step.index] = row.to(dtype)
         tables.append(table)
     return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables)
+
+
+# -- eager segments ---------------------------------------------------------------------------------------------
+@dataclass
+class Segment:
+    """Consecutive blocks of every step that run together: one eager block, or compiled ones as a plan."""
+
+    blocks: list[str]
+    eager: bool
+    plan: LoopPlan | None = None          # compiled: one variant per distinct per-step graph of these blocks
+    step_variant: list[int] = field(default_factory=list)   # step -> variant index in plan.variants
+    examples: dict[str, torch.Tensor] = field(default_factory=dict)  # a traced value of every slot it uses
+
+
+def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
+    """Cut every step at the eager blocks; plan each run of compiled blocks like a loop of its own.
+
+    A compiled segment's per-step graph takes the BlockState's tainted slots as they are when it starts and
+    returns the slots it rebinds; values cross an eager block only through the BlockState (anything else
+    raises ``Unsupported``). Each segment is planned by ``plan_loop`` with every slot needed at its end.
+    """
+    segments: list[Segment] = []
+    for name in trace.block_names:
+        if name in eager_blocks:
+            segments.append(Segment([name], eager=True))
+        elif segments and not segments[-1].eager:
+            segments[-1].blocks.append(name)
+        else:
+            segments.append(Segment([name], eager=False))
+    ends = [seg.blocks[0] for seg in segments[1:]] + ["__end__"]
+    for seg, end in zip(segments, ends):
+        if seg.eager:
+            continue
+        subs = [_cut_step(step, seg.blocks, end) for step in trace.steps]
+        examples: dict[str, torch.Tensor] = {}
+        for sub, step in zip(subs, trace.steps):
+            used = {n.target for n in sub.graph.nodes if n.op == "placeholder" and n.users} | set(sub.outputs)
+            for slot in used:
+                key = seg.blocks[0] if slot in sub.inputs else end
+                examples.setdefault(slot, step.slots_before[key][slot])
+        sub_trace = LoopTrace(steps=subs, initial_slots=examples, initial_inputs_copy=examples, final_slots=examples,
+                              tainted_final=set(examples), inplace_slots=set(), schedule_inputs=[], problems=[],
+                              block_names=seg.blocks)
+        seg.plan, seg.examples = plan_loop(sub_trace, set(examples)), examples
+        seg.step_variant = [v for v, a, b in seg.plan.runs for _ in range(a, b)]
+    return segments
+
+
+def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
+    """The part of one step's graph that ``blocks`` recorded, from the BlockState before them to ``end``."""
+    graph = fx.Graph()
+    sub = StepTrace(index=step.index, graph=graph, inputs=[], outputs={}, constants={}, stable={},
+                    kwargs=step.kwargs, reads={b: step.reads.get(b, set()) for b in blocks},
+                    writes={b: step.writes.get(b, set()) for b in blocks})
+    env: dict[fx.Node, fx.Node] = {}
+    for slot, node in step.nodes_before[blocks[0]].items():
+        holder = graph.placeholder(slot)
+        env.setdefault(node, holder)
+        sub.inputs.append(slot)
+    inside = set(blocks)
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:
+            raise Unsupported(f"a tensor computed in block {a.meta.get('block')!r} reaches block "
+                              f"{blocks[0]!r} outside the BlockState, across a block that runs eagerly")
+        return env[a]
+
+    for node in step.graph.nodes:
+        if node.meta.get("block") not in inside:
+            continue
+        if node.op == "get_attr":
+            sub.constants[node.target] = step.constants[node.target]
+            sub.stable[node.target] = step.stable[node.target]
+            sub.versions[node.target] = step.versions[node.target]
+            env[node] = graph.get_attr(node.target)
+        else:
+            env[node] = graph.call_function(node.target, fx.map_arg(node.args, arg), fx.map_arg(node.kwargs, arg))
+            env[node].meta.update(node.meta)
+    for slot, node in step.nodes_before[end].items():
+        new = arg(node)
+        if new.op != "placeholder" or new.target != slot:  # only the slots the segment rebinds
+            sub.outputs[slot] = new
+    return sub

@@ -6,6 +6,10 @@
     compile  once per (structure, shapes); checked against the eager result it was traced from
     run      get_block_state -> compiled loop -> component Python state as eager leaves it (with the tensors
              the loop computed in place of the traced run's) -> set_block_state
+
+A loop whose only problems are data-dependent Python or random ops inside some blocks runs in *eager
+segments* instead: per step, the compiled segments between those blocks, and the blocks themselves called
+for real (``_run_segments``).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ from typing import Any, Callable
 
 import torch
 
-from .analysis import LoopPlan, plan_loop
-from .blocks import ModularPipelineBlocks
-from .runtime import CompileCounter, compile_fn, lower
+from .analysis import LoopPlan, Segment, plan_loop, plan_segments
+from .blocks import ModularPipelineBlocks, run_block
+from .runtime import WHOLE_TABLES, CompileCounter, compile_fn, lower
 from .state import BlockState, _atoms_only, values_equal
 from .pystate import live_in, live_out, watch_attributes
 from .trace import LoopTrace, Unsupported, component_objects, trace_loop
@@ -60,6 +64,7 @@ class LoopStats:
     compiles: int = 0          # backend compilations (Dynamo frames handed to the backend)
     step_graphs: int = 0       # distinct fused step graphs (variants) over all plans
     eager_blocks: int = 0      # blocks that run eagerly (data-dependent Python, unsupported ops)
+    segment_calls: int = 0     # compiled segment calls (loops with eager blocks: per step, per segment)
     calls: int = 0
     compiled_calls: int = 0
     plans: int = 0
@@ -80,6 +85,8 @@ class _Plan:
     tables: list[list[torch.Tensor]] = field(default_factory=list)
     ends: torch.Tensor | None = None
     problems: list[Unsupported] = field(default_factory=list)
+    segments: list[Segment] | None = None         # eager segments: compiled segments and eager blocks
+    segment_fns: list[list[Callable]] = field(default_factory=list)  # per segment, per variant
 
 
 def _tensor_spec(t: torch.Tensor) -> tuple:
@@ -144,6 +151,7 @@ class CompiledLoop(ModularPipelineBlocks):
         self._plans: list[_Plan] = []
         self._compiled: dict[Any, Callable] = {}
         self._counter = CompileCounter()
+        self._graph_pool = None  # CUDA graphs of this loop share one memory pool
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
 
     def __deepcopy__(self, memo):
@@ -192,6 +200,9 @@ class CompiledLoop(ModularPipelineBlocks):
             plan = self._find_plan(components, block_state)
             if plan is None:
                 return self._plan_and_run(components, state)
+            if plan.segments is not None:
+                self.stats.compiled_calls += 1
+                return self._run_segmented(plan, components, state, block_state)
             if plan.fn is None:
                 return self.wrapper(components, state)
             self.stats.compiled_calls += 1
@@ -227,7 +238,8 @@ class CompiledLoop(ModularPipelineBlocks):
         start_python = _python_state(self.wrapper, components)
         try:
             with watch_attributes(component_objects(self.wrapper, components)) as logs:
-                trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict)
+                trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict,
+                                           snapshot=lambda comps: _python_state(self.wrapper, comps))
         except Unsupported:
             _restore_python_state(components, start_python)
             raise
@@ -245,6 +257,8 @@ class CompiledLoop(ModularPipelineBlocks):
         self._plans.append(plan)
         if not plan.problems and trace.steps:
             self._lower_and_compile(plan, state)
+        elif plan.problems and self._eager_blocks(plan):
+            self._segment_and_compile(plan, components)
         elif plan.problems:
             self._fall_back(plan, None)
         self.stats.plan_seconds += time.perf_counter() - start
@@ -272,8 +286,7 @@ class CompiledLoop(ModularPipelineBlocks):
         key = self._compile_key(plan)
         fn = self._compiled.get(key)
         if fn is None:
-            fn = compile_fn(lower(loop), backend=self.config.backend, mode=self.config.mode,
-                            counter=self._counter, device=device)
+            fn = self._compile_whole_loop(loop, device)
             self.stats.step_graphs += len(loop.variants)
         plan.fn = fn
         if self.config.check:
@@ -283,6 +296,23 @@ class CompiledLoop(ModularPipelineBlocks):
                 plan.fn = None
                 return self._fall_back(plan, e)
         self._compiled[key] = fn
+
+    def _compile_whole_loop(self, loop: LoopPlan, device: torch.device) -> Callable:
+        """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""
+        def compile_one(fn):
+            return compile_fn(fn, backend=self.config.backend, mode=self.config.mode, counter=self._counter,
+                              device=device)
+
+        if device.type == "cuda" and self.config.cuda_graphs is not False and self.config.backend == "inductor":
+            from .cudagraph import WholeLoopGraph
+
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()  # shared by every graph of this loop
+            return WholeLoopGraph(loop, compile_one, self._graph_pool,
+                                  [v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
+        if self.config.cuda_graphs is True and device.type != "cuda":
+            warnings.warn(f"compile_loop: cuda_graphs=True has no effect on a {device.type} loop", stacklevel=4)
+        return compile_one(lower(loop))
 
     def _compile_key(self, plan: _Plan) -> tuple:
         loop = plan.loop
@@ -322,8 +352,11 @@ class CompiledLoop(ModularPipelineBlocks):
 
     def _run(self, plan: _Plan, components, state, block_state: BlockState):
         outputs = self._execute(plan, vars(block_state))
+        return self._finish(plan, components, state, block_state, dict(zip(plan.loop.state_slots, outputs)))
+
+    def _finish(self, plan: _Plan, components, state, block_state: BlockState, computed: dict[str, Any]):
+        """Write the loop's results back as eager would: BlockState slots, then component Python state."""
         final = BlockState()
-        computed = dict(zip(plan.loop.state_slots, outputs))
         for name in plan.trace.final_slots:
             if name in computed:
                 value = computed[name]
@@ -349,6 +382,151 @@ class CompiledLoop(ModularPipelineBlocks):
         self.stats.compiles = self._counter.count
         self.stats.compile_seconds = self._counter.seconds
         return components, state
+
+    # -- eager segments ----------------------------------------------------------------------------------------
+    def _eager_blocks(self, plan: _Plan) -> set[str]:
+        """The blocks that can run eagerly between compiled segments, or an empty set (whole loop eager)."""
+        confined = all(p.block and p.reason.startswith(("data-dependent Python", "random op"))
+                       for p in plan.problems)
+        blocks = {p.block for p in plan.problems}
+        # component-held loop tensors (a scheduler's history) would have to cross eager blocks: not built
+        if not confined or plan.trace.component_slots or not plan.trace.steps or blocks >= set(
+                plan.trace.block_names):
+            return set()
+        return blocks
+
+    def _segment_and_compile(self, plan: _Plan, components) -> None:
+        trace = plan.trace
+        eager = self._eager_blocks(plan)
+        try:
+            plan.segments = plan_segments(trace, eager)
+        except Unsupported as e:
+            plan.problems.append(e)
+            return self._fall_back(plan, e)
+        device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
+                      torch.device("cpu"))
+        for seg in plan.segments:
+            variants = seg.plan.variants if seg.plan is not None else []
+            plan.segment_fns.append([compile_fn(v.module, backend=self.config.backend, mode=self.config.mode,
+                                                counter=self._counter, device=device) for v in variants])
+            self.stats.step_graphs += len(variants)
+        if self.config.check:
+            try:
+                self._check_segments(plan, components, device)
+            except Exception as e:  # a failed compilation or a mismatch: never a silently different result
+                plan.segments = None
+                return self._fall_back(plan, e)
+        self.stats.eager_blocks = len(eager)
+        compiled = [b for b in trace.block_names if b not in eager]
+        text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" for p in plan.problems)
+        warnings.warn(f"compile_loop: {type(self.wrapper).__name__}: {text}. Block(s) "
+                      f"{', '.join(map(repr, sorted(eager)))} run eagerly each step between compiled segments; "
+                      f"compiled: {', '.join(map(repr, compiled))} (strict=True raises instead)", stacklevel=4)
+
+    def _check_segments(self, plan: _Plan, components, device: torch.device) -> None:
+        """Run the segments on the traced call's inputs, with the RNG states it started from, against eager."""
+        trace = plan.trace
+        slots = trace.initial_inputs_copy
+        python = _python_state(self.wrapper, components)
+        generators = {k: v for k, v in slots.items() if isinstance(v, torch.Generator)}
+        after = {k: g.get_state() for k, g in generators.items()}
+        calls = self.stats.segment_calls
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.set_rng_state(trace.rng_before[""])
+            if "cuda" in trace.rng_before:
+                torch.cuda.set_rng_state(trace.rng_before["cuda"])
+            for k, g in generators.items():
+                g.set_state(trace.rng_before[k])
+            try:
+                computed, eager_state = self._run_segments(plan, components, slots)
+                computed = computed if eager_state is None else vars(eager_state)
+            finally:
+                for k, g in generators.items():
+                    g.set_state(after[k])
+                _restore_python_state(components, python)
+                self.stats.segment_calls = calls
+        for name in trace.tainted_final:
+            expected, value = trace.final_slots[name], computed.get(name)
+            if not isinstance(value, torch.Tensor) or not torch.allclose(value, expected,
+                                                                         **_tolerance(expected.dtype)):
+                raise RuntimeError(f"eager segments differ from eager on slot {name!r}")
+        self.stats.compiles = self._counter.count
+        self.stats.compile_seconds = self._counter.seconds
+
+    def _run_segmented(self, plan: _Plan, components, state, block_state: BlockState):
+        computed, eager_state = self._run_segments(plan, components, vars(block_state))
+        if eager_state is None:
+            return self._finish(plan, components, state, block_state, computed)
+        for name in plan.trace.inplace_slots:  # eager mutated the caller's tensor in place: so do we
+            original = vars(block_state).get(name)
+            if isinstance(original, torch.Tensor) and original is not eager_state[name]:
+                original.copy_(eager_state[name])
+                eager_state[name] = original
+        self.wrapper.set_block_state(state, eager_state)
+        return components, state
+
+    def _run_segments(self, plan: _Plan, components, slots: dict[str, Any]):
+        """Every step: compiled segments on the current slot values, eager blocks called for real.
+
+        Returns the final tainted slot values, and the BlockState when an eager block did something the trace
+        did not show (other slots, shapes or Python state): then the rest of the loop ran eagerly."""
+        trace = plan.trace
+        env = {k: v for k, v in slots.items() if k in plan.data_specs}
+        for step in trace.steps:
+            i = step.index
+            for k, seg in enumerate(plan.segments):
+                if not seg.eager:
+                    self._call_segment(seg, plan.segment_fns[k], env, i)
+                    continue
+                name = seg.blocks[0]
+                block_state = _eager_block_state(trace, step.slots_before[name], step.nodes_before[name], env, slots)
+                _restore_python_state(components, _loop_attributes(plan, step.python_before[name]))
+                components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
+                                                    **step.kwargs)
+                rest = trace.block_names[trace.block_names.index(name) + 1:]
+                after = rest[0] if rest else "__end__"
+                if not self._as_traced(plan, step, after, block_state, components, slots):
+                    warnings.warn(f"compile_loop: block {name!r} did not do at step {i} what it did when traced "
+                                  f"(other slots, shapes or Python state): the rest of the loop runs eagerly",
+                                  stacklevel=4)
+                    return {}, self._finish_eagerly(trace, components, block_state, step, rest)
+                env.update({slot: vars(block_state)[slot] for slot in step.nodes_before[after]})
+        return env, None
+
+    def _call_segment(self, seg: Segment, fns: list[Callable], env: dict[str, Any], i: int) -> None:
+        loop, v = seg.plan, seg.step_variant[i]
+        args = [env[n] if n in env else torch.zeros_like(seg.examples[n])
+                for n in [*loop.state_slots, *loop.invariant_slots]]
+        outputs = fns[v](*args, *[table[i] for table in loop.variants[v].tables])
+        env.update(zip(loop.state_slots, outputs))
+        self.stats.segment_calls += 1
+
+    def _as_traced(self, plan: _Plan, step, after: str, block_state: BlockState, components,
+                   slots: dict[str, Any]) -> bool:
+        """Whether an eager block left the slots and the components' Python state as in the traced run."""
+        trace = plan.trace
+        expected, tainted = step.slots_before[after], step.nodes_before[after]
+        got = vars(block_state)
+        if got.keys() != expected.keys():
+            return False
+        for k, value in got.items():
+            if k in tainted:
+                ok = isinstance(value, torch.Tensor) and _tensor_spec(value) == _tensor_spec(expected[k])
+            else:
+                ok = (value is expected[k] or (k in slots and expected[k] is trace.initial_slots.get(k)
+                                               and value is slots[k]) or values_equal(value, expected[k]))
+            if not ok:
+                return False
+        return _holds(_python_state(self.wrapper, components), _loop_attributes(plan, step.python_before[after]))
+
+    def _finish_eagerly(self, trace: LoopTrace, components, block_state: BlockState, step,
+                        rest: list[str]) -> BlockState:
+        for name in rest:
+            components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
+                                                **step.kwargs)
+        for later in trace.steps[step.index + 1:]:
+            components, block_state = self.wrapper.loop_step(components, block_state, **later.kwargs)
+        return block_state
 
     def _fall_back(self, plan: _Plan, error: Exception | None) -> None:
         problems = plan.problems or [Unsupported(f"compilation failed: {error}")]
@@ -376,12 +554,16 @@ class CompiledLoop(ModularPipelineBlocks):
             except (TypeError, OSError):
                 where = "<unknown source>"
             if name in eager:
-                status = f"eager: {eager[name].reason} at {eager[name].where}"
-            elif plan.fn is None:
+                status = f"eager ({eager[name].reason}, {eager[name].where})"
+            elif plan.fn is None and plan.segments is None:
                 status = "eager: the whole loop fell back (" + "; ".join(p.reason for p in plan.problems) + ")"
             else:
                 status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"
             lines.append(f"  {name} ({type(block).__name__}, {where}): {status}")
+        if plan.segments is not None:
+            lines.append("segments per step: " + " | ".join(
+                f"eager {seg.blocks[0]}" if seg.eager else
+                f"compiled {'+'.join(seg.blocks)} ({len(seg.plan.variants)} step graphs)" for seg in plan.segments))
         if plan.loop is None:
             return "\n".join(lines)
         loop = plan.loop
@@ -402,6 +584,28 @@ class CompiledLoop(ModularPipelineBlocks):
         lines.append(f"stats: compiles={s.compiles} step_graphs={s.step_graphs} plans={s.plans} calls={s.calls} "
                      f"plan_s={s.plan_seconds:.2f} compile_s={s.compile_seconds:.2f}")
         return "\n".join(lines)
+
+
+def _loop_attributes(plan: _Plan, snapshot: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The part of a traced Python-state snapshot the loop reads or writes (the rest stays as the caller set it)."""
+    return {name: {k: v for k, v in attrs.items()
+                   if k in plan.start_python.get(name, {}) or k in plan.end_python.get(name, {})}
+            for name, attrs in snapshot.items()}
+
+
+def _eager_block_state(trace: LoopTrace, traced: dict[str, Any], tainted: dict[str, Any], env: dict[str, Any],
+                       slots: dict[str, Any]) -> BlockState:
+    """The BlockState an eager block gets: this call's tensors where the trace had loop data, this call's own
+    inputs where the trace had its inputs (a generator), and the traced (schedule) values elsewhere."""
+    block_state = BlockState()
+    for k, value in traced.items():
+        if k in tainted:
+            block_state[k] = env[k]
+        elif k in slots and value is trace.initial_slots.get(k):
+            block_state[k] = slots[k]
+        else:
+            block_state[k] = value
+    return block_state
 
 
 def _unbacked_rows(table: torch.Tensor) -> torch.Tensor:

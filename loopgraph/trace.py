@@ -79,7 +79,8 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
 def _user_location() -> str:
     """file:line of the innermost frame outside torch and loopgraph (the user's code that did it)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/torch/" in frame.filename or frame.filename.startswith(_LOOPGRAPH_DIR):
+        # the engine's own modules are skipped, not its subpackages (the zoo's blocks and schedulers are user code)
+        if "/torch/" in frame.filename or frame.filename.rsplit("/", 1)[0] == _LOOPGRAPH_DIR:
             continue
         return f"{frame.filename}:{frame.lineno}"
     return "<unknown>"
@@ -140,6 +141,11 @@ class StepTrace:
     writes: dict[str, set[str]] = field(default_factory=dict)  # block -> slots it wrote
     block_ops: dict[str, int] = field(default_factory=dict)    # block -> recorded ops
     kwargs: dict[str, Any] = field(default_factory=dict)       # the loop_step keyword arguments
+    # Before each block, and at "__end__": the BlockState (shallow), which of its slots hold tainted tensors
+    # (slot -> node) and, when asked for, the components' Python state. Eager segments cut the step here.
+    slots_before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
+    python_before: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,6 +163,7 @@ class LoopTrace:
     block_names: list[str]
     component_slots: dict[str, ComponentSlot] = field(default_factory=dict)  # loop state held by components
     final_components: dict[str, torch.Tensor] = field(default_factory=dict)  # of those, held after the loop
+    rng_before: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states when the loop started
 
     def final_value(self, slot: str) -> Any:
         """A slot's value after the eager loop (BlockState or component state; None if gone)."""
@@ -197,7 +204,7 @@ class _Recorder(TorchFunctionMode):
 
     def problem(self, reason: str) -> None:
         issue = Unsupported(reason, self.block, _user_location())
-        if issue.reason not in {p.reason for p in self.problems}:
+        if (issue.reason, issue.block) not in {(p.reason, p.block) for p in self.problems}:
             self.problems.append(issue)
         if self.strict:
             raise issue
@@ -237,7 +244,7 @@ class _Recorder(TorchFunctionMode):
         tainted = any(self.node_of(v) is not None for v in flat)
         name = _func_name(func)
         if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
-            self.problem(f"random op `{name}` inside the loop (stochastic samplers are not compiled yet)")
+            self.problem(f"random op `{name}` inside the loop (its draws must be eager's)")
         if not tainted:
             if self.step is not None:
                 for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
@@ -294,10 +301,21 @@ def _tensor_slots(block_state, exclude: set[str]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vars(block_state).items() if isinstance(v, torch.Tensor) and k not in exclude}
 
 
-def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[LoopTrace, Any, Any]:
+def _rng_states(slots: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The global RNG states and that of every generator in the BlockState (to replay random draws)."""
+    states = {"": torch.get_rng_state()}
+    if torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()
+    states.update({k: v.get_state() for k, v in slots.items() if isinstance(v, torch.Generator)})
+    return states
+
+
+def trace_loop(wrapper, components, state, *, strict: bool = False,
+               snapshot: Callable[[Any], Any] | None = None) -> tuple[LoopTrace, Any, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
-    Returns the trace and the wrapper's own return value ``(components, state)``.
+    ``snapshot(components)``, when given, records the components' Python state before each block (outside
+    the recording mode). Returns the trace and the wrapper's own return value ``(components, state)``.
     """
     recorder = _Recorder()
     recorder.strict = strict
@@ -315,7 +333,17 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
                         for k, v in vars(bs).items()}
         seen["versions"] = {k: v._version for k, v in vars(bs).items()
                             if isinstance(v, torch.Tensor) and k not in exclude and not v.is_inference()}
+        with torch._C.DisableTorchFunction():
+            seen["rng"] = _rng_states(vars(bs))
         return bs
+
+    def cut(step: StepTrace, key: str, comps, block_state) -> None:
+        step.slots_before[key] = dict(vars(block_state))
+        step.nodes_before[key] = {k: n for k, v in vars(block_state).items()
+                                  if (n := recorder.node_of(v)) is not None}
+        if snapshot is not None:
+            with torch._C.DisableTorchFunction():  # copying tensors is not part of the step
+                step.python_before[key] = snapshot(comps)
 
     def loop_step(comps, block_state, **kwargs):
         step = StepTrace(index=len(steps), graph=fx.Graph(), inputs=[], outputs={}, constants={}, stable={},
@@ -326,15 +354,19 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
         held = _component_tensors(objects)
         recorder.start_step(step, _tensor_slots(block_state, exclude), {k: t for k, (_, t) in held.items()})
         for name, block in wrapper.sub_blocks.items():
-            before = dict(vars(block_state))
+            cut(step, name, comps, block_state)
+            before = step.slots_before[name]
             recorder.block = name
             ops_before = len(step.graph.nodes)
             comps, block_state = run_block(name, block, comps, block_state, **kwargs)
             after = vars(block_state)
             step.writes[name] = {k for k, v in after.items() if k not in before or before[k] is not v}
-            step.reads[name] = {a.target for n in list(step.graph.nodes)[ops_before:]
-                                for a in n.all_input_nodes if a.op == "placeholder"}
+            new_nodes = list(step.graph.nodes)[ops_before:]
+            for n in new_nodes:
+                n.meta["block"] = name
+            step.reads[name] = {a.target for n in new_nodes for a in n.all_input_nodes if a.op == "placeholder"}
         recorder.block = None
+        cut(step, "__end__", comps, block_state)
         for name, value in vars(block_state).items():
             node = recorder.node_of(value)
             if node is not None:
@@ -370,5 +402,5 @@ def trace_loop(wrapper, components, state, *, strict: bool = False) -> tuple[Loo
                       final_slots=final, tainted_final=tainted_final,
                       inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
                       block_names=list(wrapper.sub_blocks), component_slots=component_slots,
-                      final_components=seen.get("final_components", {}))
+                      final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}))
     return trace, result
