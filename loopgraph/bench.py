@@ -315,17 +315,15 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
-    """Run every method of ``config`` side by side; returns the report written to ``bench.json``."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, BarColumn
+    """Run every method of ``config`` side by side; returns the report written to ``bench.json``.
 
+    ``progress``: a rich ``Progress`` (or anything with its ``add_task``/``update``/``advance``); by default
+    live bars on a terminal, one line per phase otherwise (a CI log).
+    """
     torch.manual_seed(config.seed)
     own = progress is None
     if own:
-        from rich.console import Console
-
-        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-                            console=Console(stderr=True), transient=False)
+        progress = _default_progress()
     started = datetime.now().astimezone()
     with progress if own else contextlib.nullcontext():
         methods = _prepare(config, progress)
@@ -342,6 +340,35 @@ def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
             progress.advance(task)
         _scale(config, [m for m in live if m.name != "compile_wrapper"], progress)
     return _report(config, methods, floor, started)
+
+
+def _default_progress():
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return _PhaseLines(console)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console)
+
+
+class _PhaseLines(contextlib.nullcontext):
+    """Progress for logs: a time-stamped line when a phase starts (live bars do not render in a log)."""
+
+    def __init__(self, console) -> None:
+        super().__init__()
+        self.console = console
+
+    def add_task(self, description: str, total: int | None = None) -> str:
+        self.update(description, description=description)
+        return description
+
+    def update(self, task: str, description: str | None = None) -> None:
+        self.console.print(f"[{datetime.now():%H:%M:%S}] {description or task}", highlight=False)
+
+    def advance(self, task: str) -> None:
+        pass
 
 
 def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
@@ -520,6 +547,21 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(h for _, h, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     for row in report["results"]:
         lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in _COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(report: dict[str, Any], plot: str = "bench.png") -> str:
+    """A recorded run as Markdown: where, with what, the command, the table, the targets and the plot."""
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+    floor = report["floor"]
+    lines = [f"- device: {report['device']} ({report['device_type']})", f"- versions: {versions}",
+             f"- command: `{report['command']}`", f"- run: {report['started']} to {report['finished']}", "",
+             markdown_table(report), "",
+             f"Floor: the bare {floor['denoiser']} denoiser, {floor['calls_per_loop']} calls per loop, "
+             f"{floor['ms_per_loop']:.2f} ms per loop.", ""]
+    lines += [f"- {line}" for line in targets(report)]
+    lines += [f"- not reported: {r['method']}: {r['reason']}" for r in report["rejected"]]
+    lines += ["", f"![per-step time and scaling with N]({plot})", ""]
     return "\n".join(lines)
 
 
