@@ -202,7 +202,8 @@ class _Method:
         return out, seconds
 
 
-def _count_python_calls(fn: Callable[[], Any]) -> int:
+def count_python_calls(fn: Callable[[], Any]) -> int:
+    """Python function calls (``sys.setprofile`` "call" events) while ``fn()`` runs; C calls do not count."""
     calls = 0
 
     def profile(frame, event, arg):
@@ -425,7 +426,7 @@ def _scale(config: BenchConfig, methods: list[_Method], progress) -> None:
         for m in methods:
             m.setup.steps = steps
             m.call()  # compile_loop plans the new N here (a traced eager run, no new compile)
-            m.python_calls[steps] = _count_python_calls(lambda: m.run(m.setup.new_state()))
+            m.python_calls[steps] = count_python_calls(lambda: m.run(m.setup.new_state()))
             m.scaling[steps] = []
         _time_interleaved(methods, config.scaling_repeats, progress, f"scaling N={steps}",
                           lambda m, s, steps=steps: m.scaling[steps].append(s))

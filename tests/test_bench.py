@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from loopgraph.bench import BenchConfig, _check, _count_python_calls, _Method, peak_memory
+from loopgraph.bench import BenchConfig, _check, count_python_calls, _Method, peak_memory
 
 RESULT_KEYS = {"method": str, "median_ms": float, "p20_ms": float, "p80_ms": float, "steps_per_s": float,
                "compile_s": float, "compilations": int, "python_calls_per_step": float,
@@ -69,7 +69,7 @@ def test_python_call_counter_counts_python_frames_only():
     def three():
         return leaf() + leaf() + len([1, 2])  # len is a C call: not counted
 
-    assert _count_python_calls(three) == 3  # three, leaf, leaf
+    assert count_python_calls(three) == 3  # three, leaf, leaf
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory is read from /proc (Linux)")

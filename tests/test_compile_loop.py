@@ -5,7 +5,6 @@ the lowered loop run by Dynamo's eager backend) so it stays fast; the Inductor t
 for real and count compilations with Dynamo's own counters.
 """
 
-import sys
 import warnings
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 
 from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
 from loopgraph import SequentialPipelineBlocks, compile_loop
+from loopgraph.bench import count_python_calls
 from loopgraph.compile import CompiledLoop
 from loopgraph.zoo.loops import build_loop
 
@@ -301,21 +301,6 @@ def inductor_loop():
     dynamo_utils.counters.clear()
     fast(setup.components, setup.new_state())
     return setup, fast, dynamo_utils.counters
-
-
-def count_python_calls(fn):
-    calls = [0]
-
-    def profile(frame, event, arg):
-        if event == "call":
-            calls[0] += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls[0]
 
 
 def test_inductor_equals_eager_and_compiles_once(inductor_loop):

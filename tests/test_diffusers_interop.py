@@ -18,6 +18,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 from loopgraph import compile_loop
+from loopgraph.bench import count_python_calls
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,
@@ -171,21 +172,6 @@ def test_drop_in_inside_a_diffusers_modular_pipeline(name):
 
 
 # -- Inductor: compiled once, no Python per step -------------------------------------------------------------------------
-def count_python_calls(fn) -> int:
-    calls = [0]
-
-    def profile(frame, event, arg):
-        if event == "call":
-            calls[0] += 1
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls[0]
-
-
 @needs_diffusers
 @pytest.mark.parametrize("name", ["flux"])
 def test_inductor_compiles_once_and_runs_no_python_per_step(name):
