@@ -273,8 +273,7 @@ class CompiledLoop(ModularPipelineBlocks):
         except Unsupported as e:
             return self._fall_back(plan, e)
         loop = plan.loop
-        device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
-                      torch.device("cpu"))
+        device = _loop_device(trace)
         if self.config.fused_kernels is True or (self.config.fused_kernels == "auto" and device.type == "cuda"):
             from .kernel_pass import fuse_loop_kernels  # imports Triton: only where the kernels can run
 
@@ -403,8 +402,7 @@ class CompiledLoop(ModularPipelineBlocks):
         except Unsupported as e:
             plan.problems.append(e)
             return self._fall_back(plan, e)
-        device = next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)),
-                      torch.device("cpu"))
+        device = _loop_device(trace)
         for seg in plan.segments:
             variants = seg.plan.variants if seg.plan is not None else []
             plan.segment_fns.append([compile_fn(v.module, backend=self.config.backend, mode=self.config.mode,
@@ -606,6 +604,11 @@ def _eager_block_state(trace: LoopTrace, traced: dict[str, Any], tainted: dict[s
         else:
             block_state[k] = value
     return block_state
+
+
+def _loop_device(trace: LoopTrace) -> torch.device:
+    """Where the loop's data lives: the device of its first tensor slot (CPU when it has none)."""
+    return next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
 
 
 def _unbacked_rows(table: torch.Tensor) -> torch.Tensor:
