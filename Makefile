@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m loopgraph
+	$(BIN)/python -m loopgraph bench
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
