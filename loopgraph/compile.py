@@ -14,6 +14,7 @@ for real (``_run_segments``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import threading
@@ -350,8 +351,17 @@ class CompiledLoop(ModularPipelineBlocks):
         return plan.fn(state, invariants, plan.tables, plan.ends, start)
 
     def _run(self, plan: _Plan, components, state, block_state: BlockState):
-        outputs = self._execute(plan, vars(block_state))
+        with self._progress(block_state, len(plan.trace.steps)) as bar:
+            outputs = self._execute(plan, vars(block_state))
+            if bar is not None:
+                bar.update(bar.total)  # no Python runs per step: the wrapper's bar completes in one update
         return self._finish(plan, components, state, block_state, dict(zip(plan.loop.state_slots, outputs)))
+
+    def _progress(self, block_state: BlockState, steps: int):
+        """The wrapper's own progress bar (its config, its total), or nothing for wrappers without one."""
+        if not callable(getattr(self.wrapper, "progress_bar", None)):
+            return contextlib.nullcontext()
+        return self.wrapper.progress_bar(total=getattr(block_state, "num_inference_steps", None) or steps)
 
     def _finish(self, plan: _Plan, components, state, block_state: BlockState, computed: dict[str, Any]):
         """Write the loop's results back as eager would: BlockState slots, then component Python state."""

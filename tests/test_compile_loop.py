@@ -329,3 +329,16 @@ def test_inductor_new_n_compiles_no_new_step_graph_and_no_python_per_step(induct
         assert torch.allclose(state.get("latents"), setup.run(), **TOL)
     assert counters["stats"]["unique_graphs"] == 1
     assert per_n[8] == per_n[32], per_n
+
+
+def test_compiled_call_draws_the_wrappers_progress_bar(capsys):
+    setup = build_loop("dit", steps=3, sample_size=8, progress=True)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    fast(setup.components, setup.new_state())  # traced: the wrapper's own loop draws its bar
+    capsys.readouterr()
+    fast(setup.components, setup.new_state())
+    assert fast.stats.compiled_calls == 1
+    assert "3/3" in capsys.readouterr().err  # the compiled call completes the same bar
+    setup.wrapper.set_progress_bar_config(disable=True)
+    fast(setup.components, setup.new_state())
+    assert "3/3" not in capsys.readouterr().err
