@@ -288,9 +288,10 @@ class Segment:
 def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
     """Cut every step at the eager blocks; plan each run of compiled blocks like a loop of its own.
 
-    A compiled segment's per-step graph takes the BlockState's tainted slots as they are when it starts and
-    returns the slots it rebinds; values cross an eager block only through the BlockState (anything else
-    raises ``Unsupported``). Each segment is planned by ``plan_loop`` with every slot needed at its end.
+    A compiled segment's per-step graph takes the tainted tensors of the BlockState and of the components
+    (a scheduler's history) as they are when it starts and returns those it rebinds; values cross an eager
+    block only through those two (anything else raises ``Unsupported``). Each segment is planned by
+    ``plan_loop`` with every slot needed at its end.
     """
     segments: list[Segment] = []
     for name in trace.block_names:
@@ -310,13 +311,18 @@ def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
             used = {n.target for n in sub.graph.nodes if n.op == "placeholder" and n.users} | set(sub.outputs)
             for slot in used:
                 key = seg.blocks[0] if slot in sub.inputs else end
-                examples.setdefault(slot, step.slots_before[key][slot])
+                examples.setdefault(slot, step.value_before(key, slot))
         sub_trace = LoopTrace(steps=subs, initial_slots=examples, initial_inputs_copy=examples, final_slots=examples,
                               tainted_final=set(examples), inplace_slots=set(), schedule_inputs=[], problems=[],
                               block_names=seg.blocks)
         seg.plan, seg.examples = plan_loop(sub_trace, set(examples)), examples
         seg.step_variant = [v for v, a, b in seg.plan.runs for _ in range(a, b)]
     return segments
+
+
+def _tainted_before(step: StepTrace, key: str) -> dict[str, fx.Node]:
+    """Slot -> node of every tainted tensor before block ``key``: the BlockState's, then the components'."""
+    return {**step.nodes_before[key], **{slot: node for slot, (_, _, node) in step.held_before[key].items()}}
 
 
 def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
@@ -326,7 +332,8 @@ def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
                     kwargs=step.kwargs, reads={b: step.reads.get(b, set()) for b in blocks},
                     writes={b: step.writes.get(b, set()) for b in blocks})
     env: dict[fx.Node, fx.Node] = {}
-    for slot, node in step.nodes_before[blocks[0]].items():
+    start = _tainted_before(step, blocks[0])
+    for slot, node in start.items():  # slots sharing one tensor read it from the first (eager checks they still do)
         holder = graph.placeholder(slot)
         env.setdefault(node, holder)
         sub.inputs.append(slot)
@@ -335,7 +342,8 @@ def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
     def arg(a: fx.Node) -> fx.Node:
         if a not in env:
             raise Unsupported(f"a tensor computed in block {a.meta.get('block')!r} reaches block "
-                              f"{blocks[0]!r} outside the BlockState, across a block that runs eagerly")
+                              f"{blocks[0]!r} outside the BlockState and the components' attributes, across a "
+                              f"block that runs eagerly")
         return env[a]
 
     for node in step.graph.nodes:
@@ -349,8 +357,7 @@ def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
         else:
             env[node] = graph.call_function(node.target, fx.map_arg(node.args, arg), fx.map_arg(node.kwargs, arg))
             env[node].meta.update(node.meta)
-    for slot, node in step.nodes_before[end].items():
-        new = arg(node)
-        if new.op != "placeholder" or new.target != slot:  # only the slots the segment rebinds
-            sub.outputs[slot] = new
+    for slot, node in _tainted_before(step, end).items():
+        if start.get(slot) is not node:  # only the slots the segment rebinds
+            sub.outputs[slot] = arg(node)
     return sub

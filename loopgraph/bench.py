@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from .compile import _tolerance, compile_loop
+from .compile import compile_loop, matches_eager, max_error, tolerance
 
 __all__ = ["BenchConfig", "METHODS", "run_bench", "write_report"]
 
@@ -329,7 +329,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
     with progress if own else contextlib.nullcontext():
         methods = _prepare(config, progress)
         eager = methods["eager"]
-        _check(config, methods)
+        _check(methods)
         live = [m for m in methods.values() if not m.failure]
         _time_interleaved(live, config.repeats, progress, f"timing N={config.steps}", lambda m, s: m.times.append(s))
         task = progress.add_task("bare denoiser (floor)", total=1)
@@ -394,19 +394,18 @@ def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
     return methods
 
 
-def _check(config: BenchConfig, methods: dict[str, _Method]) -> None:
+def _check(methods: dict[str, _Method]) -> None:
     """Refuse to report a method whose output differs from eager's on identical inputs."""
     reference = methods["eager"].output
-    tolerance = _tolerance(_DTYPES[config.dtype])
     for m in methods.values():
         if m.failure or m.name == "eager":
             continue
         out = m.output
         if out.shape != reference.shape or out.dtype != reference.dtype:
             m.failure = f"output {tuple(out.shape)} {out.dtype} differs from eager's {tuple(reference.shape)}"
-        elif not torch.allclose(out.float(), reference.float(), **tolerance):
-            diff = (out.float() - reference.float()).abs().max().item()
-            m.failure = f"output differs from eager's (max abs diff {diff:.3g}, tolerance {tolerance})"
+        elif not matches_eager(out, reference):
+            m.failure = (f"output differs from eager's (max abs diff {max_error(out, reference):.3g}; tolerance "
+                         f"{tolerance(reference.dtype)}, atol + rtol x max|eager|)")
 
 
 def _time_interleaved(methods: list[_Method], repeats: int, progress, what: str,

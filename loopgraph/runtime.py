@@ -4,7 +4,11 @@ The lowered function runs every step of the plan: each *run* of consecutive step
 ``torch.while_loop`` whose body reads its per-step table rows at a device-side counter ``i`` and calls the
 variant's fused step. The run bounds and the tables are inputs, so a new N with the same run pattern reuses
 the compiled code. On CPU, Inductor with ``cpp_wrapper`` turns each while_loop into a C++ loop: no Python
-per step. (CUDA: the whole-loop CUDA graph goes here; see the GPU issue.)
+per step. (CUDA: the whole-loop CUDA graph, cudagraph.py.)
+
+The loop state lives in preallocated buffers (``StateBuffers``): the caller's values are copied in, the
+compiled loop starts from them and writes its final state back into them in place, and the results are
+cloned out, so users never hold a buffer that the next call overwrites.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch._higher_order_ops.while_loop import while_loop
 
 from .analysis import LoopPlan
 
-__all__ = ["lower", "compile_fn", "CompileCounter", "WHOLE_TABLES"]
+__all__ = ["lower", "compile_fn", "CompileCounter", "StateBuffers", "SEPARATE_HOST_BUILD_OPS", "WHOLE_TABLES",
+           "module_ops", "op_count"]
 
 # GraphModule.meta flag set by kernel_pass: the step takes whole tables and the counter, not table rows.
 WHOLE_TABLES = "loopgraph.whole_tables"
@@ -30,18 +35,19 @@ def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 
 def lower(plan: LoopPlan) -> Callable:
-    """The whole loop as a function ``(state, invariants, tables, ends, start) -> state``.
+    """The whole loop as a function ``(buffers, invariants, tables, ends, start) -> None``.
 
-    ``state``/``invariants`` follow ``plan.state_slots``/``plan.invariant_slots``; ``tables[v]`` are variant
-    v's lifted tables; ``ends[r]`` is run r's end step (an int64 tensor).
+    ``buffers``/``invariants`` follow ``plan.state_slots``/``plan.invariant_slots``: the loop starts from the
+    buffers' values and writes its final state back into them in place. ``tables[v]`` are variant v's lifted
+    tables; ``ends[r]`` is run r's end step (an int64 tensor).
     """
     modules = [v.module for v in plan.variants]
     whole_tables = [m.meta.get(WHOLE_TABLES, False) for m in modules]
     pattern = [v for v, _, _ in plan.runs]
 
-    def whole_loop(state: list[torch.Tensor], invariants: list[torch.Tensor],
+    def whole_loop(buffers: list[torch.Tensor], invariants: list[torch.Tensor],
                    tables: list[list[torch.Tensor]], ends: torch.Tensor, start: torch.Tensor):
-        i = start
+        i, state = start, list(buffers)
         for r, v in enumerate(pattern):
             end, step, vt = ends[r], modules[v], tables[v]
 
@@ -54,7 +60,8 @@ def lower(plan: LoopPlan) -> Callable:
                 return (i + 1, *[o.clone() for o in out])
 
             i, *state = while_loop(cond, body, (i, *state))
-        return state
+        for buffer, final in zip(buffers, state):
+            buffer.copy_(final)
 
     # Dynamo caches compiled code per code object: a fresh code object per lowering keeps every compiled
     # loop's cache entries (and recompile limit) its own instead of piling up on one shared function.
@@ -67,6 +74,38 @@ def lower(plan: LoopPlan) -> Callable:
 _lowered = 0
 
 
+def op_count(plan: LoopPlan) -> int:
+    """The ops of the lowered loop: each run's while_loop body holds its variant's step graph."""
+    return sum(module_ops(plan.variants[v].module) for v, _, _ in plan.runs)
+
+
+def module_ops(module: torch.fx.GraphModule) -> int:
+    return sum(1 for n in module.graph.nodes if n.op == "call_function")
+
+
+class StateBuffers:
+    """A compiled lowered loop run on preallocated state buffers, called as ``(state, ...) -> state``.
+
+    One set of buffers per state signature (shapes, strides, dtypes, devices), allocated on first use and
+    reused by every later call: the caller's values are copied in, the compiled loop updates the buffers in
+    place, and the final values are cloned out.
+    """
+
+    def __init__(self, compiled: Callable) -> None:
+        self.compiled = compiled
+        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    def __call__(self, state: list[torch.Tensor], invariants, tables, ends: torch.Tensor, start: torch.Tensor):
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in state)
+        buffers = self.buffers.get(key)
+        if buffers is None:
+            buffers = self.buffers[key] = [torch.empty_like(t) for t in state]
+        for buffer, value in zip(buffers, state):
+            buffer.copy_(value)
+        self.compiled(buffers, invariants, tables, ends, start)
+        return [b.clone() for b in buffers]
+
+
 class CompileCounter:
     """Counts backend compilations (each Dynamo frame handed to the backend)."""
 
@@ -75,16 +114,28 @@ class CompileCounter:
         self.seconds = 0.0
 
 
+# Above this many ops in one compiled function, its C++ host code is built at -O1, apart from the kernels
+# (which keep -O3). g++ -O3 on SDXL's loop (1,462 ops: one ~7,700-line host function) ran for more than
+# 40 minutes; built apart it takes about a minute. Small loops keep one -O3 build: their host code runs
+# every step and is a few percent faster for it (docs/benchmarks/README.md).
+SEPARATE_HOST_BUILD_OPS = 1000
+
+
 def compile_fn(fn: Callable, *, backend: str, mode: str | None, counter: CompileCounter,
-               device: torch.device) -> Callable:
-    """The one place loopgraph calls ``torch.compile``: scoped Inductor options, compile counting."""
+               device: torch.device, ops: int = 0) -> Callable:
+    """The one place loopgraph calls ``torch.compile``: scoped Inductor options, compile counting.
+
+    ``ops`` is the number of ops ``fn`` runs (over all its step bodies): it decides how the host code is built.
+    """
     if backend == "inductor":
         from torch._inductor import config as inductor_config
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         # cpp_wrapper: the host code that drives the kernels (and the while loops) is C++, not Python
-        options = {**(list_mode_options(mode) if mode else {}), "cpp_wrapper": device.type == "cpu"}
+        cpu = device.type == "cpu"
+        options = {**(list_mode_options(mode) if mode else {}), "cpp_wrapper": cpu,
+                   "cpp_wrapper_build_separate": cpu and ops > SEPARATE_HOST_BUILD_OPS}
 
         def backend_fn(gm, example_inputs):
             counter.count += 1

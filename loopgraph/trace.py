@@ -28,7 +28,8 @@ from torch.utils import _pytree as pytree
 
 from .blocks import run_block
 
-__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "Unsupported", "component_objects", "trace_loop"]
+__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "Unsupported", "component_objects", "component_tensors",
+           "trace_loop"]
 
 # Tensor queries that return static metadata (shapes are part of the plan's key, not data).
 _METADATA = {
@@ -103,7 +104,7 @@ def component_objects(wrapper, components) -> dict[str, Any]:
     return found
 
 
-def _component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.Tensor]]:
+def component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.Tensor]]:
     """Every tensor in the components' attributes, through lists, tuples and dicts: name -> (path, tensor).
 
     Only plain containers are walked (a named tuple or another object is not): a loop-derived tensor held
@@ -142,10 +143,17 @@ class StepTrace:
     block_ops: dict[str, int] = field(default_factory=dict)    # block -> recorded ops
     kwargs: dict[str, Any] = field(default_factory=dict)       # the loop_step keyword arguments
     # Before each block, and at "__end__": the BlockState (shallow), which of its slots hold tainted tensors
-    # (slot -> node) and, when asked for, the components' Python state. Eager segments cut the step here.
+    # (slot -> node), the tainted tensors the components hold (component slot -> where, value, node) and,
+    # when asked for, the components' Python state. Eager segments cut the step here.
     slots_before: dict[str, dict[str, Any]] = field(default_factory=dict)
     nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
+    held_before: dict[str, dict[str, tuple[tuple, torch.Tensor, fx.Node]]] = field(default_factory=dict)
     python_before: dict[str, Any] = field(default_factory=dict)
+
+    def value_before(self, key: str, slot: str) -> Any:
+        """A slot's value before block ``key``: the BlockState's, or a component's (its history)."""
+        held = self.held_before[key].get(slot)
+        return held[1] if held is not None else self.slots_before[key][slot]
 
 
 @dataclass
@@ -187,11 +195,11 @@ class _Recorder(TorchFunctionMode):
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
-                   component_tensors: dict[str, torch.Tensor]) -> None:
+                   held: dict[str, torch.Tensor]) -> None:
         """Make the BlockState's tensors, and the components' tensors derived from loop data in an earlier
         step, this step's placeholders."""
         self.stale.update({k: t for k, (t, _) in self.taint.items()})
-        carried = {name: t for name, t in component_tensors.items() if self.stale.get(id(t)) is t}
+        carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
         self.taint, self._const_ids, self.step = {}, {}, step
         for name, tensor in {**slots, **carried}.items():
             self.taint[id(tensor)] = (tensor, step.graph.placeholder(name))
@@ -341,6 +349,9 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
         step.slots_before[key] = dict(vars(block_state))
         step.nodes_before[key] = {k: n for k, v in vars(block_state).items()
                                   if (n := recorder.node_of(v)) is not None}
+        step.held_before[key] = {k: (path, v, n) for k, (path, v) in
+                                 component_tensors(component_objects(wrapper, comps)).items()
+                                 if (n := recorder.node_of(v)) is not None}
         if snapshot is not None:
             with torch._C.DisableTorchFunction():  # copying tensors is not part of the step
                 step.python_before[key] = snapshot(comps)
@@ -351,7 +362,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
         if not steps:
             seen.setdefault("initial", dict(vars(block_state)))
         objects = component_objects(wrapper, comps)
-        held = _component_tensors(objects)
+        held = component_tensors(objects)
         recorder.start_step(step, _tensor_slots(block_state, exclude), {k: t for k, (_, t) in held.items()})
         for name, block in wrapper.sub_blocks.items():
             cut(step, name, comps, block_state)
@@ -372,7 +383,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
             if node is not None:
                 step.outputs[name] = node
         seen["final_components"] = {}
-        for name, (path, value) in _component_tensors(objects).items():
+        for name, (path, value) in component_tensors(objects).items():
             node = recorder.node_of(value)
             if node is not None:
                 step.outputs[name] = node

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from loopgraph.bench import BenchConfig, _check, count_python_calls, _Method, peak_memory
+from loopgraph.compile import matches_eager
 
 RESULT_KEYS = {"method": str, "median_ms": float, "p20_ms": float, "p80_ms": float, "steps_per_s": float,
                "compile_s": float, "compilations": int, "python_calls_per_step": float,
@@ -56,10 +57,21 @@ def test_a_method_that_disagrees_with_eager_is_not_reported():
                "close": _Method("close", None, None, output=reference + 1e-7),
                "wrong": _Method("wrong", None, None, output=reference * 1.01),
                "shape": _Method("shape", None, None, output=torch.ones(3, 2))}
-    _check(BenchConfig(), methods)
+    _check(methods)
     assert methods["close"].failure is None
     assert "differs from eager's (max abs diff 0.01" in methods["wrong"].failure
     assert "(3, 2)" in methods["shape"].failure
+
+
+def test_matches_eager_scales_the_tolerance_by_the_largest_magnitude():
+    expected = torch.tensor([10.0, 0.3, -0.01])
+    inductor_like = expected + torch.tensor([0.0, 4.4e-5, 0.0])  # float reassociation on a magnitude-10 tensor
+    assert not torch.allclose(inductor_like, expected, rtol=1e-4, atol=1e-5)  # elementwise fails on 0.3
+    assert matches_eager(inductor_like, expected)                           # 4.4e-5 <= 1e-5 + 1e-4 * 10
+    assert not matches_eager(expected + torch.tensor([0.0, 2e-3, 0.0]), expected)  # a real difference
+    assert not matches_eager(expected[:2], expected)
+    half = expected.half()
+    assert matches_eager(half + 0.05, half) and not matches_eager(half + 0.2, half)  # fp16: 1e-2 + 1e-2 * 10
 
 
 def test_python_call_counter_counts_python_frames_only():

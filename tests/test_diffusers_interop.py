@@ -19,6 +19,7 @@ import torch._dynamo.utils as dynamo_utils
 
 from loopgraph import compile_loop
 from loopgraph.bench import count_python_calls
+from loopgraph.compile import matches_eager
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,
@@ -173,7 +174,7 @@ def test_drop_in_inside_a_diffusers_modular_pipeline(name):
 
 # -- Inductor: compiled once, no Python per step -------------------------------------------------------------------------
 @needs_diffusers
-@pytest.mark.parametrize("name", ["flux"])
+@pytest.mark.parametrize("name", ["flux", "sdxl"])
 def test_inductor_compiles_once_and_runs_no_python_per_step(name):
     from loopgraph.zoo.diffusers_loops import build_diffusers_loop
 
@@ -181,21 +182,46 @@ def test_inductor_compiles_once_and_runs_no_python_per_step(name):
     fast = compile_loop(setup.wrapper)
     dynamo_utils.counters.clear()
     per_n = {}
-    for steps in (8, 32):
-        setup.steps = steps
-        expected_state, expected_python = eager_reference(setup)
-        for _ in range(2):  # plan (and compile, for the first N), then a compiled call
-            _, state = fast(setup.components, setup.new_state())
-        assert torch.allclose(state.get("latents"), expected_state.get("latents"), **TOL)
-        assert_same(python_state(setup), expected_python)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for steps in (8, 32):
+            setup.steps = steps
+            expected_state, expected_python = eager_reference(setup)
+            for _ in range(2):  # plan (and compile, for the first N), then a compiled call
+                _, state = fast(setup.components, setup.new_state())
+            # Inductor's float reassociation: the tolerance is scaled by the latents' magnitude (see below)
+            assert matches_eager(state.get("latents"), expected_state.get("latents"))
+            assert_same(python_state(setup), expected_python)
+    no_fallback_warnings(caught)
+    assert fast.stats.compiled_calls == 2  # the second call at each N ran the compiled loop
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: N=32 compiled nothing
     for steps in (8, 32):  # both plans exist now: each warm call finds its plan the same way
         setup.steps = steps
         state = setup.new_state()
         per_n[steps] = count_python_calls(lambda: fast(setup.components, state))
-        assert torch.allclose(state.get("latents"), setup.run(), **TOL)
+        assert matches_eager(state.get("latents"), setup.run())
     assert per_n[8] == per_n[32], per_n
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1 and fast.stats.compiles == 1
+
+
+@needs_diffusers
+def test_inductors_own_sdxl_unet_is_outside_the_elementwise_tolerance_but_matches_eager():
+    """Why compiled results are compared with ``matches_eager``: ``torch.compile`` of SDXL's UNet alone, in
+    diffusers' eager loop (no loopgraph involved), already differs from eager by more than an elementwise
+    rtol=1e-4/atol=1e-5 on the small elements of magnitude-11 latents."""
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop("sdxl", steps=8)
+    expected = setup.run()
+    unet = setup.components.unet
+    torch._dynamo.reset()
+    unet.forward = torch.compile(unet.forward)
+    try:
+        got = setup.run()
+    finally:
+        del unet.forward  # the class's forward again
+    assert not torch.equal(got, expected)
+    assert matches_eager(got, expected), (got - expected).abs().max()
 
 
 # -- diffusers stays optional ------------------------------------------------------------------------------------------

@@ -4,13 +4,15 @@ Equality with the eager wrapper first (inputs on both sides of the branch, a thr
 stochastic sampler), then what is compiled, the warning, strict mode and the components' Python state.
 """
 
+import copy
 import dataclasses
+import types
 import warnings
 
 import pytest
 import torch
 
-from loopgraph import InputParam, ModularPipelineBlocks, compile_loop
+from loopgraph import ComponentSpec, InputParam, ModularPipelineBlocks, PipelineState, compile_loop
 from loopgraph.state import values_equal
 from loopgraph.zoo.loops import build_loop
 
@@ -287,3 +289,110 @@ def test_component_attributes_the_loop_never_touches_stay_as_the_caller_set_them
     _, state = fast(setup.components, setup.new_state())
     assert torch.equal(state.get("latents"), expected)
     assert guider.note == "mine" and fast.stats.plans == 1 and fast.stats.compiled_calls == 1
+
+
+# -- loop tensors a component holds across steps (a multistep scheduler's history) next to an eager block ---------
+class History:
+    """Like UniPC: keeps two derived tensors in a list shifted each step, and one more tensor.
+
+    ``alias=True`` keeps the latents themselves: the component and the BlockState then share one tensor."""
+
+    alias = False
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.previous, self.last, self.count = [None, None], None, 0
+
+
+class UseHistory(ModularPipelineBlocks):
+    @property
+    def expected_components(self):
+        return [ComponentSpec("history", History)]
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        h = components.history
+        x = block_state.x
+        if h.last is not None:
+            x = x + 0.25 * h.last
+        if h.previous[0] is not None:
+            x = x - 0.1 * h.previous[0]
+        h.previous = [h.previous[1], x if h.alias else x * 0.9]
+        h.last = x * 0.5
+        h.count += 1
+        block_state.x = x
+        return components, block_state
+
+
+class DampHistory(ModularPipelineBlocks):
+    """Eager: reads and rebinds the component's loop tensor on a data-dependent branch."""
+
+    @property
+    def expected_components(self):
+        return [ComponentSpec("history", History)]
+
+    def __call__(self, components, block_state, i: int):
+        h = components.history
+        if h.last.abs().max().item() > 2.0:
+            h.last = h.last * 0.5
+        return components, block_state
+
+
+def history_run(loop, x, steps, components):
+    components.history.reset()
+    state = PipelineState()
+    state.set("x", x)
+    state.set("num_steps", steps)
+    _, state = loop(components, state)
+    return state.get("x")
+
+
+@pytest.mark.parametrize("blocks", [
+    {"shift": Shift, "history": UseHistory, "clamp": Clamp, "scale": Scale},  # eager block between steps' uses
+    {"clamp": Clamp, "history": UseHistory, "damp": DampHistory, "scale": Scale},  # eager blocks read the history
+])
+def test_component_history_crosses_eager_blocks_and_matches_eager(blocks):
+    loop = Loop.from_blocks_dict(blocks)
+    components = types.SimpleNamespace(history=History())
+    fast = compile_loop(loop, backend="eager")
+    quiet(history_run, fast, torch.ones(3), 6, components)  # planned on other inputs than those compared
+    for start in (0.5, 3.0, -2.0):
+        x = torch.linspace(-1, 1, 3) * start
+        expected = history_run(loop, x.clone(), 6, components)
+        eager_history = copy.deepcopy(vars(components.history))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = history_run(fast, x.clone(), 6, components)
+        assert not [w for w in caught if "runs eagerly" in str(w.message)], [str(w.message) for w in caught]
+        assert torch.allclose(got, expected, **TOL)
+        # the component's history is this call's, as eager leaves it
+        assert values_equal(vars(components.history)["count"], eager_history["count"])
+        for a, b in zip([*components.history.previous, components.history.last],
+                        [*eager_history["previous"], eager_history["last"]]):
+            assert torch.allclose(a, b, **TOL)
+    assert fast.stats.compiled_calls == 3 and fast.stats.plans == 1
+    assert fast.stats.eager_blocks == len({"clamp", "damp"} & set(blocks))
+    assert fast.stats.segment_calls > 0
+
+
+def test_component_sharing_a_tensor_with_the_block_state_until_an_eager_block_rebinds_it_matches_eager():
+    # traced on inputs where `clamp` leaves x alone at step 0 (x and history.previous[1] one tensor), run on
+    # inputs where it rebinds x: the compiled graph cannot tell the two apart, so that call finishes eagerly
+    loop = Loop.from_blocks_dict({"shift": Shift, "history": UseHistory, "clamp": Clamp, "scale": Scale})
+    components = types.SimpleNamespace(history=History())
+    components.history.alias = True
+    fast = compile_loop(loop, backend="eager")
+    quiet(history_run, fast, torch.ones(3), 6, components)
+    for start, breaks in ((0.5, False), (3.0, True)):
+        x = torch.linspace(-1, 1, 3) * start
+        expected = history_run(loop, x.clone(), 6, components)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = history_run(fast, x.clone(), 6, components)
+        assert torch.allclose(got, expected, **TOL)
+        assert any("the rest of the loop runs eagerly" in str(w.message) for w in caught) == breaks
