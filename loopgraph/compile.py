@@ -77,11 +77,13 @@ class LoopStats:
 class _Plan:
     trace: LoopTrace
     loop: LoopPlan | None
-    start_python: dict                  # component attributes the loop reads before writing them
+    start_python: dict                  # component attributes the loop reads before writing them (tensors at
+                                        # `unused` compared by shape and dtype only)
     end_python: dict                    # component attributes the loop writes, as it leaves them
     schedule_values: dict[str, Any]     # untainted inputs, by value
     data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
     final_untainted: dict[str, Any]
+    unused: list[tuple] = field(default_factory=list)  # of trace.unused_held, the paths in start_python
     fn: Callable | None = None
     tables: list[list[torch.Tensor]] = field(default_factory=list)
     ends: torch.Tensor | None = None
@@ -242,7 +244,7 @@ class CompiledLoop(ModularPipelineBlocks):
             if not all(values_equal(slots[k], v) for k, v in plan.schedule_values.items()):
                 continue
             python = _python_state(self.wrapper, components) if python is None else python
-            if _holds(python, plan.start_python):
+            if _holds(_masked(python, plan.unused), plan.start_python):
                 self._plans.remove(plan)  # most recently used last: a repeat call matches it first,
                 self._plans.append(plan)  # so the lookup's cost does not depend on older plans
                 return plan
@@ -267,7 +269,7 @@ class CompiledLoop(ModularPipelineBlocks):
             raise
         plan = _Plan(
             trace=trace, loop=None, start_python=live_in(start_python, logs),
-            end_python=live_out(_python_state(self.wrapper, components), logs),
+            end_python=live_out(_python_state(self.wrapper, components), logs, start_python),
             schedule_values={k: copy.deepcopy(v) for k, v in trace.initial_slots.items()
                              if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
             data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
@@ -275,6 +277,8 @@ class CompiledLoop(ModularPipelineBlocks):
             final_untainted={k: v for k, v in trace.final_slots.items() if k not in trace.tainted_final},
             problems=list(trace.problems),
         )
+        plan.unused = [path for path in trace.unused_held if path[1] in plan.start_python.get(path[0], {})]
+        plan.start_python = _masked(plan.start_python, plan.unused)
         self.stats.plans += 1
         self._plans.append(plan)
         if not plan.problems and trace.steps:
@@ -653,6 +657,8 @@ class _TensorLike:
 
 def _masked(python: dict[str, dict[str, Any]], paths: list[tuple]) -> dict[str, dict[str, Any]]:
     """``python`` with the tensors at ``paths`` replaced by their specs (containers copied, never mutated)."""
+    if not paths:
+        return python
     out = {name: dict(attrs) for name, attrs in python.items()}
 
     def mask(value: Any, keys: list) -> Any:

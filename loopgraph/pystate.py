@@ -3,8 +3,8 @@
 A compiled plan replays what the traced run did to the components' Python state (a scheduler's step index,
 a guider's step). Only the attributes the loop *reads before it writes them* decide whether a later call
 may reuse the plan: a guider's ``_step`` left over from the previous call is overwritten at step 0 before
-anything reads it, so it must not force a new plan. And only the attributes the loop *writes* are set after a
-compiled call: the others stay as the caller left them.
+anything reads it, so it must not force a new plan. And only the attributes the loop *writes* (or changes in
+place) are set after a compiled call: the others stay as the caller left them.
 
 ``watch_attributes`` finds both by giving each watched object, for the duration of the traced run, a
 subclass of its own class that logs instance-attribute reads and writes. Objects whose class cannot be
@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
+from .state import values_equal
 
 
 @dataclass
@@ -73,8 +75,12 @@ def live_in(snapshot: dict[str, dict[str, Any]], logs: dict[str, AttributeLog]) 
             for name, attrs in snapshot.items()}
 
 
-def live_out(snapshot: dict[str, dict[str, Any]], logs: dict[str, AttributeLog]) -> dict[str, dict[str, Any]]:
-    """The part of an end-of-loop snapshot the loop produced: attributes it wrote."""
+def live_out(snapshot: dict[str, dict[str, Any]], logs: dict[str, AttributeLog],
+             start: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The part of an end-of-loop snapshot the loop produced: attributes it wrote, and those whose value
+    differs from the ``start`` snapshot (a list changed in place, like UniPC's ``timestep_list[i] = ...``)."""
+    missing = object()
     return {name: {k: v for k, v in attrs.items()
-                   if name not in logs or not logs[name].watched or k in logs[name].written}
+                   if name not in logs or not logs[name].watched or k in logs[name].written
+                   or not values_equal(start.get(name, {}).get(k, missing), v)}
             for name, attrs in snapshot.items()}

@@ -172,6 +172,9 @@ class LoopTrace:
     component_slots: dict[str, ComponentSlot] = field(default_factory=dict)  # loop state held by components
     final_components: dict[str, torch.Tensor] = field(default_factory=dict)  # of those, held after the loop
     rng_before: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states when the loop started
+    # Where the components held tensors at the start that no torch op used and that were gone at the end
+    # (UniPC's leftover `timestep_list`, shifted out unread): their values cannot change the loop.
+    unused_held: list[tuple] = field(default_factory=list)
 
     def final_value(self, slot: str) -> Any:
         """A slot's value after the eager loop (BlockState or component state; None if gone)."""
@@ -192,6 +195,7 @@ class _Recorder(TorchFunctionMode):
         self.problems: list[Unsupported] = []
         self.strict = False
         self._const_ids: dict[int, str] = {}
+        self.used: set[int] = set()  # ids of every tensor a torch op was called with
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
@@ -249,6 +253,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, _ = pytree.tree_flatten((args, kwargs))
+        self.used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
         tainted = any(self.node_of(v) is not None for v in flat)
         name = _func_name(func)
         if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
@@ -395,12 +400,15 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
 
     wrapper.get_block_state = get_block_state
     wrapper.loop_step = loop_step
+    held_at_start = component_tensors(component_objects(wrapper, components))  # kept alive: ids stay unique
     try:
         with recorder:
             result = wrapper(components, state)
     finally:
         del wrapper.loop_step
         del wrapper.get_block_state
+    held_at_end = {id(t) for _, t in component_tensors(component_objects(wrapper, components)).values()}
+    unused_held = [path for path, t in held_at_start.values() if id(t) not in recorder.used | held_at_end]
     initial, final = seen.get("initial", {}), seen.get("final", {})
     tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
     inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
@@ -413,5 +421,6 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
                       final_slots=final, tainted_final=tainted_final,
                       inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
                       block_names=list(wrapper.sub_blocks), component_slots=component_slots,
-                      final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}))
+                      final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}),
+                      unused_held=unused_held)
     return trace, result

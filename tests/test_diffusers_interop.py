@@ -174,7 +174,7 @@ def test_drop_in_inside_a_diffusers_modular_pipeline(name):
 
 # -- Inductor: compiled once, no Python per step -------------------------------------------------------------------------
 @needs_diffusers
-@pytest.mark.parametrize("name", ["flux", "sdxl"])
+@pytest.mark.parametrize("name", LOOPS)
 def test_inductor_compiles_once_and_runs_no_python_per_step(name):
     from loopgraph.zoo.diffusers_loops import build_diffusers_loop
 

@@ -301,6 +301,8 @@ class History:
 
     def __init__(self):
         self.reset()
+        # like UniPC's timestep_list: not reset, shifted each step, the last call's leftovers never read
+        self.stamps = [torch.tensor(-1.0), torch.tensor(-1.0)]
 
     def reset(self):
         self.previous, self.last, self.count = [None, None], None, 0
@@ -323,6 +325,8 @@ class UseHistory(ModularPipelineBlocks):
         if h.previous[0] is not None:
             x = x - 0.1 * h.previous[0]
         h.previous = [h.previous[1], x if h.alias else x * 0.9]
+        h.stamps[0] = h.stamps[1]
+        h.stamps[1] = torch.tensor(float(i))
         h.last = x * 0.5
         h.count += 1
         block_state.x = x
@@ -396,3 +400,21 @@ def test_component_sharing_a_tensor_with_the_block_state_until_an_eager_block_re
             got = history_run(fast, x.clone(), 6, components)
         assert torch.allclose(got, expected, **TOL)
         assert any("the rest of the loop runs eagerly" in str(w.message) for w in caught) == breaks
+
+
+def test_leftover_component_tensors_the_loop_never_reads_do_not_re_plan():
+    # History.stamps keeps the last call's values, which the next call shifts out unread (UniPC's
+    # timestep_list): alternating N must find each N's plan, not trace again
+    loop = Loop.from_blocks_dict({"shift": Shift, "history": UseHistory, "scale": Scale})
+    components = types.SimpleNamespace(history=History())
+    fast = compile_loop(loop, backend="eager")
+    for steps in (4, 6, 4, 6, 4):
+        x = torch.linspace(-1, 1, 3)
+        expected = history_run(loop, x.clone(), steps, components)
+        expected_stamps = list(components.history.stamps)
+        history_run(loop, x.clone(), steps + 1, components)  # other leftovers than the planning call saw
+        got = history_run(fast, x.clone(), steps, components)
+        assert torch.allclose(got, expected, **TOL)
+        assert components.history.stamps == expected_stamps  # as eager leaves them
+    assert fast.stats.plans == 2 and fast.stats.compiled_calls == 3
+    assert fast._plans[0].unused == [("history", "stamps", 0), ("history", "stamps", 1)]

@@ -37,7 +37,18 @@ def test_reads_before_writes_and_writes_are_told_apart():
     assert logs["c"].written == {"step", "total"}
     snapshot = {"c": dict(vars(counter))}
     assert live_in(snapshot, logs) == {"c": {"total": 3}}
-    assert live_out(snapshot, logs) == {"c": {"step": 2, "total": 3}}
+    assert live_out(snapshot, logs, snapshot) == {"c": {"step": 2, "total": 3}}
+
+
+def test_containers_changed_in_place_count_as_written():
+    counter = Counter()
+    counter.history = [0, 0]
+    start = {"c": {k: list(v) if isinstance(v, list) else v for k, v in vars(counter).items()}}
+    with watch_attributes({"c": counter}) as logs:
+        counter.history[0] = counter.history[1]  # only read through getattr: never set as an attribute
+        counter.history[1] = 5
+    assert "history" not in logs["c"].written
+    assert live_out({"c": dict(vars(counter))}, logs, start) == {"c": {"history": [0, 5]}}
 
 
 def test_class_is_restored_when_the_block_raises():
@@ -53,7 +64,7 @@ def test_objects_that_cannot_be_watched_count_as_fully_read_and_written():
         slotted.value = 2
     assert not logs["s"].watched
     snapshot = {"s": {"value": 2}}
-    assert live_in(snapshot, logs) == snapshot and live_out(snapshot, logs) == snapshot
+    assert live_in(snapshot, logs) == snapshot and live_out(snapshot, logs, {}) == snapshot
 
 
 def test_zoo_guider_step_is_written_before_read_and_scheduler_index_is_read():
