@@ -32,7 +32,7 @@ from .state import BlockState, _atoms_only, values_equal
 from .pystate import live_in, live_out, watch_attributes
 from .trace import LoopTrace, Unsupported, component_objects, component_tensors, trace_loop
 
-__all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop"]
+__all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "tolerance"]
 
 _BACKENDS = ("inductor", "eager", "aot_eager")
 
@@ -141,6 +141,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 
 def max_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest absolute difference, in float32."""
     return (value.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
 
 
@@ -324,7 +325,9 @@ class CompiledLoop(ModularPipelineBlocks):
 
     def _compile_whole_loop(self, loop: LoopPlan, device: torch.device) -> Callable:
         """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""
-        def compile_one(fn, ops=op_count(loop)):
+        ops = op_count(loop)
+
+        def compile_one(fn):
             return compile_fn(fn, backend=self.config.backend, mode=self.config.mode, counter=self._counter,
                               device=device, ops=ops)
 
