@@ -24,9 +24,13 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .trace import LoopTrace, StepTrace, Unsupported
+from .trace import LoopTrace, StepTrace, Unsupported, func_name
 
 _LIFT_MAX_NUMEL = 1 << 16  # larger per-step-constant tensors stay baked rather than copied into N-row tables
+# Ops whose Python-float operand may as well be a 0-d tensor: a float the same in every step but different
+# between calls (a guidance scale) is lifted there, so a new value compiles nothing.
+_ARITHMETIC = {"add", "sub", "mul", "div", "true_divide", "rsub", "__add__", "__radd__", "__sub__", "__rsub__",
+               "__mul__", "__rmul__", "__truediv__", "__rtruediv__"}
 
 __all__ = ["SlotInfo", "Variant", "LoopPlan", "Segment", "classify_slots", "plan_loop", "plan_segments"]
 
@@ -46,6 +50,8 @@ class Variant:
     steps: list[int]
     lifted: list[str]                    # placeholder names of lifted per-step values, in order
     tables: list[torch.Tensor] = field(default_factory=list)  # [N, *shape] each, row i = value at step i
+    signature: tuple = ()                # the steps' structure, float values aside (equal across calls)
+    literals: dict[int, float] = field(default_factory=dict)  # arithmetic floats left in the graph, by position
 
 
 @dataclass
@@ -179,8 +185,11 @@ def _stable_ids(trace: LoopTrace) -> set[int]:
     return multi if len(trace.steps) > 1 else set(counts)
 
 
-def plan_loop(trace: LoopTrace, needed_at_end: set[str]) -> LoopPlan:
-    """Group steps into variants, lift per-step values into tables, and build one GraphModule per variant."""
+def plan_loop(trace: LoopTrace, needed_at_end: set[str], lift: dict[tuple, set[int]] | None = None) -> LoopPlan:
+    """Group steps into variants, lift per-step values into tables, and build one GraphModule per variant.
+
+    ``lift`` names, per variant signature, more float positions to lift (``Variant.literals`` positions).
+    """
     slots, dataflow = classify_slots(trace, needed_at_end)
     state_slots = [n for n, s in slots.items() if s.role == "carried" or (s.role in ("temporary", "dead")
                                                                             and s.needed_at_end)]
@@ -190,7 +199,8 @@ def plan_loop(trace: LoopTrace, needed_at_end: set[str]) -> LoopPlan:
     for step in trace.steps:
         groups.setdefault(_signature(step, stable), []).append(step)
     n = len(trace.steps)
-    variants = [_build_variant(members, state_slots, invariant_slots, n, stable) for members in groups.values()]
+    variants = [_build_variant(members, state_slots, invariant_slots, n, stable, sig, (lift or {}).get(sig, set()))
+                for sig, members in groups.items()]
     step_variant = {s.index: k for k, v in enumerate(variants) for s in [trace.steps[i] for i in v.steps]}
     runs: list[tuple[int, int, int]] = []
     for i in range(n):
@@ -203,7 +213,7 @@ def plan_loop(trace: LoopTrace, needed_at_end: set[str]) -> LoopPlan:
 
 
 def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_slots: list[str], n: int,
-                   stable: set[int]) -> Variant:
+                   stable: set[int], signature: tuple, extra: set[int]) -> Variant:
     template = members[0]
     per_step = [_lift_candidates(s) for s in members]
     # Lifted into per-step tables: every value that differs between this variant's steps, and every small
@@ -213,8 +223,10 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     lift_positions = [
         k for k, (node, pos, value) in enumerate(per_step[0])
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])
-        or (pos is None and id(value) not in stable and value.numel() <= _LIFT_MAX_NUMEL)
+        or (pos is None and id(value) not in stable and value.numel() <= _LIFT_MAX_NUMEL) or k in extra
     ]
+    literals = {k: value for k, (node, pos, value) in enumerate(per_step[0])
+                if pos is not None and k not in lift_positions and func_name(node.target) in _ARITHMETIC}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     holders: dict[str, fx.Node] = {}
@@ -270,7 +282,8 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         for step, row in zip(members, rows):
             table[step.index] = row.to(dtype)
         tables.append(table)
-    return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables)
+    return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
+                   signature=signature, literals=literals)
 
 
 # -- eager segments ---------------------------------------------------------------------------------------------

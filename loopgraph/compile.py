@@ -175,6 +175,8 @@ class CompiledLoop(ModularPipelineBlocks):
         self.stats = LoopStats()
         self._plans: list[_Plan] = []
         self._compiled: dict[Any, Callable] = {}
+        self._literals: dict[tuple, dict[int, float]] = {}  # variant signature -> its first plan's float literals
+        self._lifts: dict[tuple, set[int]] = {}             # variant signature -> literal positions lifted since
         self._counter = CompileCounter()
         self._graph_pool = None  # CUDA graphs of this loop share one memory pool
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
@@ -296,7 +298,9 @@ class CompiledLoop(ModularPipelineBlocks):
         needed = set(trace.initial_slots) | {o.name for o in self.wrapper.intermediate_outputs} | set(
             trace.final_components)
         try:
-            plan.loop = plan_loop(trace, needed)
+            plan.loop = plan_loop(trace, needed, self._lifts)
+            if self._lift_new_literals(plan.loop):
+                plan.loop = plan_loop(trace, needed, self._lifts)
         except Unsupported as e:
             return self._fall_back(plan, e)
         loop = plan.loop
@@ -322,6 +326,18 @@ class CompiledLoop(ModularPipelineBlocks):
                 plan.fn = None
                 return self._fall_back(plan, e)
         self._compiled[key] = fn
+
+    def _lift_new_literals(self, loop: LoopPlan) -> bool:
+        """Lift the arithmetic floats that differ from the first plan of the same structure (a new guidance
+        scale): this plan compiles once more, and every later value reuses its code. True if any was new."""
+        grown = False
+        for v in loop.variants:
+            first = self._literals.setdefault(v.signature, v.literals)
+            lifted = self._lifts.setdefault(v.signature, set())
+            new = {k for k, value in v.literals.items() if k in first and first[k] != value} - lifted
+            lifted |= new
+            grown = grown or bool(new)
+        return grown
 
     def _compile_whole_loop(self, loop: LoopPlan, device: torch.device) -> Callable:
         """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 from .blocks import run_block
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "Unsupported", "component_objects", "component_tensors",
-           "trace_loop"]
+           "func_name", "trace_loop"]
 
 # Tensor queries that return static metadata (shapes are part of the plan's key, not data).
 _METADATA = {
@@ -66,7 +66,7 @@ class Unsupported(Exception):
         super().__init__(f"{reason} (block {block!r}, {where})" if block else reason)
 
 
-def _func_name(func: Callable) -> str:
+def func_name(func: Callable) -> str:
     name = getattr(func, "__name__", "")
     if name == "__get__":  # a property getter: its descriptor's name (`shape`, `T`, `data`, ...)
         name = getattr(getattr(func, "__self__", None), "__name__", name)
@@ -255,7 +255,7 @@ class _Recorder(TorchFunctionMode):
         flat, _ = pytree.tree_flatten((args, kwargs))
         self.used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
         tainted = any(self.node_of(v) is not None for v in flat)
-        name = _func_name(func)
+        name = func_name(func)
         if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
             self.problem(f"random op `{name}` inside the loop (its draws must be eager's)")
         if not tainted:
@@ -295,7 +295,7 @@ class _Recorder(TorchFunctionMode):
                 self.taint[id(target)] = (target, tnode)
         g_args, g_kwargs = pytree.tree_map(self._arg, (args, kwargs))
         if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
-            node = graph.call_function(getattr, (g_args[0], _func_name(func)))
+            node = graph.call_function(getattr, (g_args[0], func_name(func)))
         else:
             node = graph.call_function(_GRAPH_EQUIVALENT.get(func, func), tuple(g_args), g_kwargs)
         if inplace:

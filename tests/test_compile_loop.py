@@ -104,6 +104,22 @@ def test_new_latents_and_prompts_reuse_the_plan():
     assert fast.stats.plans == plans
 
 
+def test_a_new_guidance_scale_compiles_once_more_and_then_never_again():
+    setup = build_loop("dit", steps=4, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    compiles = []
+    for scale in (4.0, 4.0, 5.0, 6.0, 7.5, 4.0):
+        setup.components.guider.guidance_scale = scale
+        expected = setup.run()
+        _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected, **TOL), scale
+        compiles.append(fast.stats.compiles)
+    # 5.0 differs from the first plan's literal 4.0: lifted into a table and compiled once; 6.0 and 7.5 reuse
+    # that code (each plans once: a traced eager call); 4.0 finds its own plan again
+    assert compiles == [1, 1, 2, 2, 2, 2] and fast.stats.plans == 4
+    assert "lift_" in fast._plans[-2].loop.variants[0].module.code  # 7.5's plan reads the scale from a table
+
+
 def test_outputs_do_not_alias_between_calls():
     setup = build_loop("dit", steps=2, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
