@@ -35,6 +35,9 @@ from .trace import LoopTrace, Unsupported, component_objects, component_tensors,
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "tolerance"]
 
 _BACKENDS = ("inductor", "eager", "aot_eager")
+# Plans kept per compiled loop (most recently used first to stay): a sweep over guidance scales or prompts
+# of new shapes re-plans an evicted one with one traced eager call; its compiled code is kept apart.
+MAX_PLANS = 16
 
 
 @dataclass(frozen=True)
@@ -284,6 +287,7 @@ class CompiledLoop(ModularPipelineBlocks):
         plan.start_python = _masked(plan.start_python, plan.unused)
         self.stats.plans += 1
         self._plans.append(plan)
+        del self._plans[:-MAX_PLANS]  # the least recently used beyond the bound
         if not plan.problems and trace.steps:
             self._lower_and_compile(plan, state)
         elif plan.problems and self._eager_blocks(plan):

@@ -120,6 +120,18 @@ def test_a_new_guidance_scale_compiles_once_more_and_then_never_again():
     assert "lift_" in fast._plans[-2].loop.variants[0].module.code  # 7.5's plan reads the scale from a table
 
 
+def test_plans_beyond_the_bound_are_evicted_least_recently_used_first(monkeypatch):
+    monkeypatch.setattr("loopgraph.compile.MAX_PLANS", 2)
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    for scale in (4.0, 5.0, 4.0, 6.0, 4.0, 5.0):  # 5.0 is evicted by 6.0; 4.0 stays (used most recently)
+        setup.components.guider.guidance_scale = scale
+        expected = setup.run()
+        _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected, **TOL)
+    assert len(fast._plans) == 2 and fast.stats.plans == 4 and fast.stats.compiles == 2
+
+
 def test_outputs_do_not_alias_between_calls():
     setup = build_loop("dit", steps=2, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
