@@ -117,7 +117,7 @@ class CompileCounter:
 # Above this many ops in one compiled function, its C++ host code is built at -O1, apart from the kernels
 # (which keep -O3). g++ -O3 on SDXL's loop (1,462 ops: one ~7,700-line host function) ran for more than
 # 40 minutes; built apart it takes about a minute. Small loops keep one -O3 build: their host code runs
-# every step and is a few percent faster for it (docs/benchmarks/README.md).
+# every step, and the default loop called 3-6% faster with it (timed by hand, not a recorded run).
 SEPARATE_HOST_BUILD_OPS = 1000
 
 
