@@ -408,7 +408,8 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
         del wrapper.loop_step
         del wrapper.get_block_state
     held_at_end = {id(t) for _, t in component_tensors(component_objects(wrapper, components)).values()}
-    unused_held = [path for path, t in held_at_start.values() if id(t) not in recorder.used | held_at_end]
+    unused_held = [path for path, t in held_at_start.values()
+                   if id(t) not in recorder.used and id(t) not in held_at_end]
     initial, final = seen.get("initial", {}), seen.get("final", {})
     tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
     inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
