@@ -203,11 +203,11 @@ class Loop(LoopSequentialPipelineBlocks):
         return components, state
 
 
-def run_loop(loop, x, n):
+def run_loop(loop, x, n, components=None):
     state = PipelineState()
     state.set("x", x)
     state.set("num_steps", n)
-    _, state = loop(None, state)
+    _, state = loop(components, state)
     return state.get("x")
 
 

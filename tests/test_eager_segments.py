@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from loopgraph import ComponentSpec, InputParam, ModularPipelineBlocks, PipelineState, compile_loop
+from loopgraph import ComponentSpec, InputParam, ModularPipelineBlocks, compile_loop
 from loopgraph.state import values_equal
 from loopgraph.zoo.loops import build_loop
 
@@ -349,11 +349,7 @@ class DampHistory(ModularPipelineBlocks):
 
 def history_run(loop, x, steps, components):
     components.history.reset()
-    state = PipelineState()
-    state.set("x", x)
-    state.set("num_steps", steps)
-    _, state = loop(components, state)
-    return state.get("x")
+    return run_loop(loop, x, steps, components)
 
 
 @pytest.mark.parametrize("blocks", [
