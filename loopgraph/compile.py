@@ -83,7 +83,7 @@ class _Plan:
     start_python: dict                  # component attributes the loop reads before writing them (tensors at
                                         # `unused` compared by shape and dtype only)
     end_python: dict                    # component attributes the loop writes, as it leaves them
-    schedule_values: dict[str, Any]     # untainted inputs, by value
+    schedule_values: dict[str, Any]     # untainted inputs, by value (generators by device: `_GeneratorLike`)
     data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
     final_untainted: dict[str, Any]
     unused: list[tuple] = field(default_factory=list)  # of trace.unused_held, the paths in start_python
@@ -247,7 +247,7 @@ class CompiledLoop(ModularPipelineBlocks):
             if any(_tensor_spec(slots[k]) != spec if isinstance(slots[k], torch.Tensor) else True
                    for k, spec in plan.data_specs.items()):
                 continue
-            if not all(values_equal(slots[k], v) for k, v in plan.schedule_values.items()):
+            if not all(values_equal(_generators_as_specs(slots[k]), v) for k, v in plan.schedule_values.items()):
                 continue
             python = _python_state(self.wrapper, components) if python is None else python
             if _holds(_masked(python, plan.unused), plan.start_python):
@@ -276,7 +276,7 @@ class CompiledLoop(ModularPipelineBlocks):
         plan = _Plan(
             trace=trace, loop=None, start_python=live_in(start_python, logs),
             end_python=live_out(_python_state(self.wrapper, components), logs, start_python),
-            schedule_values={k: copy.deepcopy(v) for k, v in trace.initial_slots.items()
+            schedule_values={k: _schedule_value(v) for k, v in trace.initial_slots.items()
                              if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
             data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
                         if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs},
@@ -669,6 +669,29 @@ def _held_tensors(wrapper, components, traced: dict[str, tuple]) -> dict[str, to
     ok = all(_tensor_spec(held[slot]) == _tensor_spec(value) for slot, (_, value, _) in traced.items()
              if slot in held)
     return held if ok and len(held) == len(traced) else None
+
+
+@dataclass(frozen=True)
+class _GeneratorLike:
+    """Stands for a ``torch.Generator`` input, compared by device only: its state is this call's input (the
+    noise it draws), not part of the plan, so a new generator per call reuses the plan."""
+
+    device: str
+
+
+def _generators_as_specs(value: Any) -> Any:
+    """A generator, or a list or tuple of generators (one per batch item), as ``_GeneratorLike``s; else ``value``."""
+    if isinstance(value, torch.Generator):
+        return _GeneratorLike(str(value.device))
+    if isinstance(value, (list, tuple)) and value and all(isinstance(g, torch.Generator) for g in value):
+        return type(value)(_GeneratorLike(str(g.device)) for g in value)
+    return value
+
+
+def _schedule_value(value: Any) -> Any:
+    """What a plan keeps of an untainted input to match later calls against."""
+    spec = _generators_as_specs(value)
+    return spec if spec is not value else copy.deepcopy(value)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,22 @@ def test_unipc_history_is_loop_state_and_step_graphs_do_not_grow_with_n():
 
 
 @needs_diffusers
+def test_a_new_generator_per_call_reuses_the_plan():
+    """SDXL's loop reads `generator` (for scheduler.step): a fresh generator each call is not a new plan."""
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop("sdxl", steps=2)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    for seed in (0, 1, 2):
+        state = setup.new_state()
+        state.set("generator", torch.Generator().manual_seed(seed))
+        _, state = fast(setup.components, state)
+        expected = setup.wrapper(setup.components, setup.new_state())[1].get("latents")
+        assert torch.allclose(state.get("latents"), expected, **TOL)
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 2
+
+
+@needs_diffusers
 def test_random_op_in_scheduler_runs_that_block_eagerly_and_matches():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

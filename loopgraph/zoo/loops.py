@@ -113,7 +113,11 @@ class LoopAfterDenoiser(ModularPipelineBlocks):
 
     @property
     def inputs(self) -> list[InputParam]:
-        return [InputParam("latents", required=True, type_hint=torch.Tensor)]
+        return [
+            InputParam("latents", required=True, type_hint=torch.Tensor),
+            InputParam("generator", type_hint=torch.Generator,
+                       description="draws a stochastic scheduler's noise (DDIM with eta > 0); None: the global RNG"),
+        ]
 
     @property
     def intermediate_outputs(self) -> list[OutputParam]:
@@ -121,7 +125,7 @@ class LoopAfterDenoiser(ModularPipelineBlocks):
 
     def __call__(self, components, block_state, i: int, t: torch.Tensor):
         block_state.latents = components.scheduler.step(
-            block_state.noise_pred, t, block_state.latents, return_dict=False
+            block_state.noise_pred, t, block_state.latents, return_dict=False, generator=block_state.generator
         )[0]
         return components, block_state
 
