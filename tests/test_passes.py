@@ -33,7 +33,8 @@ def test_classification():
     roles = {name: info.role for name, info in plan.slots.items()}
     assert roles == {"timesteps": "schedule", "num_inference_steps": "schedule", "latents": "carried",
                      "scale_initial_noise": "schedule", "prompt_embeds": "invariant",
-                     "negative_prompt_embeds": "invariant", "scaled_latents": "dead", "noise_pred": "dead"}
+                     "negative_prompt_embeds": "invariant", "generator": "schedule", "scaled_latents": "dead",
+                     "noise_pred": "dead"}
     assert plan.state_slots == ["latents"]
     assert plan.invariant_slots == ["prompt_embeds", "negative_prompt_embeds"]
 

@@ -24,7 +24,7 @@ def test_wrapper_interface():
     w = DenoiseLoop()
     assert [p.name for p in w.inputs] == [
         "timesteps", "num_inference_steps", "latents", "scale_initial_noise", "prompt_embeds",
-        "negative_prompt_embeds"]
+        "negative_prompt_embeds", "generator"]
     assert w.required_inputs == ["latents", "num_inference_steps", "prompt_embeds", "timesteps"]
     assert [o.name for o in w.intermediate_outputs] == ["latents"]
     assert [c.name for c in w.expected_components] == ["scheduler", "denoiser", "guider"]
