@@ -5,7 +5,7 @@ it writes it):
 
     carried    read at the start of some step and written during the loop (``latents``, a scheduler's
                history ``scheduler.model_outputs[1]``)
-    invariant  read, never written (``prompt_embeds``)
+    invariant  read, never written (``prompt_embeds``; with ``rng="counter"``, the random draws' seeds)
     temporary  written before it is read in every step (``noise_pred``); never a loop input
     dead       written, never read and not needed after the loop
     schedule   the wrapper's own loop inputs and every untainted value (``timesteps``, ``t``, Python state)
@@ -91,15 +91,17 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
         for slot, node in step.outputs.items():
             if node.op != "placeholder" or node.target != slot:
                 written.add(slot)
-    names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots, *trace.component_slots]))
+    names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots, *trace.component_slots, *trace.seeds]))
     slots: dict[str, SlotInfo] = {}
     for name in names:
         if name in trace.component_slots:
             value = trace.component_slots[name].value
+        elif name in trace.seeds:
+            value = trace.seeds[name].value
         else:
             value = trace.final_slots.get(name, trace.initial_slots.get(name))
         graph.add_node(("slot", name))
-        tainted = name in trace.tainted_final or name in trace.component_slots
+        tainted = name in trace.tainted_final or name in trace.component_slots or name in trace.seeds
         if name in trace.schedule_inputs or not tainted:
             role = "schedule"
         elif name in read_first and name in written:
@@ -334,8 +336,10 @@ def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
 
 
 def _tainted_before(step: StepTrace, key: str) -> dict[str, fx.Node]:
-    """Slot -> node of every tainted tensor before block ``key``: the BlockState's, then the components'."""
-    return {**step.nodes_before[key], **{slot: node for slot, (_, _, node) in step.held_before[key].items()}}
+    """Slot -> node of every tainted tensor before block ``key``: the BlockState's, the components', and the
+    random draws' seeds (inputs of the whole step, even one first drawn later in it)."""
+    return {**step.nodes_before[key], **{slot: node for slot, (_, _, node) in step.held_before[key].items()},
+            **{slot: node for slot, (node, _) in step.seeds.items()}}
 
 
 def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:

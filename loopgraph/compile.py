@@ -9,7 +9,8 @@
 
 A loop whose only problems are data-dependent Python or random ops inside some blocks runs in *eager
 segments* instead: per step, the compiled segments between those blocks, and the blocks themselves called
-for real (``_run_segments``).
+for real (``_run_segments``). With ``rng="counter"``, random ops are no problem: they draw by the seed
+policy of rng.py, inside the compiled loop and wherever a block runs eagerly.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from .blocks import ModularPipelineBlocks, run_block
 from .runtime import WHOLE_TABLES, CompileCounter, StateBuffers, compile_fn, lower, module_ops, op_count
 from .state import BlockState, _atoms_only, values_equal
 from .pystate import live_in, live_out, watch_attributes
+from .rng import CounterDraws, CounterMode, draw_seed, eager_loop, source_key
 from .trace import LoopTrace, Unsupported, component_objects, component_tensors, trace_loop
 
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "tolerance"]
 
 _BACKENDS = ("inductor", "eager", "aot_eager")
+_RNG = ("eager", "counter")
 # Plans kept per compiled loop (most recently used first to stay): a sweep over guidance scales or prompts
 # of new shapes re-plans an evicted one with one traced eager call; its compiled code is kept apart.
 MAX_PLANS = 16
@@ -51,6 +54,7 @@ class CompileConfig:
     static_shapes: bool = False
     check: bool = True
     fused_kernels: bool | str = "auto"
+    rng: str = "eager"
 
     def __post_init__(self) -> None:
         if self.backend not in _BACKENDS:
@@ -61,6 +65,8 @@ class CompileConfig:
             raise ValueError(f"compile_loop: cuda_graphs must be True, False or 'auto', got {self.cuda_graphs!r}")
         if self.fused_kernels not in (True, False, "auto"):
             raise ValueError(f"compile_loop: fused_kernels must be True, False or 'auto', got {self.fused_kernels!r}")
+        if self.rng not in _RNG:
+            raise ValueError(f"compile_loop: rng must be one of {_RNG}, got {self.rng!r}")
 
 
 @dataclass
@@ -93,6 +99,7 @@ class _Plan:
     problems: list[Unsupported] = field(default_factory=list)
     segments: list[Segment] | None = None         # eager segments: compiled segments and eager blocks
     segment_fns: list[list[Callable]] = field(default_factory=list)  # per segment, per variant
+    seed_sources: dict[str, tuple] = field(default_factory=dict)  # rng="counter": seed name -> its generator
 
 
 def _tensor_spec(t: torch.Tensor) -> tuple:
@@ -234,7 +241,7 @@ class CompiledLoop(ModularPipelineBlocks):
                 self.stats.compiled_calls += 1
                 return self._run_segmented(plan, components, state, block_state)
             if plan.fn is None:
-                return self.wrapper(components, state)
+                return self._eager_call(components, state)
             self.stats.compiled_calls += 1
             return self._run(plan, components, state, block_state)
 
@@ -269,7 +276,8 @@ class CompiledLoop(ModularPipelineBlocks):
         try:
             with watch_attributes(component_objects(self.wrapper, components)) as logs:
                 trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict,
-                                           snapshot=lambda comps: _python_state(self.wrapper, comps))
+                                           snapshot=lambda comps: _python_state(self.wrapper, comps),
+                                           rng=self.config.rng)
         except Unsupported:
             _restore_python_state(components, start_python)
             raise
@@ -281,7 +289,7 @@ class CompiledLoop(ModularPipelineBlocks):
             data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
                         if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs},
             final_untainted={k: v for k, v in trace.final_slots.items() if k not in trace.tainted_final},
-            problems=list(trace.problems),
+            problems=list(trace.problems), seed_sources=_seed_sources(trace),
         )
         plan.unused = [path for path in trace.unused_held if path[1] in plan.start_python.get(path[0], {})]
         plan.start_python = _masked(plan.start_python, plan.unused)
@@ -374,7 +382,8 @@ class CompiledLoop(ModularPipelineBlocks):
 
     def _check_against_eager(self, plan: _Plan) -> None:
         """Run the compiled loop on the traced call's inputs and compare with the eager result it produced."""
-        outputs = self._execute(plan, plan.trace.initial_inputs_copy)
+        traced_seeds = {name: seed.value for name, seed in plan.trace.seeds.items()}
+        outputs = self._execute(plan, {**plan.trace.initial_inputs_copy, **traced_seeds})
         for name, value in zip(plan.loop.state_slots, outputs):
             expected = plan.trace.final_value(name)
             if expected is None:  # a component tensor gone by the end of the loop
@@ -399,15 +408,17 @@ class CompiledLoop(ModularPipelineBlocks):
         return plan.fn(state, invariants, plan.tables, plan.ends, start)
 
     def _run(self, plan: _Plan, components, state, block_state: BlockState):
-        with self._progress(block_state, len(plan.trace.steps)) as bar:
-            outputs = self._execute(plan, vars(block_state))
+        with self._progress(plan, block_state) as bar:
+            seeds, _ = _draw_seeds(plan, vars(block_state))
+            outputs = self._execute(plan, {**vars(block_state), **seeds})
             if bar is not None:
                 bar.update(bar.total)  # no Python runs per step: the wrapper's bar completes in one update
         return self._finish(plan, components, state, block_state, dict(zip(plan.loop.state_slots, outputs)))
 
-    def _progress(self, block_state: BlockState, steps: int):
-        """The wrapper's own progress bar (its config, its total), or nothing for wrappers without one."""
-        if not callable(getattr(self.wrapper, "progress_bar", None)):
+    def _progress(self, plan: _Plan, block_state: BlockState):
+        """The wrapper's own progress bar (its config, its total) when its traced call opened it, else nothing."""
+        steps = len(plan.trace.steps)
+        if not plan.trace.progress or not callable(getattr(self.wrapper, "progress_bar", None)):
             return contextlib.nullcontext()
         return self.wrapper.progress_bar(total=getattr(block_state, "num_inference_steps", None) or steps)
 
@@ -493,7 +504,8 @@ class CompiledLoop(ModularPipelineBlocks):
             for k, g in generators.items():
                 g.set_state(trace.rng_before[k])
             try:
-                computed, eager_state = self._run_segments(plan, components, slots)
+                seeds = {s.key: (name, s.value) for name, s in trace.seeds.items()}
+                computed, eager_state = self._run_segments(plan, components, slots, CounterDraws(seeds))
                 computed = computed if eager_state is None else vars(eager_state)
             finally:
                 for k, g in generators.items():
@@ -508,7 +520,8 @@ class CompiledLoop(ModularPipelineBlocks):
         self.stats.compile_seconds = self._counter.seconds
 
     def _run_segmented(self, plan: _Plan, components, state, block_state: BlockState):
-        computed, eager_state = self._run_segments(plan, components, vars(block_state))
+        computed, eager_state = self._run_segments(plan, components, vars(block_state),
+                                                   _draw_seeds(plan, vars(block_state))[1])
         if eager_state is None:
             return self._finish(plan, components, state, block_state, computed)
         for name in plan.trace.inplace_slots:  # eager mutated the caller's tensor in place: so do we
@@ -519,13 +532,14 @@ class CompiledLoop(ModularPipelineBlocks):
         self.wrapper.set_block_state(state, eager_state)
         return components, state
 
-    def _run_segments(self, plan: _Plan, components, slots: dict[str, Any]):
+    def _run_segments(self, plan: _Plan, components, slots: dict[str, Any], draws: CounterDraws):
         """Every step: compiled segments on the current slot values, eager blocks called for real.
 
         Returns the final tainted slot values, and the BlockState when an eager block did something the trace
         did not show (other slots, shapes or Python state): then the rest of the loop ran eagerly."""
         trace = plan.trace
         env = {k: v for k, v in slots.items() if k in plan.data_specs}
+        env.update(draws.seeds.values())  # rng="counter": seed name -> this call's seed
         for step in trace.steps:
             i = step.index
             for k, seg in enumerate(plan.segments):
@@ -538,8 +552,9 @@ class CompiledLoop(ModularPipelineBlocks):
                 _restore_python_state(components, _loop_attributes(plan, step.python_before[name]))
                 for slot, (path, _, _) in step.held_before[name].items():
                     _put(components, path, env[slot])
-                components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
-                                                    **step.kwargs)
+                with self._drawing(draws, i, step.draws_before[name]):
+                    components, block_state = run_block(name, self.wrapper.sub_blocks[name], components,
+                                                        block_state, **step.kwargs)
                 rest = trace.block_names[trace.block_names.index(name) + 1:]
                 after = rest[0] if rest else "__end__"
                 held = _held_tensors(self.wrapper, components, step.held_before[after])
@@ -547,7 +562,7 @@ class CompiledLoop(ModularPipelineBlocks):
                     warnings.warn(f"compile_loop: block {name!r} did not do at step {i} what it did when traced "
                                   f"(other slots, shapes or Python state): the rest of the loop runs eagerly",
                                   stacklevel=4)
-                    return {}, self._finish_eagerly(trace, components, block_state, step, rest)
+                    return {}, self._finish_eagerly(trace, components, block_state, step, rest, draws)
                 env.update({slot: vars(block_state)[slot] for slot in step.nodes_before[after]})
                 env.update(held)
         return env, None
@@ -588,13 +603,29 @@ class CompiledLoop(ModularPipelineBlocks):
                       _masked(_loop_attributes(plan, step.python_before[after]), paths))
 
     def _finish_eagerly(self, trace: LoopTrace, components, block_state: BlockState, step,
-                        rest: list[str]) -> BlockState:
-        for name in rest:
-            components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
-                                                **step.kwargs)
+                        rest: list[str], draws: CounterDraws) -> BlockState:
+        with self._drawing(draws, step.index, draws.count):  # the step's draws go on where the block left them
+            for name in rest:
+                components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
+                                                    **step.kwargs)
         for later in trace.steps[step.index + 1:]:
-            components, block_state = self.wrapper.loop_step(components, block_state, **later.kwargs)
+            with self._drawing(draws, later.index, 0):
+                components, block_state = self.wrapper.loop_step(components, block_state, **later.kwargs)
         return block_state
+
+    def _drawing(self, draws: CounterDraws, step: int, count: int):
+        """rng="counter": eager code draws by the seed policy, as step ``step`` after ``count`` draws."""
+        if self.config.rng != "counter":
+            return contextlib.nullcontext()
+        draws.start_step(step)
+        draws.count = count
+        return CounterMode(draws)
+
+    def _eager_call(self, components, state):
+        """The wrapper called eagerly (a loop that could not be compiled), drawing as ``config.rng`` says."""
+        if self.config.rng != "counter":
+            return self.wrapper(components, state)
+        return eager_loop(self.wrapper, components, state)
 
     def _fall_back(self, plan: _Plan, error: Exception | None) -> None:
         problems = plan.problems or [Unsupported(f"compilation failed: {error}")]
@@ -641,6 +672,8 @@ class CompiledLoop(ModularPipelineBlocks):
             lines.append(f"  {info.name:<28} {info.role:<10} {info.kind}{end}")
         if isinstance(plan.fn, StateBuffers):
             lines.append(f"state buffers (preallocated, updated in place): {', '.join(loop.state_slots)}")
+        for name, source in plan.seed_sources.items():
+            lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {_describe_source(source)}")
         lines.append(f"step graphs: {len(loop.variants)} for {loop.num_steps} steps")
         for k, v in enumerate(loop.variants):
             lines.append(f"  variant {k}: {module_ops(v.module)} ops, steps {_ranges(v.steps)}")
@@ -653,6 +686,44 @@ class CompiledLoop(ModularPipelineBlocks):
         lines.append(f"stats: compiles={s.compiles} step_graphs={s.step_graphs} plans={s.plans} calls={s.calls} "
                      f"plan_s={s.plan_seconds:.2f} compile_s={s.compile_seconds:.2f}")
         return "\n".join(lines)
+
+
+def _seed_sources(trace: LoopTrace) -> dict[str, tuple]:
+    """Where each traced seed's generator comes from in a call: ("slot", name[, index]) for a BlockState
+    input (one generator, or one of a per-item list), ("default", device), or ("object", generator) for one
+    held elsewhere (the same object every call)."""
+    sources = {}
+    for name, seed in trace.seeds.items():
+        g = seed.generator
+        found = [("slot", k) for k, v in trace.initial_slots.items() if v is g] + [
+            ("slot", k, j) for k, v in trace.initial_slots.items() if isinstance(v, (list, tuple))
+            for j, item in enumerate(v) if item is g]
+        sources[name] = ("default", seed.device) if g is None else (found[0] if found else ("object", g))
+    return sources
+
+
+def _draw_seeds(plan: _Plan, slots: dict[str, Any]) -> tuple[dict[str, torch.Tensor], CounterDraws]:
+    """This call's seeds, one draw from each generator in the traced order of first use: by seed name (the
+    compiled loop's inputs), and as the draws eager blocks make (keyed by this call's generators)."""
+    by_name, by_key = {}, {}
+    for name, source in plan.seed_sources.items():
+        if source[0] == "default":
+            generator, device = None, source[1]
+        else:
+            generator = source[1] if source[0] == "object" else slots[source[1]]
+            generator = generator[source[2]] if len(source) == 3 else generator
+            device = generator.device
+        by_name[name] = draw_seed(generator, device)
+        by_key[source_key(generator, device)] = (name, by_name[name])
+    return by_name, CounterDraws(by_key)
+
+
+def _describe_source(source: tuple) -> str:
+    if source[0] == "default":
+        return f"the default generator of {source[1]}"
+    if source[0] == "object":
+        return f"the generator object {source[1]!r} (the same every call)"
+    return f"the generator in input {source[1]!r}" + (f" (item {source[2]})" if len(source) == 3 else "")
 
 
 def _loop_attributes(plan: _Plan, snapshot: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -771,7 +842,7 @@ def _ranges(steps: list[int]) -> str:
 
 def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None, strict: bool = False,
                  cuda_graphs: bool | str = "auto", static_shapes: bool = False, check: bool = True,
-                 fused_kernels: bool | str = "auto") -> CompiledLoop:
+                 fused_kernels: bool | str = "auto", rng: str = "eager") -> CompiledLoop:
     """Compile a loop wrapper's whole denoising loop.
 
     Args:
@@ -786,6 +857,11 @@ def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None,
         check: compare the first compiled run with the eager run it was traced from (fall back if they differ).
         fused_kernels: "auto" (on CUDA) | True | False: replace guidance + scheduler updates with fused Triton
             kernels (``loopgraph.kernel_pass``); True forces them on CPU too (needs TRITON_INTERPRET=1; testing).
+        rng: how random ops inside the loop (a stochastic sampler's noise) draw. "eager" (default): from
+            torch's generators, as eager does, so results equal eager's exactly; a block that draws runs
+            eagerly each step between compiled segments (on CUDA, no whole-loop graph). "counter": inside the
+            compiled loop (and the CUDA graph), counter-based by the seed policy of ``loopgraph.rng``: one seed
+            per generator per call, same distribution as eager, not the same values.
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.
@@ -798,7 +874,7 @@ def compile_loop(wrapper, *, backend: str = "inductor", mode: str | None = None,
         >>> _, state = fast(setup.components, setup.new_state())   # runs the compiled loop
     """
     config = CompileConfig(backend=backend, mode=mode, strict=strict, cuda_graphs=cuda_graphs,
-                           static_shapes=static_shapes, check=check, fused_kernels=fused_kernels)
+                           static_shapes=static_shapes, check=check, fused_kernels=fused_kernels, rng=rng)
     missing = [a for a in ("sub_blocks", "loop_step", "get_block_state", "set_block_state") if not hasattr(wrapper, a)]
     if missing or not callable(wrapper):
         raise TypeError(

@@ -27,9 +27,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .blocks import run_block
+from .rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
 
-__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "Unsupported", "component_objects", "component_tensors",
-           "func_name", "trace_loop"]
+__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "Unsupported", "component_objects",
+           "component_tensors", "func_name", "trace_loop"]
 
 # Tensor queries that return static metadata (shapes are part of the plan's key, not data).
 _METADATA = {
@@ -127,6 +128,15 @@ def component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.T
     return found
 
 
+class SeedDraw(NamedTuple):
+    """A seed the traced call drew for the loop's random ops (``rng="counter"``): from which generator."""
+
+    key: tuple                          # rng.source_key: a generator object's id, or a device's default
+    generator: torch.Generator | None   # that generator (None: the device's default generator)
+    device: torch.device                # where its draws were made
+    value: torch.Tensor                 # the seed (0-d int64)
+
+
 @dataclass
 class StepTrace:
     """One iteration: its graph, which slots fed it, what it left in the BlockState, and per-block effects."""
@@ -149,9 +159,15 @@ class StepTrace:
     nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
     held_before: dict[str, dict[str, tuple[tuple, torch.Tensor, fx.Node]]] = field(default_factory=dict)
     python_before: dict[str, Any] = field(default_factory=dict)
+    # rng="counter": the seeds' placeholders in this step (seed name -> node, value), and how many random
+    # draws the step had made before each block (the draw counter an eager block starts from)
+    seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
+    draws_before: dict[str, int] = field(default_factory=dict)
 
     def value_before(self, key: str, slot: str) -> Any:
-        """A slot's value before block ``key``: the BlockState's, or a component's (its history)."""
+        """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""
+        if slot in self.seeds:
+            return self.seeds[slot][1]
         held = self.held_before[key].get(slot)
         return held[1] if held is not None else self.slots_before[key][slot]
 
@@ -175,6 +191,8 @@ class LoopTrace:
     # Where the components held tensors at the start that no torch op used and that were gone at the end
     # (UniPC's leftover `timestep_list`, shifted out unread): their values cannot change the loop.
     unused_held: list[tuple] = field(default_factory=list)
+    seeds: dict[str, SeedDraw] = field(default_factory=dict)  # rng="counter": seed name -> where it came from
+    progress: bool = False  # the wrapper's __call__ opened its progress bar (compiled calls draw it then)
 
     def final_value(self, slot: str) -> Any:
         """A slot's value after the eager loop (BlockState or component state; None if gone)."""
@@ -196,6 +214,7 @@ class _Recorder(TorchFunctionMode):
         self.strict = False
         self._const_ids: dict[int, str] = {}
         self.used: set[int] = set()  # ids of every tensor a torch op was called with
+        self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
@@ -206,9 +225,22 @@ class _Recorder(TorchFunctionMode):
         carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
         self.taint, self._const_ids, self.step = {}, {}, step
         for name, tensor in {**slots, **carried}.items():
-            self.taint[id(tensor)] = (tensor, step.graph.placeholder(name))
-            self.stale.pop(id(tensor), None)
-            step.inputs.append(name)
+            self._placeholder(name, tensor)
+        if self.draws is not None:
+            self.draws.start_step(step.index)
+            for name, seed in self.draws.seeds.values():
+                step.seeds[name] = (self._placeholder(name, seed), seed)
+
+    def _placeholder(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A step input, placed after the step's other inputs (a seed drawn mid-step joins them there)."""
+        graph = self.step.graph
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(None):
+            node = graph.placeholder(name)
+        self.taint[id(tensor)] = (tensor, node)
+        self.stale.pop(id(tensor), None)
+        self.step.inputs.append(name)
+        return node
 
     def node_of(self, value: Any) -> fx.Node | None:
         hit = self.taint.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -257,7 +289,17 @@ class _Recorder(TorchFunctionMode):
         tainted = any(self.node_of(v) is not None for v in flat)
         name = func_name(func)
         if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
-            self.problem(f"random op `{name}` inside the loop (its draws must be eager's)")
+            if self.draws is None:
+                self.problem(f"random op `{name}` inside the loop (its draws must be eager's; rng='counter' "
+                             f"draws them inside the compiled loop instead)")
+            elif name in COUNTER_OPS:
+                try:
+                    return self._counter_draw(name, args, kwargs)
+                except ValueError as e:
+                    self.problem(f"random op {e}: rng='counter' cannot draw it (eager's generator draws it)")
+            else:
+                self.problem(f"random op `{name}` inside the loop: rng='counter' draws randn, randn_like, rand "
+                             f"and rand_like only (eager's generator draws it)")
         if not tainted:
             if self.step is not None:
                 for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
@@ -278,6 +320,21 @@ class _Recorder(TorchFunctionMode):
             self.problem(f"data-dependent Python: `{name}` returned {type(out).__name__} from loop data")
             return out
         self._record(func, name, args, kwargs, out)
+        return out
+
+    def _counter_draw(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Draw by the seed policy (rng.py) and record the draw: its seed is a step input, its stream a
+        per-step constant (lifted into a table), so the compiled step draws what this eager run drew."""
+        spec = draw_spec(name, args, kwargs)
+        seed_name, seed, new = self.draws.seed(spec)
+        if new:
+            self.step.seeds[seed_name] = (self._placeholder(seed_name, seed), seed)
+        stream = self.draws.stream(spec)
+        out = counter_draw(seed, stream, spec.shape, spec.dtype, spec.device, spec.kind)
+        node = self.step.graph.call_function(counter_draw, (self.node_of(seed), self._constant(stream), spec.shape,
+                                                            spec.dtype, spec.device, spec.kind))
+        self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
+        self.taint[id(out)] = (out, node)
         return out
 
     def _record(self, func, name, args, kwargs, out) -> None:
@@ -324,14 +381,17 @@ def _rng_states(slots: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def trace_loop(wrapper, components, state, *, strict: bool = False,
-               snapshot: Callable[[Any], Any] | None = None) -> tuple[LoopTrace, Any, Any]:
+               snapshot: Callable[[Any], Any] | None = None, rng: str = "eager") -> tuple[LoopTrace, Any, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
     ``snapshot(components)``, when given, records the components' Python state before each block (outside
-    the recording mode). Returns the trace and the wrapper's own return value ``(components, state)``.
+    the recording mode). ``rng="counter"`` draws the steps' random numbers by the seed policy of rng.py
+    (recorded as graph ops) instead of from torch's generators. Returns the trace and the wrapper's own
+    return value ``(components, state)``.
     """
     recorder = _Recorder()
     recorder.strict = strict
+    recorder.draws = CounterDraws() if rng == "counter" else None
     schedule_inputs = [p.name for p in getattr(wrapper, "loop_inputs", []) if p.name]
     exclude = set(schedule_inputs)
     steps: list[StepTrace] = []
@@ -357,6 +417,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
         step.held_before[key] = {k: (path, v, n) for k, (path, v) in
                                  component_tensors(component_objects(wrapper, comps)).items()
                                  if (n := recorder.node_of(v)) is not None}
+        step.draws_before[key] = recorder.draws.count if recorder.draws is not None else 0
         if snapshot is not None:
             with torch._C.DisableTorchFunction():  # copying tensors is not part of the step
                 step.python_before[key] = snapshot(comps)
@@ -373,11 +434,12 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
             cut(step, name, comps, block_state)
             before = step.slots_before[name]
             recorder.block = name
-            ops_before = len(step.graph.nodes)
+            nodes_before = set(step.graph.nodes)
             comps, block_state = run_block(name, block, comps, block_state, **kwargs)
             after = vars(block_state)
             step.writes[name] = {k for k, v in after.items() if k not in before or before[k] is not v}
-            new_nodes = list(step.graph.nodes)[ops_before:]
+            # this block's ops (a seed's placeholder, drawn here, joins the step's inputs instead)
+            new_nodes = [n for n in step.graph.nodes if n not in nodes_before and n.op != "placeholder"]
             for n in new_nodes:
                 n.meta["block"] = name
             step.reads[name] = {a.target for n in new_nodes for a in n.all_input_nodes if a.op == "placeholder"}
@@ -400,6 +462,13 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
 
     wrapper.get_block_state = get_block_state
     wrapper.loop_step = loop_step
+    original_bar = getattr(wrapper, "progress_bar", None)
+    if callable(original_bar):
+        def progress_bar(*args, **kwargs):
+            seen["progress"] = True
+            return original_bar(*args, **kwargs)
+
+        wrapper.progress_bar = progress_bar
     held_at_start = component_tensors(component_objects(wrapper, components))  # kept alive: ids stay unique
     try:
         with recorder:
@@ -407,10 +476,15 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
     finally:
         del wrapper.loop_step
         del wrapper.get_block_state
+        if callable(original_bar):
+            del wrapper.progress_bar
     held_at_end = {id(t) for _, t in component_tensors(component_objects(wrapper, components)).values()}
     unused_held = [path for path, t in held_at_start.values()
                    if id(t) not in recorder.used and id(t) not in held_at_end]
     initial, final = seen.get("initial", {}), seen.get("final", {})
+    draws = recorder.draws
+    seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
+                                      for key, (name, value) in draws.seeds.items()}
     tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
     inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
     for name, version in seen.get("versions", {}).items():
@@ -423,5 +497,5 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
                       inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
                       block_names=list(wrapper.sub_blocks), component_slots=component_slots,
                       final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}),
-                      unused_held=unused_held)
+                      unused_held=unused_held, seeds=seeds, progress=seen.get("progress", False))
     return trace, result

@@ -380,6 +380,15 @@ def test_inductor_new_n_compiles_no_new_step_graph_and_no_python_per_step(induct
     assert per_n[8] == per_n[32], per_n
 
 
+def test_compiled_call_draws_no_progress_bar_where_the_wrapper_draws_none(capsys):
+    loop = Loop.from_blocks_dict({"scale": Scale})  # its __call__ never opens the bar it has
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(2):
+        run_loop(fast, torch.ones(2), 3)
+    assert fast.stats.compiled_calls == 1
+    assert "3/3" not in capsys.readouterr().err
+
+
 def test_compiled_call_draws_the_wrappers_progress_bar(capsys):
     setup = build_loop("dit", steps=3, sample_size=8, progress=True)
     fast = compile_loop(setup.wrapper, backend="eager")

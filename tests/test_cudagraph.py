@@ -69,3 +69,48 @@ def test_cuda_graphs_false_uses_the_while_loop():
     _, state = fast(setup.components, setup.new_state())
     assert torch.allclose(state.get("latents"), expected, rtol=1e-3, atol=1e-4)
     assert not isinstance(fast._plans[-1].fn, WholeLoopGraph)
+
+
+def _stochastic_ddim(device="cpu", steps=6):
+    import dataclasses
+
+    setup = build_loop("dit-ddim", steps=steps, sample_size=8, device=device)
+    scheduler = setup.components.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, eta=1.0)
+    return setup
+
+
+def test_unrolled_steps_with_counter_noise_equal_the_lowered_loop():
+    """The seeds are invariant inputs and the draws' streams table rows: what the CUDA graph copies in and
+    reads at the device counter, so the unrolled steps draw the lowered loop's noise."""
+    setup = _stochastic_ddim()
+    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
+    state = setup.new_state()
+    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
+    fast(setup.components, state)
+    plan = fast._plans[-1]
+    loop = plan.loop
+    inputs.update({name: seed.value for name, seed in plan.trace.seeds.items()})
+    assert list(plan.trace.seeds) == ["rng_seed0"] and "rng_seed0" in loop.invariant_slots
+    unrolled = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
+                              whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
+    got = unrolled._run_steps([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
+                              plan.tables, [int(e) for e in plan.ends.tolist()], torch.zeros((), dtype=torch.int64))
+    assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
+
+
+@needs_cuda
+def test_counter_noise_is_drawn_inside_the_cuda_graph():
+    from loopgraph.rng import eager_loop
+
+    setup = _stochastic_ddim(device="cuda", steps=8)
+    fast = compile_loop(setup.wrapper, rng="counter")
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        expected = eager_loop(setup.wrapper, setup.components, setup.new_state())[1].get("latents")
+        torch.manual_seed(seed)
+        _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected, rtol=1e-3, atol=1e-4), seed
+    fn = fast._plans[-1].fn
+    assert isinstance(fn, WholeLoopGraph) and fn.failed is None and len(fn.graphs) == 1  # one graph, every seed
+    assert fast.stats.segment_calls == 0 and fast.stats.compiles == len(fast._plans[-1].loop.variants)

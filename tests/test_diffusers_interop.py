@@ -145,6 +145,28 @@ def test_random_op_in_scheduler_runs_that_block_eagerly_and_matches():
     assert "eager after_denoiser" in fast.explain()
 
 
+@needs_diffusers
+def test_counter_rng_compiles_diffusers_stochastic_sampling_whole():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from loopgraph.rng import eager_loop
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop("flux", steps=3)
+    setup.components.update_components(scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=True))
+    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        expected = eager_loop(setup.wrapper, setup.components, setup.new_state())[1].get("latents")
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing falls back, nothing runs eagerly
+            _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected, **TOL), seed
+    assert fast.stats.compiled_calls == 2 and fast.stats.eager_blocks == 0 and fast.stats.segment_calls == 0
+    assert "randn" not in str(fast.graph.code) and "counter_draw" in str(fast.graph.code)
+
+
 # -- inside a diffusers ModularPipeline, in place of the original sub-block -------------------------------------------
 def _set_timesteps_step(name):
     from diffusers.modular_pipelines.flux.before_denoise import FluxSetTimestepsStep

@@ -17,7 +17,7 @@ def test_doc_examples_run(page, capsys):
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for code in blocks:
         # compiling for real is covered by tests/test_compile_loop.py; keep the docs run short
-        code = code.replace("compile_loop(setup.wrapper)", "compile_loop(setup.wrapper, backend='eager')")
+        code = re.sub(r"compile_loop\(setup\.wrapper(?=[,)])", "compile_loop(setup.wrapper, backend='eager'", code)
         exec(compile(code, str(page), "exec"), namespace)
 
 
