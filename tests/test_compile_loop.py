@@ -13,7 +13,7 @@ import torch
 from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
 from loopgraph import SequentialPipelineBlocks, compile_loop
 from loopgraph.bench import count_python_calls
-from loopgraph.compile import CompiledLoop
+from loopgraph.compile import CompiledLoop, matches_eager
 from loopgraph.zoo.loops import build_loop
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -338,6 +338,28 @@ def test_explain_and_graph():
     assert "state buffers (preallocated, updated in place): latents" in text
     assert "hoisted per-step tables:" in text
     assert isinstance(fast.graph, torch.fx.GraphModule) and "while_loop" not in fast.graph.code
+
+
+# -- half precision ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("preset", ["dit", "unet-ddim"])
+def test_half_precision_loops_match_eager(preset, dtype):
+    setup = build_loop(preset, steps=4, sample_size=8, dtype=dtype)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    expected, states = eager_and_compiled(setup, fast, calls=2)
+    for state in states:
+        assert state.get("latents").dtype == dtype
+        assert torch.equal(state.get("latents"), expected)  # the same ops in the same order: bit for bit
+    assert fast.stats.compiled_calls == 1
+
+
+def test_inductor_bfloat16_loop_matches_eager_within_its_tolerance():
+    setup = build_loop("dit", steps=4, sample_size=8, dtype=torch.bfloat16)
+    fast = compile_loop(setup.wrapper)
+    expected, states = eager_and_compiled(setup, fast, calls=2)
+    for state in states:  # fused bf16 math rounds differently: the bf16 tolerance (5e-2, scaled by the latents)
+        assert state.get("latents").dtype == torch.bfloat16 and matches_eager(state.get("latents"), expected)
+    assert fast.stats.compiles == 1 and fast.stats.compiled_calls == 1
 
 
 # -- Inductor: compile counts and no Python per step ----------------------------------------------------------------------

@@ -171,6 +171,21 @@ def test_same_distribution_as_eager_on_a_stochastic_ddim_loop():
     assert fast.stats.segment_calls == 0 and fast.stats.eager_blocks == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_counter_rng_in_half_precision_matches_the_eager_loop(dtype):
+    setup = build_loop("dit-ddim", steps=3, sample_size=8, dtype=dtype)
+    scheduler = setup.components.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, eta=1.0)
+    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        expected = eager_loop(setup.wrapper, setup.components, setup.new_state())[1].get("latents")
+        torch.manual_seed(seed)
+        got = fast(setup.components, setup.new_state())[1].get("latents")
+        assert got.dtype == dtype and torch.equal(got, expected), seed
+    assert fast.stats.compiled_calls == 2 and fast.stats.segment_calls == 0
+
+
 # -- eager blocks draw by the policy too ----------------------------------------------------------------------------------
 def test_an_eager_block_draws_by_the_policy_between_compiled_segments():
     loop = Loop.from_blocks_dict({"noise": Noise, "clamp": ClampNoise, "jitter": Jitter})
