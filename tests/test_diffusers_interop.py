@@ -167,6 +167,34 @@ def test_counter_rng_compiles_diffusers_stochastic_sampling_whole():
     assert "randn" not in str(fast.graph.code) and "counter_draw" in str(fast.graph.code)
 
 
+@needs_diffusers
+def test_counter_rng_compiles_sdxl_with_euler_ancestral_and_a_generator_per_call():
+    """EulerAncestral draws from the `generator` SDXL's block passes to scheduler.step: each call's own."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from loopgraph.rng import eager_loop
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop("sdxl", steps=3)
+    config = setup.components.scheduler.config
+    setup.components.update_components(scheduler=EulerAncestralDiscreteScheduler.from_config(config))
+    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
+
+    def state(seed):
+        s = setup.new_state()
+        s.set("generator", torch.Generator().manual_seed(seed))
+        return s
+
+    results = []
+    for seed in (0, 1, 0):
+        expected = eager_loop(setup.wrapper, setup.components, state(seed))[1].get("latents")
+        results.append(fast(setup.components, state(seed))[1].get("latents"))
+        assert torch.allclose(results[-1], expected, **TOL), seed
+    assert torch.equal(results[0], results[2]) and not torch.allclose(results[0], results[1])
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 2 and fast.stats.segment_calls == 0
+    assert "drawn per call from the generator in input 'generator'" in fast.explain()
+
+
 # -- inside a diffusers ModularPipeline, in place of the original sub-block -------------------------------------------
 def _set_timesteps_step(name):
     from diffusers.modular_pipelines.flux.before_denoise import FluxSetTimestepsStep
