@@ -73,13 +73,16 @@ class WholeLoopGraph:
                 warnings.warn(f"compile_loop: the loop could not be captured into one CUDA graph ({self.failed}); "
                               "running its compiled steps one by one (Python per step)", stacklevel=3)
                 return self._run_steps(state, invariants, tables, ends_host, counter)
-        graph, static_state, static_invariants, outputs = self.graphs[key]
+        graph, static_state, static_invariants, outputs, _ = self.graphs[key]
         for dst, src in zip([*static_state, *static_invariants], [*state, *invariants]):
             dst.copy_(src)
         graph.replay()
         return [o.clone() for o in outputs]
 
     def _capture(self, state, invariants, tables, ends: list[int]):
+        """Capture the N steps. The entry keeps alive every tensor the graph reads or writes outside its
+        pool: the static inputs, the step counter and the tables (also so that their ids, part of the key,
+        cannot be reused by another plan's tables while the graph exists)."""
         static_state = [t.clone() for t in state]
         static_invariants = [t.clone() for t in invariants]
         counter = torch.zeros((), dtype=torch.int64, device=static_state[0].device)
@@ -91,4 +94,4 @@ class WholeLoopGraph:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._run_steps(static_state, static_invariants, tables, ends, counter)
-        return graph, static_state, static_invariants, outputs
+        return graph, static_state, static_invariants, outputs, (counter, tables)

@@ -4,6 +4,8 @@ capture, replay and dtypes need a GPU and skip without one."""
 import pytest
 import torch
 
+from torch.utils._pytree import tree_leaves as pytree_leaves
+
 from loopgraph import compile_loop
 from loopgraph.cudagraph import WholeLoopGraph
 from loopgraph.runtime import WHOLE_TABLES
@@ -33,6 +35,39 @@ def test_unrolled_steps_equal_the_lowered_loop(preset, window):
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, **TOL)
     assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
+
+
+def test_a_captured_graph_keeps_alive_what_it_reads_outside_its_pool(monkeypatch):
+    """A CUDA graph replays raw addresses: the step counter and the tables it reads must live as long as the
+    graph (a freed counter's memory would be reused and overwritten). Capture is faked here so that it runs
+    the steps on CPU; what the entry holds is the point."""
+    import contextlib
+    import types
+
+    fake_stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: fake_stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
+    fast(setup.components, state)
+    plan = fast._plans[-1]
+    loop = plan.loop
+    graph = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
+                           whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
+    used = []
+    run_steps = graph._run_steps
+    monkeypatch.setattr(graph, "_run_steps", lambda *args: used.append(args[-1]) or run_steps(*args))
+    entry = graph._capture([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
+                           plan.tables, [int(e) for e in plan.ends.tolist()])
+    kept = [t for part in entry[1:] for t in pytree_leaves(part)]
+    assert used and all(any(counter is t for t in kept) for counter in used)
+    assert all(any(table is t for t in kept) for ts in plan.tables for table in ts)
+    assert torch.allclose(entry[3][loop.state_slots.index("latents")], state.get("latents"), **TOL)
 
 
 @needs_cuda
