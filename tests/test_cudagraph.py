@@ -3,7 +3,6 @@ capture, replay and dtypes need a GPU and skip without one."""
 
 import pytest
 import torch
-
 from torch.utils._pytree import tree_leaves as pytree_leaves
 
 from loopgraph import compile_loop
