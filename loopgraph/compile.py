@@ -604,21 +604,20 @@ class CompiledLoop(ModularPipelineBlocks):
 
     def _finish_eagerly(self, trace: LoopTrace, components, block_state: BlockState, step,
                         rest: list[str], draws: CounterDraws) -> BlockState:
-        with self._drawing(draws, step.index, draws.count):  # the step's draws go on where the block left them
+        with self._drawing(draws, step.index, draws.counts):  # the step's draws go on where the block left them
             for name in rest:
                 components, block_state = run_block(name, self.wrapper.sub_blocks[name], components, block_state,
                                                     **step.kwargs)
         for later in trace.steps[step.index + 1:]:
-            with self._drawing(draws, later.index, 0):
+            with self._drawing(draws, later.index, {}):
                 components, block_state = self.wrapper.loop_step(components, block_state, **later.kwargs)
         return block_state
 
-    def _drawing(self, draws: CounterDraws, step: int, count: int):
-        """rng="counter": eager code draws by the seed policy, as step ``step`` after ``count`` draws."""
+    def _drawing(self, draws: CounterDraws, step: int, counts: dict[str, int]):
+        """rng="counter": eager code draws by the seed policy, as step ``step`` after ``counts`` draws per seed."""
         if self.config.rng != "counter":
             return contextlib.nullcontext()
-        draws.start_step(step)
-        draws.count = count
+        draws.start_step(step, counts)
         return CounterMode(draws)
 
     def _eager_call(self, components, state):

@@ -11,9 +11,11 @@ Seed policy (what ``rng="counter"`` promises):
 - Before the loop, each generator that the loop's random ops use (their ``generator=``, or the device's
   default generator when none is given) gives one seed: ``torch.randint(2**62, (), generator=g)``. So a call
   advances each generator by one draw, and the same generator state gives the same noise.
-- Draw ``k`` of step ``i`` (``k`` counts the random ops of that step in order) fills element ``e`` (row-major)
-  from Philox4x32-10 with key = seed and counter = (e, i << 32 | k): independent across elements, draws,
-  steps and seeds.
+- Draw ``k`` of step ``i`` from a generator (``k`` counts that generator's draws in the step, in order)
+  fills element ``e`` (row-major) from Philox4x32-10 with key = its seed and counter = (e, i << 32 | k):
+  independent across elements, draws, steps and seeds. As in eager, a draw depends on its own generator
+  only: items of a batch drawn each from its own generator (diffusers' list of generators) get noise that
+  does not depend on their position, and two generators in the same state give the same noise.
 - ``randn``/``randn_like``: Box-Muller on the first two 32-bit outputs, in float32 (tails reach 5.9 sigma),
   then cast. ``rand``/``rand_like``: the top 24 bits of the first output, uniform on [0, 1).
 
@@ -115,9 +117,10 @@ def source_key(generator: torch.Generator | None, device: torch.device) -> tuple
 
 
 class CounterDraws:
-    """The draws of one call under the seed policy: seeds per generator, and the step and draw counters.
+    """The draws of one call under the seed policy: seeds per generator, the step, and the draws per seed.
 
-    ``seeds`` maps a ``source_key`` to (seed name, seed tensor). Seeds not given are drawn at first use, in
+    ``seeds`` maps a ``source_key`` to (seed name, seed tensor); ``counts`` maps a seed name to its draws so
+    far in this step (by name, which is the same in every call, unlike the generator objects). Seeds not given are drawn at first use, in
     the order of first use (a traced or eager call); a compiled call draws them all before the loop, in the
     same order, so every path takes one draw from each generator.
     """
@@ -126,10 +129,10 @@ class CounterDraws:
         self.seeds = dict(seeds or {})
         self.generators: dict[tuple, torch.Generator | None] = {}  # keeps every keyed generator alive
         self.step = 0
-        self.count = 0  # draws so far in this step
+        self.counts: dict[str, int] = {}
 
-    def start_step(self, index: int) -> None:
-        self.step, self.count = index, 0
+    def start_step(self, index: int, counts: dict[str, int] | None = None) -> None:
+        self.step, self.counts = index, dict(counts or {})
 
     def seed(self, spec: DrawSpec) -> tuple[str, torch.Tensor, bool]:
         """This draw's seed name and tensor, and whether it was drawn just now."""
@@ -141,15 +144,15 @@ class CounterDraws:
         self.seeds[key] = (name, draw_seed(spec.generator, spec.device))
         return (*self.seeds[key], True)
 
-    def stream(self, spec: DrawSpec) -> torch.Tensor:
-        """This draw's stream (``step << 32 | k``), and count it."""
-        value = torch.tensor((self.step << 32) | self.count, dtype=torch.int64, device=spec.device)
-        self.count += 1
-        return value
+    def stream(self, spec: DrawSpec, name: str) -> torch.Tensor:
+        """This draw's stream (``step << 32 | k``, k = the draws of seed ``name`` so far), and count it."""
+        k = self.counts.get(name, 0)
+        self.counts[name] = k + 1
+        return torch.tensor((self.step << 32) | k, dtype=torch.int64, device=spec.device)
 
     def draw(self, spec: DrawSpec) -> torch.Tensor:
-        _, seed, _ = self.seed(spec)
-        return counter_draw(seed, self.stream(spec), spec.shape, spec.dtype, spec.device, spec.kind)
+        name, seed, _ = self.seed(spec)
+        return counter_draw(seed, self.stream(spec, name), spec.shape, spec.dtype, spec.device, spec.kind)
 
 
 class CounterMode(TorchFunctionMode):

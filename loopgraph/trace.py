@@ -159,10 +159,10 @@ class StepTrace:
     nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
     held_before: dict[str, dict[str, tuple[tuple, torch.Tensor, fx.Node]]] = field(default_factory=dict)
     python_before: dict[str, Any] = field(default_factory=dict)
-    # rng="counter": the seeds' placeholders in this step (seed name -> node, value), and how many random
-    # draws the step had made before each block (the draw counter an eager block starts from)
+    # rng="counter": the seeds' placeholders in this step (seed name -> node, value), and before each block
+    # the draws the step had made per seed (the counts an eager block starts from)
     seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
-    draws_before: dict[str, int] = field(default_factory=dict)
+    draws_before: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def value_before(self, key: str, slot: str) -> Any:
         """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""
@@ -329,7 +329,7 @@ class _Recorder(TorchFunctionMode):
         seed_name, seed, new = self.draws.seed(spec)
         if new:
             self.step.seeds[seed_name] = (self._placeholder(seed_name, seed), seed)
-        stream = self.draws.stream(spec)
+        stream = self.draws.stream(spec, seed_name)
         out = counter_draw(seed, stream, spec.shape, spec.dtype, spec.device, spec.kind)
         node = self.step.graph.call_function(counter_draw, (self.node_of(seed), self._constant(stream), spec.shape,
                                                             spec.dtype, spec.device, spec.kind))
@@ -417,7 +417,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False,
         step.held_before[key] = {k: (path, v, n) for k, (path, v) in
                                  component_tensors(component_objects(wrapper, comps)).items()
                                  if (n := recorder.node_of(v)) is not None}
-        step.draws_before[key] = recorder.draws.count if recorder.draws is not None else 0
+        step.draws_before[key] = dict(recorder.draws.counts) if recorder.draws is not None else {}
         if snapshot is not None:
             with torch._C.DisableTorchFunction():  # copying tensors is not part of the step
                 step.python_before[key] = snapshot(comps)

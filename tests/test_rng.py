@@ -33,6 +33,20 @@ class Noise(ModularPipelineBlocks):
         return components, block_state
 
 
+class NoisePerItem(ModularPipelineBlocks):
+    """diffusers' randn_tensor with a list of generators: one draw per batch item, each from its own."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("generator")]
+
+    def __call__(self, components, block_state, i: int):
+        x = block_state.x
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in block_state.generator])
+        block_state.x = x * 0.9 + 0.1 * noise
+        return components, block_state
+
+
 class Jitter(ModularPipelineBlocks):
     """Two draws in one block, with `_like` forms: uniform and normal."""
 
@@ -132,6 +146,26 @@ def test_each_call_takes_one_draw_from_the_generator(generator):
         torch.randint(SEED_HIGH, (), generator=reference)  # the one seed draw of the policy
         after = g.get_state() if generator else torch.get_rng_state()
         assert torch.equal(after, reference.get_state()), call
+
+
+def test_a_list_of_generators_gives_one_seed_each_from_this_calls_list():
+    loop = Loop.from_blocks_dict({"noise": NoisePerItem, "scale": Scale})
+    fast = compile_loop(loop, backend="eager", rng="counter")
+    x = torch.zeros(2, 5)
+
+    def state(seeds):
+        return new_state(x, 3, [torch.Generator().manual_seed(s) for s in seeds])
+
+    for seeds in ((0, 1), (0, 1), (1, 0), (2, 2)):
+        expected = eager_loop(loop, None, state(seeds))[1].get("x")
+        got = fast(None, state(seeds))[1].get("x")
+        assert torch.allclose(got, expected, **TOL), seeds
+        if seeds == (2, 2):  # both items drew from generators in the same state: the same noise
+            assert torch.allclose(got[0], got[1])
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 3
+    text = fast.explain()
+    assert "rng_seed0 drawn per call from the generator in input 'generator' (item 0)" in text
+    assert "rng_seed1 drawn per call from the generator in input 'generator' (item 1)" in text
 
 
 def test_noise_differs_between_steps_draws_and_elements():
