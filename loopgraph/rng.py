@@ -24,6 +24,7 @@ The values differ from eager's ``torch.randn``: the distribution is the same, th
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 import torch
@@ -120,9 +121,9 @@ class CounterDraws:
     """The draws of one call under the seed policy: seeds per generator, the step, and the draws per seed.
 
     ``seeds`` maps a ``source_key`` to (seed name, seed tensor); ``counts`` maps a seed name to its draws so
-    far in this step (by name, which is the same in every call, unlike the generator objects). Seeds not given are drawn at first use, in
-    the order of first use (a traced or eager call); a compiled call draws them all before the loop, in the
-    same order, so every path takes one draw from each generator.
+    far in this step (by name, which is the same in every call, unlike the generator objects). Seeds not
+    given are drawn at first use, in the order of first use (a traced or eager call); a compiled call draws
+    them all before the loop, in the same order, so every path takes one draw from each generator.
     """
 
     def __init__(self, seeds: dict[tuple, tuple[str, torch.Tensor]] | None = None) -> None:
@@ -184,7 +185,7 @@ def eager_loop(wrapper, components, state):
     Seeds are drawn at each generator's first use, as in the traced call; the wrapper's ``loop_step`` is
     wrapped to count steps.
     """
-    draws, steps = CounterDraws(), iter(range(1 << 62))
+    draws, steps = CounterDraws(), itertools.count()
     loop_step = wrapper.loop_step
 
     def counted_step(comps, block_state, **kwargs):

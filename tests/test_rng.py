@@ -115,7 +115,7 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-# -- the compiled loop against the eager loop under the same policy -----------------------------------------------------
+# -- the compiled loop against the eager loop under the same policy ----------------------------------------------------
 @pytest.mark.parametrize("generator", [False, True])
 def test_counter_rng_compiles_a_stochastic_loop_whole_and_matches_the_eager_loop(generator):
     loop = Loop.from_blocks_dict({"noise": Noise, "scale": Scale, "jitter": Jitter})
@@ -220,7 +220,7 @@ def test_counter_rng_in_half_precision_matches_the_eager_loop(dtype):
     assert fast.stats.compiled_calls == 2 and fast.stats.segment_calls == 0
 
 
-# -- eager blocks draw by the policy too ----------------------------------------------------------------------------------
+# -- eager blocks draw by the policy too -------------------------------------------------------------------------------
 def test_an_eager_block_draws_by_the_policy_between_compiled_segments():
     loop = Loop.from_blocks_dict({"noise": Noise, "clamp": ClampNoise, "jitter": Jitter})
     fast = compile_loop(loop, backend="eager", rng="counter")
@@ -257,7 +257,7 @@ def test_default_rng_keeps_eagers_draws_and_a_new_generator_per_call_reuses_the_
     assert fast.stats.plans == 1 and fast.stats.compiled_calls == 2  # a generator input is not plan structure
 
 
-# -- the generator ----------------------------------------------------------------------------------------------------------
+# -- the generator -----------------------------------------------------------------------------------------------------
 def test_philox_matches_random123s_known_answer():
     zero = torch.zeros((), dtype=torch.int64)
     assert [int(v) for v in philox4x32(zero, zero, zero, zero, zero, zero)] == [
@@ -331,7 +331,7 @@ def test_draw_spec_reads_every_form_and_refuses_what_it_cannot_draw():
         draw_spec("randn", (2,), {"out": torch.empty(2)})
 
 
-# -- Inductor: one compile, no Python per step, any N ----------------------------------------------------------------------
+# -- Inductor: one compile, no Python per step, any N ------------------------------------------------------------------
 def test_inductor_counter_rng_loop_compiles_once_and_runs_no_python_per_step():
     loop = Loop.from_blocks_dict({"noise": Noise, "jitter": Jitter})
     loop.set_progress_bar_config(disable=True)  # its text (4/4 or 12/12) is not the loop's Python
