@@ -14,22 +14,33 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("preset, window", [("dit", (0.0, 1.0)), ("unet-ddim", (0.0, 0.5))])
-def test_unrolled_steps_equal_the_lowered_loop(preset, window):
-    setup = build_loop(preset, steps=6, sample_size=8, guidance_window=window)
-    fast = compile_loop(setup.wrapper, backend="eager")
+def traced(setup, **options):
+    """One traced call under the eager backend: the plan, the call's inputs (seeds too), its state, and a
+    ``WholeLoopGraph`` of the plan whose steps are the uncompiled step modules (run on CPU, never captured)."""
+    fast = compile_loop(setup.wrapper, backend="eager", **options)
     state = setup.new_state()
     inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
     fast(setup.components, state)
     plan = fast._plans[-1]
+    inputs.update({name: seed.value for name, seed in plan.trace.seeds.items()})
+    graph = WholeLoopGraph(plan.loop, compile_step=lambda f: f, pool=None,
+                           whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in plan.loop.variants])
+    return fast, plan, inputs, state, graph
+
+
+def unrolled_args(plan, inputs):
+    """``(state, invariants, tables, ends)`` as the compiled loop passes them."""
+    loop = plan.loop
+    return ([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots], plan.tables,
+            [int(e) for e in plan.ends.tolist()])
+
+
+@pytest.mark.parametrize("preset, window", [("dit", (0.0, 1.0)), ("unet-ddim", (0.0, 0.5))])
+def test_unrolled_steps_equal_the_lowered_loop(preset, window):
+    fast, plan, inputs, state, unrolled = traced(build_loop(preset, steps=6, sample_size=8, guidance_window=window))
     loop = plan.loop
     assert len(loop.runs) >= 2  # first step + the rest (+ unguided steps): the pattern is exercised
-    unrolled = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
-                              whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
-    carried = [inputs[name] for name in loop.state_slots]
-    invariants = [inputs[name] for name in loop.invariant_slots]
-    ends = [int(e) for e in plan.ends.tolist()]
-    got = unrolled._run_steps(carried, invariants, plan.tables, ends, torch.zeros((), dtype=torch.int64))
+    got = unrolled._run_steps(*unrolled_args(plan, inputs), torch.zeros((), dtype=torch.int64))
     expected = fast._execute(plan, inputs)
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, **TOL)
@@ -49,20 +60,12 @@ def test_a_captured_graph_keeps_alive_what_it_reads_outside_its_pool(monkeypatch
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake_stream)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
-    setup = build_loop("dit", steps=3, sample_size=8)
-    fast = compile_loop(setup.wrapper, backend="eager")
-    state = setup.new_state()
-    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
-    fast(setup.components, state)
-    plan = fast._plans[-1]
+    _, plan, inputs, state, graph = traced(build_loop("dit", steps=3, sample_size=8))
     loop = plan.loop
-    graph = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
-                           whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
     used = []
     run_steps = graph._run_steps
     monkeypatch.setattr(graph, "_run_steps", lambda *args: used.append(args[-1]) or run_steps(*args))
-    entry = graph._capture([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
-                           plan.tables, [int(e) for e in plan.ends.tolist()])
+    entry = graph._capture(*unrolled_args(plan, inputs))
     kept = [t for part in entry[1:] for t in pytree_leaves(part)]
     assert used and all(any(counter is t for t in kept) for counter in used)
     assert all(any(table is t for t in kept) for ts in plan.tables for table in ts)
@@ -117,19 +120,10 @@ def _stochastic_ddim(device="cpu", steps=6):
 def test_unrolled_steps_with_counter_noise_equal_the_lowered_loop():
     """The seeds are invariant inputs and the draws' streams table rows: what the CUDA graph copies in and
     reads at the device counter, so the unrolled steps draw the lowered loop's noise."""
-    setup = _stochastic_ddim()
-    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
-    state = setup.new_state()
-    inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
-    fast(setup.components, state)
-    plan = fast._plans[-1]
+    _, plan, inputs, state, unrolled = traced(_stochastic_ddim(), rng="counter")
     loop = plan.loop
-    inputs.update({name: seed.value for name, seed in plan.trace.seeds.items()})
     assert list(plan.trace.seeds) == ["rng_seed0"] and "rng_seed0" in loop.invariant_slots
-    unrolled = WholeLoopGraph(loop, compile_step=lambda f: f, pool=None,
-                              whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in loop.variants])
-    got = unrolled._run_steps([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
-                              plan.tables, [int(e) for e in plan.ends.tolist()], torch.zeros((), dtype=torch.int64))
+    got = unrolled._run_steps(*unrolled_args(plan, inputs), torch.zeros((), dtype=torch.int64))
     assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
 
 
