@@ -89,7 +89,7 @@ class _Plan:
     start_python: dict                  # component attributes the loop reads before writing them (tensors at
                                         # `unused` compared by shape and dtype only)
     end_python: dict                    # component attributes the loop writes, as it leaves them
-    schedule_values: dict[str, Any]     # untainted inputs, by value (generators by device: `_GeneratorLike`)
+    schedule_values: dict[str, Any]     # untainted inputs, by value (in `_match_form`)
     data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
     final_untainted: dict[str, Any]
     unused: list[tuple] = field(default_factory=list)  # of trace.unused_held, the paths in start_python
@@ -254,7 +254,8 @@ class CompiledLoop(ModularPipelineBlocks):
             if any(_tensor_spec(slots[k]) != spec if isinstance(slots[k], torch.Tensor) else True
                    for k, spec in plan.data_specs.items()):
                 continue
-            if not all(values_equal(_generators_as_specs(slots[k]), v) for k, v in plan.schedule_values.items()):
+            data = {id(slots[k]): k for k in plan.data_specs}
+            if not all(values_equal(_match_form(slots[k], data), v) for k, v in plan.schedule_values.items()):
                 continue
             python = _python_state(self.wrapper, components) if python is None else python
             if _holds(_masked(python, plan.unused), plan.start_python):
@@ -284,7 +285,7 @@ class CompiledLoop(ModularPipelineBlocks):
         plan = _Plan(
             trace=trace, loop=None, start_python=live_in(start_python, logs),
             end_python=live_out(_python_state(self.wrapper, components), logs, start_python),
-            schedule_values={k: _schedule_value(v) for k, v in trace.initial_slots.items()
+            schedule_values={k: _schedule_value(v, _data_inputs(trace)) for k, v in trace.initial_slots.items()
                              if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
             data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
                         if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs},
@@ -749,19 +750,44 @@ class _GeneratorLike:
     device: str
 
 
-def _generators_as_specs(value: Any) -> Any:
-    """A generator, or a list or tuple of generators (one per batch item), as ``_GeneratorLike``s; else ``value``."""
+@dataclass(frozen=True)
+class _InputRef:
+    """Stands for a tensor inside a container input (a dict of denoiser inputs) that is the very tensor of
+    another, data input: its value reaches the compiled loop through that input, so only the sharing and the
+    spec are part of the plan."""
+
+    slot: str
+    spec: tuple
+
+
+def _data_inputs(trace: LoopTrace) -> dict[int, str]:
+    """id -> name of the traced call's data inputs (tensor slots other than the schedule)."""
+    return {id(v): k for k, v in trace.initial_slots.items()
+            if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs}
+
+
+def _match_form(value: Any, data: dict[int, str]) -> Any:
+    """``value`` as plans compare it: a generator by its device (its state is this call's input, not plan
+    structure), a tensor that is one of the call's data inputs (``data``: id -> name) as an ``_InputRef``, and
+    plain lists, tuples and dicts item by item; anything else as it is. Unchanged values are returned as is."""
     if isinstance(value, torch.Generator):
         return _GeneratorLike(str(value.device))
-    if isinstance(value, (list, tuple)) and value and all(isinstance(g, torch.Generator) for g in value):
-        return type(value)(_GeneratorLike(str(g.device)) for g in value)
+    if isinstance(value, torch.Tensor):
+        name = data.get(id(value))
+        return value if name is None else _InputRef(name, _tensor_spec(value))
+    if type(value) in (list, tuple) and not _atoms_only(value):  # a list of numbers is compared as it is, in C
+        items = [_match_form(v, data) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if type(value) is dict:
+        items = {k: _match_form(v, data) for k, v in value.items()}
+        return value if all(items[k] is value[k] for k in value) else items
     return value
 
 
-def _schedule_value(value: Any) -> Any:
-    """What a plan keeps of an untainted input to match later calls against."""
-    spec = _generators_as_specs(value)
-    return spec if spec is not value else copy.deepcopy(value)
+def _schedule_value(value: Any, data: dict[int, str]) -> Any:
+    """What a plan keeps of an untainted input to match later calls against (a copy, in ``_match_form``)."""
+    form = _match_form(value, data)
+    return copy.deepcopy(form)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,39 @@ def test_new_latents_and_prompts_reuse_the_plan():
     assert fast.stats.plans == plans
 
 
+class AddFromFields(ModularPipelineBlocks):
+    """Reads a tensor through a dict input (diffusers' `denoiser_input_fields`), which also holds it as `cond`."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("cond"), InputParam("fields")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * 0.5 + block_state.fields["cond"]
+        return components, block_state
+
+
+def test_a_dict_input_sharing_a_data_input_reuses_the_plan_for_new_values():
+    loop = Loop.from_blocks_dict({"add": AddFromFields})
+    fast = compile_loop(loop, backend="eager")
+
+    def call(wrapper, cond, fields_cond=None):
+        state = PipelineState()
+        state.set("x", torch.ones(3))
+        state.set("num_steps", 4)
+        state.set("cond", cond)
+        state.set("fields", {"cond": cond if fields_cond is None else fields_cond, "scale": 2})
+        return wrapper(None, state)[1].get("x")
+
+    for k in range(3):  # new prompts: the dict holds this call's `cond`, the same tensor as the input
+        cond = torch.full((3,), float(k))
+        assert torch.allclose(call(fast, cond), call(loop, cond), **TOL)
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 2
+    cond = torch.full((3,), 5.0)  # the dict now holds another tensor than `cond`: eager reads the dict's
+    assert torch.allclose(call(fast, cond, cond * 3), call(loop, cond, cond * 3), **TOL)
+    assert fast.stats.plans == 2
+
+
 def test_a_new_guidance_scale_compiles_once_more_and_then_never_again():
     setup = build_loop("dit", steps=4, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")

@@ -122,6 +122,27 @@ def test_a_new_generator_per_call_reuses_the_plan():
 
 
 @needs_diffusers
+@pytest.mark.parametrize("name", ["sdxl", "qwenimage"])
+def test_new_prompt_embeddings_reuse_the_plan(name):
+    """These loops also get their embeddings in a dict input (`denoiser_input_fields`); new prompts are new
+    values of the same tensors, not a new plan (they used to be: one traced eager call per prompt)."""
+    from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+
+    setup = build_diffusers_loop(name, steps=2)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    fast(setup.components, setup.new_state())
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        for k, v in list(setup.inputs.items()):
+            if "embeds" in k and v.is_floating_point():  # not the masks
+                setup.inputs[k] = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        expected = setup.wrapper(setup.components, setup.new_state())[1].get("latents")
+        _, state = fast(setup.components, setup.new_state())
+        assert torch.allclose(state.get("latents"), expected, **TOL)
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 2
+
+
+@needs_diffusers
 def test_random_op_in_scheduler_runs_that_block_eagerly_and_matches():
     from diffusers import FlowMatchEulerDiscreteScheduler
 
