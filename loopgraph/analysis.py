@@ -120,15 +120,18 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
 
 
 # -- step signatures --------------------------------------------------------------------------------------------
-def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, int | None, Any]]:
-    """Per-step values in graph order: (node, arg position or None for a get_attr, value)."""
+def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, int | str | None, Any]]:
+    """Per-step values in graph order: (node, argument position or keyword, or None for a get_attr, value).
+
+    Python floats passed directly (positionally or by keyword: ``clamp(min=-c)``) can become table rows; a float
+    inside a list or tuple argument cannot, and is part of the step's signature instead."""
     found = []
     for node in step.graph.nodes:
         if node.op == "get_attr":
             found.append((node, None, step.constants[node.target]))
         elif node.op == "call_function":
-            for pos, arg in enumerate(node.args):
-                if isinstance(arg, float):
+            for pos, arg in [*enumerate(node.args), *node.kwargs.items()]:
+                if type(arg) is float:
                     found.append((node, pos, arg))
     return found
 
@@ -139,15 +142,15 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
     live = [n for n in step.graph.nodes if n.op != "placeholder" or n.users]
     index = {node: k for k, node in enumerate(live)}
 
-    def enc(a: Any) -> Any:
+    def enc(a: Any, top: bool = False) -> Any:
         if isinstance(a, fx.Node):
             return ("node", index[a]) if a in index else ("unread slot", a.target)
-        if isinstance(a, float):
-            return ("float",)
+        if type(a) is float:  # a direct argument may be lifted; one inside a list is the step's own
+            return ("float",) if top else ("lit", repr(a))
         if isinstance(a, (list, tuple)):
             return (type(a).__name__, tuple(enc(x) for x in a))
         if isinstance(a, dict):
-            return ("dict", tuple((k, enc(v)) for k, v in a.items()))
+            return ("dict", tuple((k, enc(v, top)) for k, v in a.items()))
         return ("lit", repr(a))
 
     parts = []
@@ -159,7 +162,8 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
         elif node.op == "placeholder":
             parts.append(("placeholder", node.target, len(node.users) > 0))
         else:
-            parts.append((node.op, str(node.target), enc(node.args), enc(node.kwargs)))
+            parts.append((node.op, str(node.target), tuple(enc(a, top=True) for a in node.args),
+                          tuple((k, enc(v, top=True)) for k, v in node.kwargs.items())))
     parts.append(("outputs", tuple((slot, enc(node)) for slot, node in sorted(step.outputs.items()))))
     return tuple(parts)
 
@@ -262,11 +266,15 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
                 env[node] = graph.get_attr(name)
             continue
         args = list(fx.map_arg(node.args, lambda a: env[a]))
-        for pos in range(len(args)):
+        kwargs = dict(fx.map_arg(node.kwargs, lambda a: env[a]))
+        for pos in [*range(len(args)), *kwargs]:
             k = cand_index.get((id(node), pos))
-            if k is not None and k in lift_nodes:
-                args[pos] = lift_nodes[k]  # a Python float that changes per step becomes a 0-d table row
-        env[node] = graph.call_function(node.target, tuple(args), fx.map_arg(node.kwargs, lambda a: env[a]))
+            if k is not None and k in lift_nodes:  # a Python float that changes per step becomes a 0-d table row
+                if isinstance(pos, int):
+                    args[pos] = lift_nodes[k]
+                else:
+                    kwargs[pos] = lift_nodes[k]
+        env[node] = graph.call_function(node.target, tuple(args), kwargs)
         env[node].meta["mutates"] = node.meta.get("mutates", False)
     outs = []
     for name in state_slots:
@@ -279,13 +287,21 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     for k in lift_positions:
         rows = [torch.as_tensor(p[k][2]) for p in per_step]
         proto = rows[0]
-        dtype = torch.float64 if isinstance(per_step[0][k][2], float) else proto.dtype
+        dtype = _float_table_dtype(per_step[0][k][0]) if isinstance(per_step[0][k][2], float) else proto.dtype
         table = torch.zeros((n, *proto.shape), dtype=dtype, device=proto.device)
         for step, row in zip(members, rows):
             table[step.index] = row.to(dtype)
         tables.append(table)
     return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
                    signature=signature, literals=literals)
+
+
+def _float_table_dtype(node: fx.Node) -> torch.dtype:
+    """The dtype of a table of Python floats lifted from ``node``'s arguments: that of the op's result when it is
+    a float (a 0-d operand of that dtype promotes as the Python float did: an int tensor times it gives float32,
+    a half tensor stays half), else the default float dtype (a comparison's bound)."""
+    dtype = node.meta.get("dtype")
+    return dtype if dtype is not None and dtype.is_floating_point else torch.get_default_dtype()
 
 
 # -- eager segments ---------------------------------------------------------------------------------------------

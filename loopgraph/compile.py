@@ -1,11 +1,13 @@
 """``compile_loop``: the public entry point, and ``CompiledLoop``, the drop-in replacement for a loop wrapper.
 
-    trace    run the wrapper's own __call__ for real, recording each loop_step (trace.py)
+    trace    run the wrapper's own __call__ for real, recording each loop_step and the Python state it reads
+             and writes (trace.py, components.py)
+    guard    what a later call must match to reuse the plan (guards.py)
     analyse  classify slots, group steps into variants, hoist per-step values into tables (analysis.py)
     lower    one whole-loop function of while_loops over a device-side step counter (runtime.py)
     compile  once per (structure, shapes); checked against the eager result it was traced from
-    run      get_block_state -> compiled loop -> component Python state as eager leaves it (with the tensors
-             the loop computed in place of the traced run's) -> set_block_state
+    run      get_block_state -> find a plan whose guard holds -> compiled loop -> the Python state as eager
+             leaves it (with the tensors the loop computed in place of the traced run's) -> set_block_state
 
 A loop whose only problems are data-dependent Python or random ops inside some blocks runs in *eager
 segments* instead: per step, the compiled segments between those blocks, and the blocks themselves called
@@ -28,11 +30,12 @@ import torch
 
 from .analysis import LoopPlan, Segment, plan_loop, plan_segments
 from .blocks import ModularPipelineBlocks, run_block
+from .components import ContainerSnap, TensorSnap, component_objects, same, component_tensors, copy_value, put, set_attribute, value_of
+from .guards import PlanCache, PlanGuard, StateGuard, plan_guard, stable_guard, tensor_spec
 from .runtime import WHOLE_TABLES, CompileCounter, StateBuffers, compile_fn, lower, module_ops, op_count
-from .state import BlockState, _atoms_only, values_equal
-from .pystate import live_in, live_out, watch_attributes
+from .state import BlockState, values_equal
 from .rng import CounterDraws, CounterMode, draw_seed, eager_loop, source_key
-from .trace import LoopTrace, Unsupported, component_objects, component_tensors, trace_loop
+from .trace import LoopTrace, Unsupported, trace_loop
 
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "tolerance"]
 
@@ -82,17 +85,12 @@ class LoopStats:
     compile_seconds: float = 0.0
 
 
-@dataclass(eq=False)  # compared by identity: `_plans.remove(plan)` must not compare traces field by field
+@dataclass(eq=False)  # compared by identity: the plan cache removes a plan by identity, never field by field
 class _Plan:
     trace: LoopTrace
-    loop: LoopPlan | None
-    start_python: dict                  # component attributes the loop reads before writing them (tensors at
-                                        # `unused` compared by shape and dtype only)
-    end_python: dict                    # component attributes the loop writes, as it leaves them
-    schedule_values: dict[str, Any]     # untainted inputs, by value (in `_match_form`)
-    data_specs: dict[str, tuple]        # tainted inputs: (shape, dtype, device)
+    guard: PlanGuard                    # what a call must match to reuse the plan (guards.py)
     final_untainted: dict[str, Any]
-    unused: list[tuple] = field(default_factory=list)  # of trace.unused_held, the paths in start_python
+    loop: LoopPlan | None = None
     fn: Callable | None = None
     tables: list[list[torch.Tensor]] = field(default_factory=list)
     ends: torch.Tensor | None = None
@@ -100,48 +98,13 @@ class _Plan:
     segments: list[Segment] | None = None         # eager segments: compiled segments and eager blocks
     segment_fns: list[list[Callable]] = field(default_factory=list)  # per segment, per variant
     seed_sources: dict[str, tuple] = field(default_factory=dict)  # rng="counter": seed name -> its generator
+    stable: StateGuard | None = None    # eager segments: the reads of the traced call that hold at every cut
+    # eager segments: (step, eager block) -> the attributes compiled blocks wrote since the last eager block
+    restores: dict[tuple[int, str], list[tuple]] = field(default_factory=dict)
 
-
-def _tensor_spec(t: torch.Tensor) -> tuple:
-    return (tuple(t.shape), t.dtype, t.device)
-
-
-def _python_state(wrapper, components) -> dict[str, dict[str, Any]]:
-    """Deep copies of the Python state of the wrapper's non-module components (schedulers, guiders)."""
-    return {name: {k: _copy(v) for k, v in vars(obj).items() if not isinstance(v, torch.nn.Module)}
-            for name, obj in component_objects(wrapper, components).items()}
-
-
-def _copy(value: Any) -> Any:
-    # Flat lists of numbers (a scheduler's timestep list) are copied in C, so a call's Python work does not
-    # grow with N; everything else is deep-copied.
-    if isinstance(value, (list, tuple)) and _atoms_only(value):
-        return type(value)(value)
-    return copy.deepcopy(value)
-
-
-def _restore_python_state(components, snapshot: dict[str, dict[str, Any]]) -> None:
-    for name, attrs in snapshot.items():
-        vars(getattr(components, name)).update({k: _copy(v) for k, v in attrs.items()})
-
-
-def _put(components, path: tuple, value: torch.Tensor) -> None:
-    """Store ``value`` at ``path`` = (component, attribute, index or key, ...) in the components' state."""
-    comp, attr, *keys = path
-    obj = getattr(components, comp)
-    setattr(obj, attr, _replaced(getattr(obj, attr), keys, value))
-
-
-def _replaced(container: Any, keys: list, value: Any) -> Any:
-    """``container`` with the item at ``keys`` set to ``value``: lists and dicts in place, tuples rebuilt."""
-    if not keys:
-        return value
-    key, *rest = keys
-    item = _replaced(container[key], rest, value)
-    if isinstance(container, tuple):
-        return container[:key] + (item,) + container[key + 1:]
-    container[key] = item
-    return container
+    @property
+    def data_specs(self) -> dict[str, tuple]:
+        return self.guard.inputs.data
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
@@ -164,7 +127,7 @@ def matches_eager(value: torch.Tensor, expected: torch.Tensor) -> bool:
     magnitude 11, which fails an elementwise 1e-4/1e-5 on small elements. A wrong table row or a baked
     value moves the result by orders of magnitude more.
     """
-    if value.shape != expected.shape:
+    if value.shape != expected.shape or value.dtype != expected.dtype:
         return False
     tol = tolerance(expected.dtype)
     scale = expected.float().abs().max().item() if expected.numel() else 0.0
@@ -183,13 +146,14 @@ class CompiledLoop(ModularPipelineBlocks):
         self.wrapper = wrapper
         self.config = config
         self.stats = LoopStats()
-        self._plans: list[_Plan] = []
+        self._plans = PlanCache(MAX_PLANS, config.static_shapes, f"{type(wrapper).__name__}")
         self._compiled: dict[Any, Callable] = {}
         self._literals: dict[tuple, dict[int, float]] = {}  # variant signature -> its first plan's float literals
         self._lifts: dict[tuple, set[int]] = {}             # variant signature -> literal positions lifted since
         self._counter = CompileCounter()
         self._graph_pool = None  # CUDA graphs of this loop share one memory pool
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
+        self._replans: list[str] = []  # why each of the latest consecutive calls re-planned
 
     def __deepcopy__(self, memo):
         # ModularPipeline / init_pipeline deep-copy their blocks: the copy gets the wrapper's copy and its own
@@ -234,9 +198,12 @@ class CompiledLoop(ModularPipelineBlocks):
         with self._lock, torch.no_grad():
             self.stats.calls += 1
             block_state = self.wrapper.get_block_state(state)  # eager's input checks and errors
-            plan = self._find_plan(components, block_state)
+            self._plans.bound = MAX_PLANS
+            plan = self._plans.find(components, vars(block_state))
             if plan is None:
+                self._note_replan()
                 return self._plan_and_run(components, state)
+            self._replans = []
             if plan.segments is not None:
                 self.stats.compiled_calls += 1
                 return self._run_segmented(plan, components, state, block_state)
@@ -245,68 +212,49 @@ class CompiledLoop(ModularPipelineBlocks):
             self.stats.compiled_calls += 1
             return self._run(plan, components, state, block_state)
 
-    def _find_plan(self, components, block_state) -> _Plan | None:
-        slots = vars(block_state)
-        python = None
-        for plan in reversed(self._plans):  # the newest plan is the one a settled caller matches
-            if set(plan.schedule_values) | set(plan.data_specs) != set(slots):
-                continue
-            if any(_tensor_spec(slots[k]) != spec if isinstance(slots[k], torch.Tensor) else True
-                   for k, spec in plan.data_specs.items()):
-                continue
-            data = {id(slots[k]): k for k in plan.data_specs}
-            if not all(values_equal(_match_form(slots[k], data), v) for k, v in plan.schedule_values.items()):
-                continue
-            python = _python_state(self.wrapper, components) if python is None else python
-            if _holds(_masked(python, plan.unused), plan.start_python):
-                self._plans.remove(plan)  # most recently used last: a repeat call matches it first,
-                self._plans.append(plan)  # so the lookup's cost does not depend on older plans
-                return plan
-        if self._plans and self.config.static_shapes:
-            shapes = {k: tuple(v.shape) for k, v in slots.items() if isinstance(v, torch.Tensor)}
-            raise ValueError(
-                f"{type(self.wrapper).__name__} (compiled with static_shapes=True): this call's inputs or "
-                f"component state differ from the compiled plan (tensor shapes now {shapes}). Reset the "
-                f"scheduler (set_timesteps) and pass the shapes it was compiled for, or use static_shapes=False."
-            )
-        return None
+    def _note_replan(self) -> None:
+        """Say so when every call re-plans (a counter that changes each call): each runs a traced eager call."""
+        if not self._plans.misses:
+            return
+        self._replans.append(self._plans.misses[0])
+        if len(self._replans) == 4 and len(set(self._replans)) > 1 and all(
+                r.split(" is ")[0] == self._replans[0].split(" is ")[0] for r in self._replans):
+            warnings.warn(f"compile_loop: {type(self.wrapper).__name__} re-plans on every call (a traced eager run "
+                          f"each, no speed-up): {self._replans[-1]}. Keep that value the same between calls, or "
+                          f"call the eager wrapper.", stacklevel=3)
 
     def _plan_and_run(self, components, state):
         start = time.perf_counter()
-        start_python = _python_state(self.wrapper, components)
+        trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict, rng=self.config.rng)
         try:
-            with watch_attributes(component_objects(self.wrapper, components)) as logs:
-                trace, result = trace_loop(self.wrapper, components, state, strict=self.config.strict,
-                                           snapshot=lambda comps: _python_state(self.wrapper, comps),
-                                           rng=self.config.rng)
-        except Unsupported:
-            _restore_python_state(components, start_python)
-            raise
-        plan = _Plan(
-            trace=trace, loop=None, start_python=live_in(start_python, logs),
-            end_python=live_out(_python_state(self.wrapper, components), logs, start_python),
-            schedule_values={k: _schedule_value(v, _data_inputs(trace)) for k, v in trace.initial_slots.items()
-                             if not (isinstance(v, torch.Tensor) and k not in trace.schedule_inputs)},
-            data_specs={k: _tensor_spec(v) for k, v in trace.initial_slots.items()
-                        if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs},
-            final_untainted={k: v for k, v in trace.final_slots.items() if k not in trace.tainted_final},
-            problems=list(trace.problems), seed_sources=_seed_sources(trace),
-        )
-        plan.unused = [path for path in trace.unused_held if path[1] in plan.start_python.get(path[0], {})]
-        plan.start_python = _masked(plan.start_python, plan.unused)
+            plan = _Plan(trace=trace, guard=plan_guard(trace), problems=list(trace.problems),
+                         final_untainted={k: v for k, v in trace.final_slots.items() if k not in trace.tainted_final},
+                         seed_sources=_seed_sources(trace))
+        except Exception as e:  # nothing to reuse: every call traces (and returns eager's result)
+            if self.config.strict:
+                raise
+            warnings.warn(f"compile_loop: {type(self.wrapper).__name__}: could not guard a plan ({type(e).__name__}: "
+                          f"{e}); this call ran eagerly. Please report this.", stacklevel=3)
+            return result
         self.stats.plans += 1
-        self._plans.append(plan)
-        del self._plans[:-MAX_PLANS]  # the least recently used beyond the bound
-        if not plan.problems and trace.steps:
-            self._lower_and_compile(plan, state)
-        elif plan.problems and self._eager_blocks(plan):
-            self._segment_and_compile(plan, components)
-        elif plan.problems:
-            self._fall_back(plan, None)
+        self._plans.add(plan)
+        try:
+            if not plan.problems and trace.steps:
+                self._lower_and_compile(plan)
+            elif plan.problems and self._eager_blocks(plan):
+                self._segment_and_compile(plan)
+            elif plan.problems:
+                self._fall_back(plan, None)
+        except Exception as e:  # planning broke: the traced call's result stands, and this plan runs eagerly
+            if self.config.strict or isinstance(e, RuntimeError) and "strict=True" in str(e):
+                raise
+            plan.fn, plan.segments = None, None
+            plan.problems = [Unsupported(f"planning failed ({type(e).__name__}: {e}); please report this")]
+            self._fall_back(plan, e)
         self.stats.plan_seconds += time.perf_counter() - start
         return result
 
-    def _lower_and_compile(self, plan: _Plan, state) -> None:
+    def _lower_and_compile(self, plan: _Plan) -> None:
         trace = plan.trace
         needed = set(trace.initial_slots) | {o.name for o in self.wrapper.intermediate_outputs} | set(
             trace.final_components)
@@ -372,14 +320,20 @@ class CompiledLoop(ModularPipelineBlocks):
         return StateBuffers(compile_one(lower(loop)))
 
     def _compile_key(self, plan: _Plan) -> tuple:
+        """What compiled code a plan can share with another: the step graphs (structure and baked literals), the
+        runs, the input and table specs (any N: one key), and the constants the code reads. Constants the traced
+        call read from the components (parameters, buffers, a scheduler's tables) are the objects the code reads:
+        by identity. Others (made during the call) by content, so a re-plan finds the same code."""
         loop = plan.loop
         inputs = [plan.data_specs.get(k) for k in [*loop.state_slots, *loop.invariant_slots]]
-        # the generated code holds the structure and every baked literal; buffers are compared by content
-        consts = tuple((name, t.dtype, tuple(t.shape), hash(tuple(t.flatten().tolist())) if t.numel() <= 1 << 16
-                        else id(t)) for v in loop.variants for name, t in v.module.named_buffers())
+        held = _read_tensor_ids(plan.trace)
+        consts = tuple(
+            (name, "id", id(t)) if isinstance(t, torch.nn.Parameter) or id(t) in held or t.numel() > 1 << 16
+            else (name, t.dtype, tuple(t.shape), hash(tuple(t.flatten().tolist())))
+            for v in loop.variants for name, t in [*v.module.named_parameters(), *v.module.named_buffers()])
         return (tuple(v.module.code for v in loop.variants), tuple(v for v, _, _ in loop.runs),
                 tuple(map(str, inputs)), consts,
-                tuple(tuple((t.shape[1:], t.dtype) for t in ts) for ts in plan.tables))  # any N: one key
+                tuple(tuple((t.shape[1:], t.dtype) for t in ts) for ts in plan.tables))
 
     def _check_against_eager(self, plan: _Plan) -> None:
         """Run the compiled loop on the traced call's inputs and compare with the eager result it produced."""
@@ -411,7 +365,16 @@ class CompiledLoop(ModularPipelineBlocks):
     def _run(self, plan: _Plan, components, state, block_state: BlockState):
         with self._progress(plan, block_state) as bar:
             seeds, _ = _draw_seeds(plan, vars(block_state))
-            outputs = self._execute(plan, {**vars(block_state), **seeds})
+            try:
+                outputs = self._execute(plan, {**vars(block_state), **seeds})
+            except Exception as e:  # the compiled code failed where eager runs: nothing was written yet
+                if self.config.strict:
+                    raise
+                warnings.warn(f"compile_loop: {type(self.wrapper).__name__}: the compiled loop failed on this call "
+                              f"({type(e).__name__}: {e}); this plan runs eagerly from now on", stacklevel=3)
+                plan.fn = None
+                plan.problems = [Unsupported(f"the compiled loop failed on a call: {e}")]
+                return self._eager_call(components, state)
             if bar is not None:
                 bar.update(bar.total)  # no Python runs per step: the wrapper's bar completes in one update
         return self._finish(plan, components, state, block_state, dict(zip(plan.loop.state_slots, outputs)))
@@ -423,14 +386,18 @@ class CompiledLoop(ModularPipelineBlocks):
             return contextlib.nullcontext()
         return self.wrapper.progress_bar(total=getattr(block_state, "num_inference_steps", None) or steps)
 
-    def _finish(self, plan: _Plan, components, state, block_state: BlockState, computed: dict[str, Any]):
-        """Write the loop's results back as eager would: BlockState slots, then component Python state."""
+    def _finish(self, plan: _Plan, components, state, block_state: BlockState, computed: dict[str, Any],
+                segmented: bool = False):
+        """Write the loop's results back as eager would: BlockState slots, then the Python state.
+
+        ``computed`` holds the loop's tensors: fresh ones from the whole compiled loop (copied into the caller's
+        tensor where eager updated it in place), or the very objects eager segments left (``segmented``)."""
         final = BlockState()
         for name in plan.trace.final_slots:
             if name in computed:
                 value = computed[name]
                 original = vars(block_state).get(name)
-                if name in plan.trace.inplace_slots and isinstance(original, torch.Tensor):
+                if not segmented and name in plan.trace.inplace_slots and isinstance(original, torch.Tensor):
                     original.copy_(value)  # eager mutated the caller's tensor in place: so do we
                     value = original
                 final[name] = value
@@ -444,9 +411,10 @@ class CompiledLoop(ModularPipelineBlocks):
             else:
                 value = plan.final_untainted[name]
                 final[name] = value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-        _restore_python_state(components, plan.end_python)
+        for obj, name, value in plan.trace.python.end:  # every attribute the traced call wrote, as it left it
+            set_attribute(obj, name, copy_value(value))
         for name in plan.trace.final_components:  # the loop's own tensors, not the traced run's
-            _put(components, plan.trace.component_slots[name].path, computed[name])
+            put(components, plan.trace.component_slots[name].path, computed[name])
         self.wrapper.set_block_state(state, final)
         self.stats.compiles = self._counter.count
         self.stats.compile_seconds = self._counter.seconds
@@ -462,7 +430,7 @@ class CompiledLoop(ModularPipelineBlocks):
             return set()
         return blocks
 
-    def _segment_and_compile(self, plan: _Plan, components) -> None:
+    def _segment_and_compile(self, plan: _Plan) -> None:
         trace = plan.trace
         eager = self._eager_blocks(plan)
         try:
@@ -470,6 +438,8 @@ class CompiledLoop(ModularPipelineBlocks):
         except Unsupported as e:
             plan.problems.append(e)
             return self._fall_back(plan, e)
+        plan.stable = stable_guard(trace, plan.guard)
+        plan.restores = _restores(trace, eager)
         device = _loop_device(trace)
         for seg in plan.segments:
             variants = seg.plan.variants if seg.plan is not None else []
@@ -479,7 +449,7 @@ class CompiledLoop(ModularPipelineBlocks):
             self.stats.step_graphs += len(variants)
         if self.config.check:
             try:
-                self._check_segments(plan, components, device)
+                self._check_segments(plan)
             except Exception as e:  # a failed compilation or a mismatch: never a silently different result
                 plan.segments = None
                 return self._fall_back(plan, e)
@@ -490,33 +460,31 @@ class CompiledLoop(ModularPipelineBlocks):
                       f"{', '.join(map(repr, sorted(eager)))} run eagerly each step between compiled segments; "
                       f"compiled: {', '.join(map(repr, compiled))} (strict=True raises instead)", stacklevel=4)
 
-    def _check_segments(self, plan: _Plan, components, device: torch.device) -> None:
-        """Run the segments on the traced call's inputs, with the RNG states it started from, against eager."""
+    def _check_segments(self, plan: _Plan) -> None:
+        """Each compiled segment, run on the loop tensors the traced call had where it starts, against the ones it
+        had where it ends, step by step: no block runs again (its side effects happen once per step)."""
         trace = plan.trace
-        slots = trace.initial_inputs_copy
-        python = _python_state(self.wrapper, components)
-        generators = {k: v for k, v in slots.items() if isinstance(v, torch.Generator)}
-        after = {k: g.get_state() for k, g in generators.items()}
+        seeds = {name: seed.value for name, seed in trace.seeds.items()}
+        checked = 0
         calls = self.stats.segment_calls
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.set_rng_state(trace.rng_before[""])
-            if "cuda" in trace.rng_before:
-                torch.cuda.set_rng_state(trace.rng_before["cuda"])
-            for k, g in generators.items():
-                g.set_state(trace.rng_before[k])
-            try:
-                seeds = {s.key: (name, s.value) for name, s in trace.seeds.items()}
-                computed, eager_state = self._run_segments(plan, components, slots, CounterDraws(seeds))
-                computed = computed if eager_state is None else vars(eager_state)
-            finally:
-                for k, g in generators.items():
-                    g.set_state(after[k])
-                _restore_python_state(components, python)
-                self.stats.segment_calls = calls
-        for name in [*trace.tainted_final, *trace.final_components]:
-            expected, value = trace.final_value(name), computed.get(name)
-            if not isinstance(value, torch.Tensor) or not matches_eager(value, expected):
-                raise RuntimeError(f"eager segments differ from eager on slot {name!r}")
+        for step in trace.steps:
+            for k, seg in enumerate(plan.segments):
+                end = _segment_end(trace, plan.segments, k)
+                start_values, end_values = step.values_before.get(seg.blocks[0]), step.values_before.get(end)
+                if seg.eager or start_values is None or end_values is None:
+                    continue
+                env = {**{n: v.clone() for n, v in start_values.items()}, **seeds}
+                self._call_segment(seg, plan.segment_fns[k], env, step.index)
+                for name in seg.plan.state_slots:
+                    expected = end_values.get(name)
+                    if expected is not None and not matches_eager(env[name], expected):
+                        raise RuntimeError(f"compiled segment {'+'.join(seg.blocks)} differs from eager on slot "
+                                           f"{name!r} at step {step.index} (max abs error "
+                                           f"{max_error(env[name], expected):.3g})")
+                checked += 1
+        self.stats.segment_calls = calls
+        if not checked and any(not seg.eager for seg in plan.segments):
+            raise RuntimeError("no step of the traced call to check the compiled segments against")
         self.stats.compiles = self._counter.count
         self.stats.compile_seconds = self._counter.seconds
 
@@ -524,13 +492,8 @@ class CompiledLoop(ModularPipelineBlocks):
         computed, eager_state = self._run_segments(plan, components, vars(block_state),
                                                    _draw_seeds(plan, vars(block_state))[1])
         if eager_state is None:
-            return self._finish(plan, components, state, block_state, computed)
-        for name in plan.trace.inplace_slots:  # eager mutated the caller's tensor in place: so do we
-            original = vars(block_state).get(name)
-            if isinstance(original, torch.Tensor) and original is not eager_state[name]:
-                original.copy_(eager_state[name])
-                eager_state[name] = original
-        self.wrapper.set_block_state(state, eager_state)
+            return self._finish(plan, components, state, block_state, computed, segmented=True)
+        self.wrapper.set_block_state(state, eager_state)  # its tensors are the ones eager's own run left
         return components, state
 
     def _run_segments(self, plan: _Plan, components, slots: dict[str, Any], draws: CounterDraws):
@@ -545,21 +508,24 @@ class CompiledLoop(ModularPipelineBlocks):
             i = step.index
             for k, seg in enumerate(plan.segments):
                 if not seg.eager:
-                    self._call_segment(seg, plan.segment_fns[k], env, i)
+                    self._call_segment(seg, plan.segment_fns[k], env, i, step, _segment_end(trace, plan.segments, k))
                     continue
                 name = seg.blocks[0]
                 block_state = _eager_block_state(trace, step.slots_before[name], step.nodes_before[name], env, slots)
-                # the Python state the block saw when traced, holding this call's loop tensors (its history)
-                _restore_python_state(components, _loop_attributes(plan, step.python_before[name]))
+                # the Python state the compiled blocks before it would have left (they run no Python), holding this
+                # call's loop tensors (a scheduler's history)
+                for key in plan.restores.get((i, name), ()):
+                    obj, attr, value = step.python_before[name][key]
+                    set_attribute(obj, attr, copy_value(value))
                 for slot, (path, _, _) in step.held_before[name].items():
-                    _put(components, path, env[slot])
+                    put(components, path, env[slot])
                 with self._drawing(draws, i, step.draws_before[name]):
                     components, block_state = run_block(name, self.wrapper.sub_blocks[name], components,
                                                         block_state, **step.kwargs)
                 rest = trace.block_names[trace.block_names.index(name) + 1:]
                 after = rest[0] if rest else "__end__"
                 held = _held_tensors(self.wrapper, components, step.held_before[after])
-                if held is None or not self._as_traced(plan, step, after, block_state, held, components, slots):
+                if held is None or not self._as_traced(plan, step, after, block_state, held, slots):
                     warnings.warn(f"compile_loop: block {name!r} did not do at step {i} what it did when traced "
                                   f"(other slots, shapes or Python state): the rest of the loop runs eagerly",
                                   stacklevel=4)
@@ -568,17 +534,28 @@ class CompiledLoop(ModularPipelineBlocks):
                 env.update(held)
         return env, None
 
-    def _call_segment(self, seg: Segment, fns: list[Callable], env: dict[str, Any], i: int) -> None:
+    def _call_segment(self, seg: Segment, fns: list[Callable], env: dict[str, Any], i: int, step=None,
+                      end: str | None = None) -> None:
+        """One compiled segment at step ``i`` on ``env``. With the traced ``step`` given, a slot the traced call
+        updated in place across the segment is updated in place here too (eager's aliasing: the caller's tensor
+        where eager wrote it, another one where an eager block rebound the slot first); others are rebound."""
         loop, v = seg.plan, seg.step_variant[i]
         args = [env[n] if n in env else torch.zeros_like(seg.examples[n])
                 for n in [*loop.state_slots, *loop.invariant_slots]]
         outputs = fns[v](*args, *[table[i] for table in loop.variants[v].tables])
-        env.update(zip(loop.state_slots, outputs))
+        for name, out in zip(loop.state_slots, outputs):
+            current = env.get(name)
+            if (step is not None and isinstance(current, torch.Tensor) and name in step.slots_before[seg.blocks[0]]
+                    and step.slots_before[seg.blocks[0]][name] is step.slots_before[end].get(name)
+                    and current.shape == out.shape and current.dtype == out.dtype):
+                current.copy_(out)
+            else:
+                env[name] = out
         self.stats.segment_calls += 1
 
     def _as_traced(self, plan: _Plan, step, after: str, block_state: BlockState, held: dict[str, torch.Tensor],
-                   components, slots: dict[str, Any]) -> bool:
-        """Whether an eager block left the slots and the components' Python state as in the traced run."""
+                   slots: dict[str, Any]) -> bool:
+        """Whether an eager block left the slots and the Python state as in the traced run."""
         trace = plan.trace
         expected, tainted = step.slots_before[after], step.nodes_before[after]
         got = vars(block_state)
@@ -592,16 +569,17 @@ class CompiledLoop(ModularPipelineBlocks):
                 return False
         for k, value in got.items():
             if k in tainted:
-                ok = isinstance(value, torch.Tensor) and _tensor_spec(value) == _tensor_spec(expected[k])
+                ok = isinstance(value, torch.Tensor) and tensor_spec(value) == tensor_spec(expected[k])
             else:
                 ok = (value is expected[k] or (k in slots and expected[k] is trace.initial_slots.get(k)
                                                and value is slots[k]) or values_equal(value, expected[k]))
             if not ok:
                 return False
-        # the loop tensors components hold are this call's, not the traced ones: compared by shape and dtype
-        paths = [path for path, _, _ in step.held_before[after].values()]
-        return _holds(_masked(_python_state(self.wrapper, components), paths),
-                      _masked(_loop_attributes(plan, step.python_before[after]), paths))
+        # every attribute the traced call had written by then or may change in place, as it was there (the loop
+        # tensors components hold: this call's, compared by shape and dtype), and every other read as it was
+        loop_ids = {id(t) for t in held.values()}
+        return all(_same_state(value_of(obj, name), value, loop_ids)
+                   for obj, name, value in step.python_before[after].values()) and plan.stable.holds()
 
     def _finish_eagerly(self, trace: LoopTrace, components, block_state: BlockState, step,
                         rest: list[str], draws: CounterDraws) -> BlockState:
@@ -644,7 +622,11 @@ class CompiledLoop(ModularPipelineBlocks):
                  f"mode={self.config.mode} strict={self.config.strict}"]
         if not self._plans:
             return "\n".join(lines + ["  not planned yet: the first call traces the loop"])
-        plan = self._plans[-1]
+        plan = self._plans.newest
+        lines.append(f"guards: {plan.guard.describe()}")
+        if self._plans.misses:
+            lines.append("the last call re-planned: " + "; ".join(
+                f"plan {k}: {reason}" for k, reason in enumerate(self._plans.misses)))
         eager = {p.block: p for p in plan.problems if p.block}
         lines.append("blocks:")
         for name, block in self.wrapper.sub_blocks.items():
@@ -726,102 +708,70 @@ def _describe_source(source: tuple) -> str:
     return f"the generator in input {source[1]!r}" + (f" (item {source[2]})" if len(source) == 3 else "")
 
 
-def _loop_attributes(plan: _Plan, snapshot: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The part of a traced Python-state snapshot the loop reads or writes (the rest stays as the caller set it)."""
-    return {name: {k: v for k, v in attrs.items()
-                   if k in plan.start_python.get(name, {}) or k in plan.end_python.get(name, {})}
-            for name, attrs in snapshot.items()}
-
-
 def _held_tensors(wrapper, components, traced: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
     """This call's tensors at the places the traced run's components held loop tensors (None if any is gone)."""
     found = component_tensors(component_objects(wrapper, components))
     held = {slot: found[slot][1] for slot in traced if slot in found}
-    ok = all(_tensor_spec(held[slot]) == _tensor_spec(value) for slot, (_, value, _) in traced.items()
+    ok = all(tensor_spec(held[slot]) == tensor_spec(value) for slot, (_, value, _) in traced.items()
              if slot in held)
     return held if ok and len(held) == len(traced) else None
 
 
-@dataclass(frozen=True)
-class _GeneratorLike:
-    """Stands for a ``torch.Generator`` input, compared by device only: its state is this call's input (the
-    noise it draws), not part of the plan, so a new generator per call reuses the plan."""
+def _read_tensor_ids(trace: LoopTrace) -> set[int]:
+    """Ids of the tensors the traced call read from the Python state (parameters, buffers, a scheduler's tables)."""
+    found = set()
 
-    device: str
+    def walk(snap):
+        if isinstance(snap, TensorSnap):
+            found.add(id(snap.tensor))
+        elif isinstance(snap, ContainerSnap) and not isinstance(snap.items, frozenset):
+            for item in (snap.items.values() if isinstance(snap.items, dict) else snap.items):
+                walk(item)
 
-
-@dataclass(frozen=True)
-class _InputRef:
-    """Stands for a tensor inside a container input (a dict of denoiser inputs) that is the very tensor of
-    another, data input: its value reaches the compiled loop through that input, so only the sharing and the
-    spec are part of the plan."""
-
-    slot: str
-    spec: tuple
+    for read in trace.python.reads.values():
+        walk(read.value)
+    return found
 
 
-def _data_inputs(trace: LoopTrace) -> dict[int, str]:
-    """id -> name of the traced call's data inputs (tensor slots other than the schedule)."""
-    return {id(v): k for k, v in trace.initial_slots.items()
-            if isinstance(v, torch.Tensor) and k not in trace.schedule_inputs}
+def _segment_end(trace: LoopTrace, segments: list[Segment], k: int) -> str:
+    """The cut where segment ``k`` ends: the next segment's first block, or "__end__"."""
+    return segments[k + 1].blocks[0] if k + 1 < len(segments) else "__end__"
 
 
-def _match_form(value: Any, data: dict[int, str]) -> Any:
-    """``value`` as plans compare it: a generator by its device (its state is this call's input, not plan
-    structure), a tensor that is one of the call's data inputs (``data``: id -> name) as an ``_InputRef``, and
-    plain lists, tuples and dicts item by item; anything else as it is. Unchanged values are returned as is."""
-    if isinstance(value, torch.Generator):
-        return _GeneratorLike(str(value.device))
-    if isinstance(value, torch.Tensor):
-        name = data.get(id(value))
-        return value if name is None else _InputRef(name, _tensor_spec(value))
-    if type(value) in (list, tuple) and not _atoms_only(value):  # a list of numbers is compared as it is, in C
-        items = [_match_form(v, data) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
-    if type(value) is dict:
-        items = {k: _match_form(v, data) for k, v in value.items()}
-        return value if all(items[k] is value[k] for k in value) else items
-    return value
+def _restores(trace: LoopTrace, eager: set[str]) -> dict[tuple[int, str], list[tuple]]:
+    """(step, eager block) -> the attributes (keys of ``StepTrace.python_before``) that compiled blocks wrote or
+    changed in place since the previous eager block: compiled segments run no Python, so these are set as the
+    traced call had them before the eager block runs. What an eager block writes is its own (this call's) value."""
+    written: dict[tuple, set] = {}
+    for key, write in trace.python.writes.items():
+        for step, block in write.events:
+            written.setdefault((step, block), set()).add(key)
+    first_read = {(id(r.obj), r.key): r for r in trace.python.reads.values()}
+    restores, pending = {}, set()
+    for step in trace.steps:
+        cuts = [*trace.block_names, "__end__"]
+        for block, after in zip(cuts, cuts[1:]):
+            if block in eager:
+                restores[(step.index, block)] = [k for k in pending if k in step.python_before[block]]
+                pending = set()
+                continue
+            before, now = step.python_before[block], step.python_before[after]
+            pending |= written.get((step.index, block), set())
+            pending |= {k for k, (_, _, value) in now.items()  # changed in place (or first read and changed)
+                        if (not values_equal(before[k][2], value) if k in before
+                            else k in first_read and not same(value, first_read[k].value))}
+    return restores
 
 
-def _schedule_value(value: Any, data: dict[int, str]) -> Any:
-    """What a plan keeps of an untainted input to match later calls against (a copy, in ``_match_form``)."""
-    form = _match_form(value, data)
-    return copy.deepcopy(form)
-
-
-@dataclass(frozen=True)
-class _TensorLike:
-    """Stands for a tensor compared by shape, dtype and device only."""
-
-    spec: tuple
-
-
-def _masked(python: dict[str, dict[str, Any]], paths: list[tuple]) -> dict[str, dict[str, Any]]:
-    """``python`` with the tensors at ``paths`` replaced by their specs (containers copied, never mutated)."""
-    if not paths:
-        return python
-    out = {name: dict(attrs) for name, attrs in python.items()}
-
-    def mask(value: Any, keys: list) -> Any:
-        if not keys:
-            return _TensorLike(_tensor_spec(value)) if isinstance(value, torch.Tensor) else value
-        if not isinstance(value, (list, tuple, dict)):
-            return value
-        try:
-            inner = value[keys[0]]
-        except (KeyError, IndexError):  # not held here in this state: left as is (and compared as is)
-            return value
-        if isinstance(value, dict):
-            return {**value, keys[0]: mask(inner, keys[1:])}
-        items = list(value)
-        items[keys[0]] = mask(inner, keys[1:])
-        return tuple(items) if isinstance(value, tuple) else items
-
-    for comp, attr, *keys in paths:
-        if attr in out.get(comp, {}):
-            out[comp][attr] = mask(out[comp][attr], keys)
-    return out
+def _same_state(value: Any, expected: Any, loop_ids: set[int]) -> bool:
+    """``values_equal``, except that a loop tensor (``loop_ids``: this call's) is compared by spec only."""
+    if isinstance(value, torch.Tensor) and id(value) in loop_ids:
+        return isinstance(expected, torch.Tensor) and tensor_spec(value)[::2] == tensor_spec(expected)[::2]
+    if type(value) in (list, tuple) and type(expected) is type(value):
+        return len(value) == len(expected) and all(_same_state(a, b, loop_ids) for a, b in zip(value, expected))
+    if type(value) is dict and type(expected) is dict:
+        return value.keys() == expected.keys() and all(_same_state(value[k], expected[k], loop_ids) for k in value)
+    return values_equal(value, expected)
 
 
 def _eager_block_state(trace: LoopTrace, traced: dict[str, Any], tainted: dict[str, Any], env: dict[str, Any],
@@ -847,13 +797,6 @@ def _loop_device(trace: LoopTrace) -> torch.device:
 def _unbacked_rows(table: torch.Tensor) -> torch.Tensor:
     torch._dynamo.decorators.mark_unbacked(table, 0)
     return table
-
-
-def _holds(python: dict[str, dict[str, Any]], wanted: dict[str, dict[str, Any]]) -> bool:
-    """Whether the components' Python state ``python`` has every attribute value in ``wanted``."""
-    missing = object()
-    return all(values_equal(python.get(name, {}).get(k, missing), v)
-               for name, attrs in wanted.items() for k, v in attrs.items())
 
 
 def _ranges(steps: list[int]) -> str:

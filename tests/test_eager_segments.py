@@ -413,4 +413,3 @@ def test_leftover_component_tensors_the_loop_never_reads_do_not_re_plan():
         assert torch.allclose(got, expected, **TOL)
         assert components.history.stamps == expected_stamps  # as eager leaves them
     assert fast.stats.plans == 2 and fast.stats.compiled_calls == 3
-    assert fast._plans[0].unused == [("history", "stamps", 0), ("history", "stamps", 1)]

@@ -1,0 +1,693 @@
+"""The Python state a traced call reaches: what it read, what it wrote, and how compiled calls put it back.
+
+A compiled plan bakes whatever Python the traced call read: a guidance scale, a scheduler's step index, a
+LoRA's scaling dict, which model a block called and its parameters, an attribute it found absent, a block's
+own attribute. ``record`` watches every attribute read and write of the objects the call reaches, while the
+traced call runs, without changing any object's ``type()``: for the duration of the trace the *classes* of
+those objects get logging ``__getattribute__``, ``__getattr__``, ``__setattr__`` and ``__delattr__``
+(``torch.nn.Module``'s once, for every module), under a process-wide lock, and get their own back afterwards.
+The hooks log only on the tracing thread and only for watched objects; other threads see the original
+behaviour.
+
+Watched objects are the call's roots (the components, the blocks, the wrapper) and every object the call
+reaches from them by reading an attribute (or an item of a list, tuple or dict so read). Objects created during
+the call are not watched: their attributes are written before they are read. The ``Recording`` says:
+
+    reads    every attribute read before the call wrote it, with the value it had then (a plan's guards)
+    writes   every attribute the call wrote, and the blocks that wrote it (replayed after a compiled call)
+
+Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
+``vars()`` are one read, and one write when they differ at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .state import _atoms_only
+
+__all__ = ["ABSENT", "Read", "Recording", "TensorSnap", "ContainerSnap", "component_objects", "component_tensors",
+           "copy_value", "put", "record", "TRACE_LOCK"]
+
+# One trace at a time in a process: tracing patches classes (and the traced wrapper instance).
+TRACE_LOCK = threading.RLock()
+
+ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
+         torch.layout)
+# Values compared by identity and never watched: code, classes, generators.
+_OPAQUE_LEAVES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType,
+                  types.ModuleType, type, torch.Generator, property, staticmethod, classmethod)
+# Small tensors are snapshot by value (a scheduler's sigmas, made anew by every set_timesteps); larger ones by
+# identity and version counter.
+TENSOR_VALUE_NUMEL = 1 << 16
+_MAX_DEPTH = 6
+_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
+_HOOK = "_loopgraph_hook"
+_HEAPTYPE = 1 << 9
+
+
+class _Absent:
+    """The value of an attribute that is not there (``getattr(obj, name, default)`` took the default)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+ABSENT = _Absent()
+
+
+class TensorSnap:
+    """A tensor as first read: the object, its version counter, and (small tensors) a copy of its value."""
+
+    __slots__ = ("tensor", "version", "value", "spec")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = _version(tensor)
+        self.value = tensor.detach().clone() if tensor.numel() <= TENSOR_VALUE_NUMEL else None
+        self.spec = (tuple(tensor.shape), tensor.dtype, tensor.device)
+
+    def __repr__(self) -> str:
+        return f"Tensor{self.spec[0]} {str(self.spec[1]).replace('torch.', '')}"
+
+
+class ContainerSnap:
+    """A list, tuple, dict or set as first read: its type and a snapshot of every item."""
+
+    __slots__ = ("obj", "type", "items")
+
+    def __init__(self, obj: Any, items: Any) -> None:
+        self.obj, self.type, self.items = obj, type(obj), items  # items: list of snaps, or dict key -> snap
+
+    def __repr__(self) -> str:
+        return f"{self.type.__name__}[{len(self.items)}]"
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be changed in place)
+        return 0
+
+
+def snapshot(value: Any, depth: int = 0) -> Any:
+    """What a read keeps of a value: atoms as they are, tensors as ``TensorSnap``, containers item by item,
+    anything else by reference (compared by identity)."""
+    if isinstance(value, ATOMS) and type(value) in _ATOM_TYPES:
+        return value
+    if isinstance(value, torch.Tensor):
+        return TensorSnap(value)
+    if depth < _MAX_DEPTH:
+        if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            return ContainerSnap(value, [snapshot(v, depth + 1) for v in value])
+        if isinstance(value, torch.Size):
+            return value
+        if isinstance(value, dict):
+            return ContainerSnap(value, {k: snapshot(v, depth + 1) for k, v in value.items()})
+        if isinstance(value, (set, frozenset)):
+            return ContainerSnap(value, frozenset(value))  # items by hash: atoms by value, objects by identity
+    return value
+
+
+_ATOM_TYPES = set(ATOMS)
+
+
+def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None) -> bool:
+    """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
+    ``tensor_rule``; by value when no rule is given)."""
+    if isinstance(snap, TensorSnap):
+        return isinstance(current, torch.Tensor) and tensor_matches(current, snap, (tensor_rules or {}).get(
+            id(snap.tensor), "value"))
+    if isinstance(snap, ContainerSnap):
+        if type(current) is not snap.type:
+            return False
+        if isinstance(snap.items, dict):
+            return (current.keys() == snap.items.keys()
+                    and all(same(current[k], s, tensor_rules) for k, s in snap.items.items()))
+        if isinstance(snap.items, frozenset):
+            return frozenset(current) == snap.items
+        return len(current) == len(snap.items) and all(same(c, s, tensor_rules) for c, s in zip(current, snap.items))
+    if type(snap) in _ATOM_TYPES:
+        if type(current) is not type(snap):
+            return False
+        return current == snap or (current != current and snap != snap)  # NaN equals NaN here
+    if isinstance(snap, torch.Size):
+        return isinstance(current, torch.Size) and current == snap
+    return current is snap
+
+
+def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: str) -> bool:
+    """``rule``: "identity" (the compiled code reads that very tensor), "value" (its value was evaluated
+    eagerly and baked), "identity+value", or "spec" (no op used it: shape, dtype and device only)."""
+    if rule == "spec":
+        return (tuple(current.shape), current.dtype, current.device) == snap.spec
+    if rule == "identity":
+        return current is snap.tensor
+    if current is snap.tensor and _version(current) == snap.version:
+        return True
+    if rule == "identity+value" and current is not snap.tensor:
+        return False
+    return (snap.value is not None and (tuple(current.shape), current.dtype, current.device) == snap.spec
+            and torch.equal(current, snap.value))
+
+
+def describe(value: Any) -> str:
+    """A short rendering of a value for a guard's reason."""
+    if isinstance(value, TensorSnap):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, ContainerSnap):
+        return f"{value.type.__name__} of {len(value.items)}"
+    if isinstance(value, (list, tuple, dict, set)) and not isinstance(value, torch.Size):
+        return f"{type(value).__name__} of {len(value)}"
+    if type(value) in _ATOM_TYPES or value is ABSENT:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"<{type(value).__qualname__} ({type(value).__module__}) at {id(value):#x}>"
+
+
+def difference(current: Any, snap: Any, rules: dict[int, str] | None = None, path: str = "") -> tuple[str, Any, Any]:
+    """Where ``current`` first differs from ``snap`` (a ``snapshot``): (the item's path, its value now, then)."""
+    if isinstance(snap, ContainerSnap) and type(current) is snap.type and not isinstance(snap.items, frozenset):
+        if isinstance(snap.items, dict):
+            for k in [*snap.items, *[k for k in current if k not in snap.items]]:
+                now, then = current.get(k, ABSENT), snap.items.get(k, ABSENT)
+                if not (same(now, then, rules) if then is not ABSENT else now is ABSENT):
+                    return difference(now, then, rules, f"{path}[{k!r}]")
+        elif len(current) == len(snap.items):
+            for k, (now, then) in enumerate(zip(current, snap.items)):
+                if not same(now, then, rules):
+                    return difference(now, then, rules, f"{path}[{k}]")
+    return path, current, snap
+
+
+@dataclass
+class Read:
+    """One attribute read before the call wrote it: where the value lives and what it was."""
+
+    obj: Any            # the object read from
+    holder: Any         # the mapping the value lives in: obj.__dict__, a module's _parameters/_buffers/_modules, a
+                        # class's __dict__; None: read with getattr (slotted objects, __getattr__ results, vars())
+    key: str
+    value: Any          # a snapshot (see ``snapshot``), ABSENT when the attribute was not there
+    path: str           # for messages: "components.denoiser.blocks.0.scaling"
+    owner_key: str | None = None  # a module container's name in obj.__dict__ ("_parameters"); else None
+
+    def current(self) -> Any:
+        """The value now, in the same place."""
+        if self.holder is not None:
+            return self.holder.get(self.key, ABSENT)
+        if self.key == "__dict__":
+            return dict(vars(self.obj))
+        return getattr(self.obj, self.key, ABSENT)
+
+
+@dataclass
+class Write:
+    """An attribute the call wrote (or deleted), and when: (step or None outside the loop, block or None)."""
+
+    obj: Any
+    name: str
+    path: str
+    events: list[tuple[int | None, str | None]] = field(default_factory=list)
+
+
+class Recording:
+    """What one traced call read and wrote of the Python state of the objects it reached (see the module
+    docstring). ``step`` and ``block`` are set by the tracer, so writes know who made them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}
+        self.paths: dict[int, str] = {}
+        self.reads: dict[tuple, Read] = {}
+        self.writes: dict[tuple[int, str], Write] = {}
+        self.opaque: dict[int, Any] = {}  # objects watched whole (their class takes no hooks)
+        self.step: int | None = None
+        self.block: str | None = None
+        self.busy = False
+        self.thread = threading.get_ident()
+        self._written: set[tuple[int, str]] = set()
+        self._patcher: _Patcher | None = None
+
+    # -- what the hooks call -----------------------------------------------------------------------------------
+    def watch(self, obj: Any, path: str) -> None:
+        """Start watching ``obj`` (and, for objects watched whole, what their attributes hold)."""
+        if obj is None or type(obj) in _ATOM_TYPES or isinstance(obj, (torch.Tensor, *_OPAQUE_LEAVES)):
+            return
+        if id(obj) in self.objects:
+            return
+        self.objects[id(obj)] = obj
+        self.paths[id(obj)] = path
+        if self._patcher is not None and self._patcher.ensure(type(obj)):
+            return
+        if hasattr(obj, "__dict__"):  # watched whole: all its attributes count as read
+            self.opaque[id(obj)] = obj
+            attrs = dict(vars(obj))
+            self._add_read(Read(obj, None, "__dict__", snapshot(attrs), path), ("whole", id(obj)))
+            self._adopt(attrs, path)
+
+    def on_read(self, obj: Any, name: str, value: Any) -> None:
+        """``obj.name`` was read through ``__getattribute__`` (``value`` is ABSENT when it raised)."""
+        oid = id(obj)
+        if oid not in self.objects or (oid, name) in self._written:
+            return
+        if name == "__dict__":  # vars(obj), obj.__dict__: every attribute is read
+            key = ("whole", oid)
+            if key not in self.reads:
+                attrs = dict(object.__getattribute__(obj, "__dict__"))
+                self._add_read(Read(obj, None, "__dict__", snapshot(attrs), self.paths[oid]), key)
+                self._adopt(attrs, self.paths[oid])
+            return
+        try:
+            attrs = object.__getattribute__(obj, "__dict__")
+        except AttributeError:  # slotted: read again with getattr when checked
+            attrs = None
+        holder = attrs if attrs is not None else None
+        key = (id(holder) if holder is not None else oid, name)
+        if key in self.reads:
+            return
+        path = f"{self.paths[oid]}.{name}"
+        here = attrs.get(name, ABSENT) if attrs is not None else value
+        self._add_read(Read(obj, holder, name, snapshot(here), path), key)
+        if name in _MODULE_CONTAINERS and isinstance(obj, torch.nn.Module) and isinstance(here, dict):
+            for child_name, child in here.items():  # a module's children by their attribute paths
+                self._adopt(child, f"{self.paths[oid]}.{child_name}")
+            return
+        if here is ABSENT and attrs is not None:
+            found = _class_lookup(type(obj), name)
+            if found is not None:
+                cls, cls_value = found
+                ckey = (id(cls), name)
+                if ckey not in self.reads:
+                    self._add_read(Read(cls, cls.__dict__, name, snapshot(cls_value),
+                                        f"{cls.__qualname__}.{name}"), ckey)
+        else:
+            self._adopt(here, path)
+
+    def on_resolved(self, obj: Any, name: str, value: Any) -> None:
+        """``obj.__getattr__(name)`` gave ``value`` (ABSENT: raised): for a module, from its parameters, buffers or
+        submodules."""
+        oid = id(obj)
+        if oid not in self.objects or (oid, name) in self._written:
+            return
+        path = f"{self.paths[oid]}.{name}"
+        if isinstance(obj, torch.nn.Module):
+            attrs = object.__getattribute__(obj, "__dict__")
+            containers = [(c, attrs[c]) for c in _MODULE_CONTAINERS if attrs.get(c) is not None]
+            found = [(c, holder) for c, holder in containers if name in holder]
+            for owner, holder in found or containers:
+                key = (id(holder), name)
+                if key not in self.reads:
+                    self._add_read(Read(obj, holder, name, snapshot(holder.get(name, ABSENT)), path, owner), key)
+            if found:  # nn.Module keeps a name in one place: its absence from __dict__ adds nothing
+                self.reads.pop((id(attrs), name), None)
+        else:
+            key = ("getattr", oid, name)
+            if key not in self.reads:
+                self._add_read(Read(obj, None, name, snapshot(value), path), key)
+        if value is not ABSENT:
+            self._adopt(value, path)
+
+    def on_write(self, obj: Any, name: str) -> None:
+        oid = id(obj)
+        if oid not in self.objects:
+            return
+        self._written.add((oid, name))
+        write = self.writes.get((oid, name))
+        if write is None:
+            write = self.writes[(oid, name)] = Write(obj, name, f"{self.paths[oid]}.{name}")
+        write.events.append((self.step, self.block))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reads and writes inside are the tracer's own, not the call's: not logged."""
+        busy, self.busy = self.busy, True
+        try:
+            yield
+        finally:
+            self.busy = busy
+
+    def hide(self, obj: Any, *names: str) -> None:
+        """Attributes that are not the call's (the tracer's own interceptors on the wrapper): never logged."""
+        self._written.update((id(obj), name) for name in names)
+
+    def _add_read(self, read: Read, key: tuple) -> None:
+        self.reads[key] = read
+
+    def _adopt(self, value: Any, path: str, depth: int = 0) -> None:
+        """Watch the objects ``value`` holds (itself, or the items of a plain container)."""
+        if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            if depth < _MAX_DEPTH and not _atoms_only(value):
+                for k, item in enumerate(value):
+                    self._adopt(item, f"{path}[{k}]", depth + 1)
+        elif isinstance(value, dict):
+            if depth < _MAX_DEPTH:
+                for k, item in value.items():
+                    self._adopt(item, f"{path}[{k!r}]", depth + 1)
+        if isinstance(value, (list, tuple, dict, set, frozenset)) and not type(value).__flags__ & _HEAPTYPE:
+            return  # a container of the standard library (an OrderedDict of hooks): its items are what counts
+        self.watch(value, path)
+
+    # -- during and after the call ------------------------------------------------------------------------------
+    def state_now(self) -> dict[tuple[int, str], tuple[Any, str, Any]]:
+        """(id(obj), name) -> (obj, name, a copy of its value now), for every attribute the call wrote so far
+        and every attribute it read of an object that is not a module or a class (a container it may change in
+        place): the Python state that eager segments compare and restore at a cut."""
+        found = {}
+        for (oid, name), write in self.writes.items():
+            found[(oid, name)] = (write.obj, name, copy_value(value_of(write.obj, name)))
+        for r in self.reads.values():
+            if r.owner_key is None and not isinstance(r.obj, (type, torch.nn.Module)):
+                key = (id(r.obj), r.key)
+                if key not in found:
+                    found[key] = (r.obj, r.key, copy_value(value_of(r.obj, r.key)))
+        return found
+
+    def finish(self) -> None:
+        """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it
+        (obj, name, a copy), in the order first written; ``stable``, the reads it never wrote nor changed."""
+        changed = set()
+        self.end: list[tuple[Any, str, Any]] = []
+        originals = []  # the values themselves: which tensors stay where the call left them
+        for (oid, name), write in self.writes.items():
+            originals.append(value_of(write.obj, name))
+            self.end.append((write.obj, name, copy_value(originals[-1])))
+        for key, r in self.reads.items():
+            if (id(r.obj), r.key) in self.writes or isinstance(r.obj, type):
+                continue
+            if (r.key == "__dict__" or isinstance(r.value, ContainerSnap)) and not same(r.current(), r.value):
+                changed.add(key)
+                if r.key == "__dict__":  # watched whole: every attribute as it is now (and the gone ones gone)
+                    now = vars(r.obj)
+                    originals.append(now)
+                    self.end.extend((r.obj, k, copy_value(v)) for k, v in now.items())
+                    self.end.extend((r.obj, k, ABSENT) for k in r.value.items if k not in now)
+                else:
+                    originals.append(r.current())
+                    self.end.append((r.obj, r.key, copy_value(originals[-1])))
+        self.present = {id(t) for value in originals for t in walk_tensors(value)}
+        self.stable = [r for key, r in self.reads.items()
+                       if key not in changed and (id(r.obj), r.key) not in self.writes]
+
+
+def value_of(obj: Any, name: str) -> Any:
+    """``obj.name`` where an attribute read finds it (ABSENT if not there); "__dict__": a copy of ``vars(obj)``."""
+    if name == "__dict__":
+        return dict(vars(obj))
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return getattr(obj, name, ABSENT)
+    if name in attrs:
+        return attrs[name]
+    return getattr(obj, name, ABSENT) if isinstance(obj, torch.nn.Module) else ABSENT  # a parameter, a submodule
+
+
+def _class_lookup(cls: type, name: str) -> tuple[type, Any] | None:
+    """The class in ``cls``'s MRO that defines ``name``, and the value it holds there."""
+    for klass in cls.__mro__:
+        attrs = klass.__dict__
+        if name in attrs:
+            return klass, attrs[name]
+    return None
+
+
+# -- the hooks ------------------------------------------------------------------------------------------------------
+_active: Recording | None = None
+_get_ident = threading.get_ident
+
+
+def _recording() -> Recording | None:
+    rec = _active
+    if rec is None or rec.busy or rec.thread != _get_ident():
+        return None
+    return rec
+
+
+def _getattribute_hook(original):
+    def __getattribute__(self, name):
+        rec = _recording()
+        if rec is None:
+            return original(self, name)
+        try:
+            value = original(self, name)
+        except AttributeError:
+            _logged(rec, rec.on_read, self, name, ABSENT)
+            raise
+        _logged(rec, rec.on_read, self, name, value)
+        return value
+
+    setattr(__getattribute__, _HOOK, True)
+    return __getattribute__
+
+
+def _getattr_hook(original):
+    def __getattr__(self, name):
+        rec = _recording()
+        if rec is None:
+            return original(self, name)
+        rec.busy = True  # what __getattr__ itself reads (a module's __dict__) is not the user's read
+        value = ABSENT
+        try:
+            value = original(self, name)
+        finally:
+            rec.busy = False
+            _logged(rec, rec.on_resolved, self, name, value)
+        return value
+
+    setattr(__getattr__, _HOOK, True)
+    return __getattr__
+
+
+def _setattr_hook(original):
+    def __setattr__(self, name, value):
+        rec = _active
+        if rec is None or rec.thread != _get_ident():
+            return original(self, name, value)
+        busy, rec.busy = rec.busy, True
+        try:
+            original(self, name, value)
+        finally:
+            rec.busy = busy
+        rec.on_write(self, name)
+
+    setattr(__setattr__, _HOOK, True)
+    return __setattr__
+
+
+def _delattr_hook(original):
+    def __delattr__(self, name):
+        rec = _active
+        if rec is None or rec.thread != _get_ident():
+            return original(self, name)
+        busy, rec.busy = rec.busy, True
+        try:
+            original(self, name)
+        finally:
+            rec.busy = busy
+        rec.on_write(self, name)
+
+    setattr(__delattr__, _HOOK, True)
+    return __delattr__
+
+
+def _logged(rec: Recording, log, obj, name, value) -> None:
+    """Run a logging callback with the hooks off and torch functions not recorded (snapshots clone tensors)."""
+    rec.busy = True
+    try:
+        with torch._C.DisableTorchFunction():
+            log(obj, name, value)
+    finally:
+        rec.busy = False
+
+
+_HOOKS = (("__getattribute__", _getattribute_hook), ("__getattr__", _getattr_hook),
+          ("__setattr__", _setattr_hook), ("__delattr__", _delattr_hook))
+
+
+class _Patcher:
+    """Puts the logging hooks on classes, once each, and takes them off again."""
+
+    def __init__(self) -> None:
+        self.done: dict[type, bool] = {}
+        self.undo: list[tuple[type, str, bool, Any]] = []
+
+    def ensure(self, cls: type) -> bool:
+        """Hook ``cls`` (if no base already hooks it); False when its class cannot take hooks."""
+        known = self.done.get(cls)
+        if known is not None:
+            return known
+        ok = bool(cls.__flags__ & _HEAPTYPE) and cls is not object
+        if ok:
+            for attr, make in _HOOKS:
+                current = getattr(cls, attr, None)
+                if current is None or getattr(current, _HOOK, False):
+                    continue  # no such method (__getattr__), or inherited from a hooked base
+                had = attr in cls.__dict__
+                try:
+                    setattr(cls, attr, make(current))
+                except (TypeError, AttributeError):
+                    ok = False
+                    break
+                self.undo.append((cls, attr, had, current if had else None))
+        self.done[cls] = ok
+        return ok
+
+    def restore(self) -> None:
+        for cls, attr, had, original in reversed(self.undo):
+            if had:
+                setattr(cls, attr, original)
+            else:
+                delattr(cls, attr)
+        self.undo.clear()
+
+
+@contextlib.contextmanager
+def record(roots: dict[str, Any]) -> Iterator[Recording]:
+    """Watch ``roots`` (path -> object) and what the code inside the block reaches from them.
+
+    Holds ``TRACE_LOCK`` and hooks ``torch.nn.Module`` and the roots' classes for the duration; every hook is
+    removed on exit, also when the block raises.
+    """
+    global _active
+    with TRACE_LOCK:
+        rec = Recording()
+        patcher = rec._patcher = _Patcher()
+        previous = _active
+        try:
+            patcher.ensure(torch.nn.Module)
+            for path, obj in roots.items():
+                rec.watch(obj, path)
+            _active = rec
+            yield rec
+        finally:
+            _active = previous
+            patcher.restore()
+            rec._patcher = None
+
+
+# -- component state that the loop carries (a scheduler's history) ----------------------------------------------------
+def component_objects(wrapper, components) -> dict[str, Any]:
+    """The wrapper's declared components that keep Python state (schedulers, guiders): every non-module one."""
+    found = {}
+    for spec in wrapper.expected_components:
+        obj = getattr(components, spec.name, None)
+        if obj is not None and not isinstance(obj, torch.nn.Module) and hasattr(obj, "__dict__"):
+            found[spec.name] = obj
+    return found
+
+
+def component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """Every tensor in the components' attributes, through lists, tuples and dicts: name -> (path, tensor).
+
+    Only plain containers are walked (a named tuple or another object is not): a loop-derived tensor held
+    anywhere else is reported by the tracer as state carried across steps outside the loop's reach."""
+    found: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def walk(value: Any, path: tuple, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[name] = (path, value)
+        elif type(value) in (list, tuple):
+            for k, item in enumerate(value):
+                walk(item, (*path, k), f"{name}[{k}]")
+        elif type(value) is dict:
+            for k, item in value.items():
+                walk(item, (*path, k), f"{name}[{k!r}]")
+
+    for comp, obj in objects.items():
+        for attr, value in vars(obj).items():
+            walk(value, (comp, attr), f"{comp}.{attr}")
+    return found
+
+
+def put(components, path: tuple, value: torch.Tensor) -> None:
+    """Store ``value`` at ``path`` = (component, attribute, index or key, ...) in the components' state."""
+    comp, attr, *keys = path
+    obj = getattr(components, comp)
+    setattr(obj, attr, _replaced(getattr(obj, attr), keys, value))
+
+
+def _replaced(container: Any, keys: list, value: Any) -> Any:
+    """``container`` with the item at ``keys`` set to ``value``: lists and dicts in place, tuples rebuilt."""
+    if not keys:
+        return value
+    key, *rest = keys
+    item = _replaced(container[key], rest, value)
+    if isinstance(container, tuple):
+        return container[:key] + (item,) + container[key + 1:]
+    container[key] = item
+    return container
+
+
+def copy_value(value: Any) -> Any:
+    """A copy to replay: atoms as they are, plain containers copied item by item (a flat list of numbers in C, so
+    the cost does not grow with N in Python), tensors cloned, other objects by reference (their identity is
+    what the call left there)."""
+    if type(value) in _ATOM_TYPES or value is ABSENT:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if type(value) in (list, tuple):
+        return type(value)(value) if _atoms_only(value) else type(value)(copy_value(v) for v in value)
+    if type(value) is dict:
+        return {k: copy_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and not isinstance(value, torch.Size):
+        try:  # a container of another kind (an OrderedDict, a named tuple): rebuilt from copied items
+            if isinstance(value, dict):
+                return type(value)((k, copy_value(v)) for k, v in value.items())
+            items = [copy_value(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        except Exception:  # a container that cannot be rebuilt: the object itself
+            return value
+    return value
+
+
+def set_attribute(obj: Any, name: str, value: Any) -> None:
+    """``obj.name = value`` (deleted when ``value`` is ABSENT), as the traced call left it; containers of the
+    same kind are updated in place, as the call itself did."""
+    if value is ABSENT:
+        if hasattr(obj, "__dict__") and name in vars(obj):
+            delattr(obj, name)
+        return
+    current = vars(obj).get(name, ABSENT) if hasattr(obj, "__dict__") else getattr(obj, name, ABSENT)
+    if type(current) is list and type(value) is list:
+        current[:] = value
+    elif type(current) is dict and type(value) is dict:
+        current.clear()
+        current.update(value)
+    else:
+        try:
+            setattr(obj, name, value)
+        except (AttributeError, TypeError, dataclasses.FrozenInstanceError):  # as the object's own code set it
+            object.__setattr__(obj, name, value)
+
+
+def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors ``value`` holds, through plain containers."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < _MAX_DEPTH and isinstance(value, (list, tuple)) and not _atoms_only(value):
+        for item in value:
+            yield from walk_tensors(item, depth + 1)
+    elif depth < _MAX_DEPTH and isinstance(value, dict):
+        for item in value.values():
+            yield from walk_tensors(item, depth + 1)
+

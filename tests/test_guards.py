@@ -1,0 +1,673 @@
+"""Never a silently different result: one regression test per class of the guards issue (each failed before
+its fix), then the guards' own unit tests (what a plan is valid for, the reason a call does not match).
+
+Each test runs the same sequence of calls, with the same changes between them, on an eager world and on a
+compiled one built alike, and compares values, returned state and Python state after every call.
+"""
+
+import copy
+import threading
+import warnings
+
+import pytest
+import torch
+
+from loopgraph import ComponentSpec, InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam
+from loopgraph import PipelineState, compile_loop
+from loopgraph.state import values_equal
+from loopgraph.zoo.loops import build_loop
+from loopgraph.zoo.models import build_denoiser
+
+from .test_compile_loop import TOL, Loop, run_loop
+
+
+def quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def zoo_pair(preset="dit", steps=4, **kwargs):
+    """Two identical zoo loops (same seed): one run eagerly, one through compile_loop."""
+    eager = build_loop(preset, steps=steps, sample_size=8, **kwargs)
+    compiled = build_loop(preset, steps=steps, sample_size=8, **kwargs)
+    return eager, compiled, compile_loop(compiled.wrapper, backend="eager")
+
+
+def same_call(eager, compiled, fast):
+    """One call on each side, from fresh states; the latents must agree."""
+    want = eager.run()
+    _, state = quiet(fast, compiled.components, compiled.new_state())
+    got = state.get("latents")
+    assert torch.allclose(got, want, **TOL), (got - want).abs().max()
+    return got
+
+
+class Components:
+    """A components bag for the toy loops (what a ModularPipeline is to the blocks)."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+def toy_call(loop, components, n=3, **inputs):
+    state = PipelineState()
+    for k, v in inputs.items():
+        state.set(k, v)
+    state.set("num_steps", n)
+    _, state = loop(components, state)
+    return state
+
+
+# -- 1. a model component swapped between calls ------------------------------------------------------------------
+def test_1_a_swapped_model_is_used_not_the_traced_one():
+    eager, compiled, fast = zoo_pair()
+    for _ in range(2):
+        same_call(eager, compiled, fast)
+    for setup in (eager, compiled):  # pipe.update_components(denoiser=other)
+        setup.components.update_components(denoiser=build_denoiser("dit", seed=7, sample_size=8))
+    same_call(eager, compiled, fast)
+    for setup in (eager, compiled):  # plain attribute assignment
+        setup.components.denoiser = build_denoiser("dit", seed=8, sample_size=8)
+    same_call(eager, compiled, fast)
+    same_call(eager, compiled, fast)
+    assert fast.stats.compiled_calls >= 2
+
+
+# -- 2. a module's own Python state, and its structure ----------------------------------------------------------
+class LoraLike(torch.nn.Module):
+    """A layer whose forward reads Python state: a scaling dict (what set_adapters changes) and a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Linear(4, 4)
+        self.down = torch.nn.Linear(4, 2, bias=False)
+        self.up = torch.nn.Linear(2, 4, bias=False)
+        self.scaling = {"default": 1.0}
+        self.enabled = True
+        torch.nn.init.normal_(self.up.weight)
+
+    def forward(self, x):
+        out = self.base(x)
+        if self.enabled:
+            out = out + self.up(self.down(x)) * self.scaling["default"]
+        return out
+
+
+class ApplyNet(ModularPipelineBlocks):
+    @property
+    def expected_components(self):
+        return [ComponentSpec("net", torch.nn.Module)]
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x + 0.1 * torch.tanh(components.net(block_state.x))
+        return components, block_state
+
+
+def net_pair():
+    torch.manual_seed(0)
+    net = LoraLike()
+    loop = Loop.from_blocks_dict({"apply": ApplyNet})
+    return (loop, Components(net=net)), (loop, Components(net=copy.deepcopy(net))), compile_loop(loop, backend="eager")
+
+
+@pytest.mark.parametrize("change", ["scaling", "flag", "submodule", "inject", "weights_in_place"])
+def test_2_a_modules_python_state_and_structure_changed_between_calls(change):
+    (loop, eager), (_, comps), fast = net_pair()
+    x = torch.randn(2, 4)
+
+    def check():
+        want = toy_call(loop, eager, x=x.clone()).get("x")
+        got = quiet(toy_call, fast, comps, x=x.clone()).get("x")
+        assert torch.allclose(got, want, **TOL), (change, (got - want).abs().max())
+
+    check()
+    check()
+    for c in (eager, comps):
+        torch.manual_seed(3)
+        if change == "scaling":
+            c.net.scaling["default"] = 0.25  # a dict changed in place
+        elif change == "flag":
+            c.net.enabled = False
+        elif change == "submodule":
+            c.net.up = torch.nn.Linear(2, 4, bias=False)
+        elif change == "inject":
+            c.net.base = torch.nn.Sequential(c.net.base, torch.nn.Linear(4, 4))
+        else:
+            with torch.no_grad():
+                c.net.base.weight.mul_(2.0)  # seen by the compiled code directly: no re-plan needed
+    check()
+    check()
+    if change == "weights_in_place":
+        assert fast.stats.plans == 1
+
+
+# -- 3. a block's own attributes ----------------------------------------------------------------------------------
+class Strength(ModularPipelineBlocks):
+    def __init__(self):
+        super().__init__()
+        self.strength = 0.5
+        self.calls = 0
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        self.calls += 1  # a counter the block keeps
+        block_state.x = block_state.x * self.strength + i
+        return components, block_state
+
+
+class LastStep(ModularPipelineBlocks):
+    """Writes an attribute it never reads: compiled calls must leave it as eager does."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        self.last = i
+        block_state.x = block_state.x + 1
+        return components, block_state
+
+
+def test_3_block_attributes_are_guarded_and_its_counter_advances():
+    block = Strength()
+    loop = Loop.from_blocks_dict({"strength": block, "last": LastStep()})
+    twin = copy.deepcopy(loop)
+    fast = compile_loop(twin, backend="eager")
+    for k in range(4):
+        if k == 2:
+            loop.sub_blocks["strength"].strength = 2.0
+            twin.sub_blocks["strength"].strength = 2.0
+        want = run_loop(loop, torch.ones(3), 4)
+        got = quiet(run_loop, fast, torch.ones(3), 4)
+        assert torch.allclose(got, want, **TOL), k
+        assert twin.sub_blocks["strength"].calls == loop.sub_blocks["strength"].calls
+        assert twin.sub_blocks["last"].last == 3
+
+
+def test_3_a_write_only_block_attribute_is_replayed_by_compiled_calls():
+    loop = Loop.from_blocks_dict({"last": LastStep()})
+    fast = compile_loop(loop, backend="eager")
+    run_loop(fast, torch.ones(2), 5)
+    del loop.sub_blocks["last"].last
+    run_loop(fast, torch.ones(2), 5)
+    assert fast.stats.compiled_calls == 1 and loop.sub_blocks["last"].last == 4
+
+
+# -- 4. attributes read with a default -----------------------------------------------------------------------------
+class Rescale(ModularPipelineBlocks):
+    @property
+    def expected_components(self):
+        return [ComponentSpec("guider")]
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        rescale = getattr(components.guider, "rescale", 0.0)
+        if hasattr(components.guider, "offset"):
+            block_state.x = block_state.x + components.guider.offset
+        block_state.x = block_state.x * (1.0 - rescale)
+        return components, block_state
+
+
+class Guider:
+    pass
+
+
+def test_4_an_attribute_absent_when_traced_and_set_later():
+    loop = Loop.from_blocks_dict({"rescale": Rescale})
+    fast = compile_loop(loop, backend="eager")
+    eager, comps = Components(guider=Guider()), Components(guider=Guider())
+    for k in range(5):
+        if k == 2:
+            eager.guider.rescale = comps.guider.rescale = 0.5
+        if k == 3:
+            eager.guider.offset = comps.guider.offset = 2.0
+        if k == 4:
+            del eager.guider.rescale, comps.guider.rescale
+        want = toy_call(loop, eager, x=torch.ones(2)).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
+        assert torch.allclose(got, want, **TOL), k
+
+
+# -- 5. components the blocks use but do not declare ---------------------------------------------------------------
+class Counter:
+    def __init__(self):
+        self.k = 0
+
+    def step(self, x):
+        if self.k >= 3:
+            raise ValueError("counter exhausted: call reset()")
+        self.k += 1
+        return x * (1.0 + self.k)
+
+
+class UsesUndeclared(ModularPipelineBlocks):
+    @property
+    def inputs(self):  # no expected_components: `counter` is reached undeclared
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = components.counter.step(block_state.x)
+        return components, block_state
+
+
+def test_5_an_undeclared_component_is_guarded_and_its_state_replayed():
+    loop = Loop.from_blocks_dict({"use": UsesUndeclared})
+    fast = compile_loop(loop, backend="eager")
+    eager, comps = Components(counter=Counter()), Components(counter=Counter())
+    for k in range(3):
+        want = toy_call(loop, eager, x=torch.ones(2)).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
+        assert torch.allclose(got, want, **TOL)
+        assert comps.counter.k == eager.counter.k == 3
+        if k < 2:
+            eager.counter.k = comps.counter.k = 0  # reset; not after the last call
+    with pytest.raises(ValueError, match="counter exhausted"):
+        toy_call(loop, eager, x=torch.ones(2))
+    with pytest.raises(ValueError, match="counter exhausted"):  # not reset: eager's error, not the traced result
+        quiet(toy_call, fast, comps, x=torch.ones(2))
+
+
+# -- 6. tensor identity between inputs -------------------------------------------------------------------------------
+class MixTwo(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("a"), InputParam("b")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.a.mul_(0.5)  # in place: seen through `b` when a and b are one tensor
+        block_state.x = block_state.x + block_state.a - 2 * block_state.b
+        return components, block_state
+
+
+@pytest.mark.parametrize("first_aliased", [True, False])
+def test_6_inputs_that_are_one_tensor_when_traced_and_not_later_or_the_reverse(first_aliased):
+    loop = Loop.from_blocks_dict({"mix": MixTwo})
+    fast = compile_loop(loop, backend="eager")
+    for aliased in (first_aliased, first_aliased, not first_aliased, not first_aliased):
+        outs = []
+        for runner in (loop, fast):
+            a = torch.ones(3)
+            b = a if aliased else torch.ones(3)
+            outs.append((quiet(toy_call, runner, None, x=torch.zeros(3), a=a, b=b).get("x"), a, b))
+        (want, a0, b0), (got, a1, b1) = outs
+        assert torch.allclose(got, want, **TOL), aliased
+        assert torch.equal(a0, a1) and torch.equal(b0, b1)
+
+
+# -- 7. loop tensors inside containers written to the BlockState -----------------------------------------------------
+class Previews(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("previews", default=None)]
+
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("x"), OutputParam("previews"), OutputParam("extras")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * 0.5 + 1
+        block_state.previews = list(block_state.previews or []) + [block_state.x.clone()]
+        block_state.extras = {"double": block_state.x * 2}
+        return components, block_state
+
+
+def test_7_loop_tensors_inside_containers_are_this_calls_values():
+    loop = Loop.from_blocks_dict({"previews": Previews})
+    fast = compile_loop(loop, backend="eager")
+    for start in (1.0, 2.0, -3.0):
+        want = toy_call(loop, None, x=torch.full((2,), start))
+        got = quiet(toy_call, fast, None, x=torch.full((2,), start))
+        assert values_equal(got.get("previews"), want.get("previews")), start
+        assert values_equal(got.get("extras"), want.get("extras")), start
+        assert torch.equal(got.get("x"), want.get("x"))
+
+
+# -- 8. per-step Python floats passed as keyword arguments -----------------------------------------------------------
+class KwargFloats(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        c = 0.5 + 0.25 * i
+        x = block_state.x.clamp(min=-c, max=c)
+        block_state.x = torch.lerp(x, torch.ones_like(x), weight=0.1 * (i + 1)) * 1.5
+        return components, block_state
+
+
+def test_8_per_step_keyword_floats_are_each_steps_own():
+    loop = Loop.from_blocks_dict({"kw": KwargFloats})
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        x = torch.linspace(-4, 4, 5)
+        assert torch.allclose(quiet(run_loop, fast, x.clone(), 6), run_loop(loop, x.clone(), 6), **TOL)
+    assert fast.stats.compiled_calls == 2
+
+
+# -- 9. .data assignment and in-place updates through a view ---------------------------------------------------------
+class DataAssign(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * 1.5
+        block_state.x.data = block_state.x.data.clamp(-1, 1)
+        return components, block_state
+
+
+class ViewUpdate(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x[..., 0].mul_(1.5)
+        block_state.x.narrow(0, 0, 1).add_(0.25)
+        return components, block_state
+
+
+@pytest.mark.parametrize("block,backend", [(DataAssign, "eager"), (ViewUpdate, "eager"), (ViewUpdate, "inductor")])
+def test_9_data_assignment_and_view_updates_are_kept(block, backend):
+    # the view updates mutate the caller's tensor in place, every step (as eager does)
+    loop = Loop.from_blocks_dict({"b": block, "shift": Shift} if block is DataAssign else {"b": block})
+    fast = compile_loop(loop, backend=backend)
+    for _ in range(3):
+        x_eager, x_fast = torch.linspace(-2, 2, 6).reshape(2, 3), torch.linspace(-2, 2, 6).reshape(2, 3)
+        want = run_loop(loop, x_eager, 4)
+        got = quiet(run_loop, fast, x_fast, 4)
+        assert torch.allclose(got, want, **TOL)
+        assert torch.allclose(x_fast, x_eager, **TOL)  # the caller's tensor, as eager leaves it
+    assert fast.stats.compiled_calls == 2
+
+
+class Shift(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x - 0.1 * i
+        return components, block_state
+
+
+# -- 10. tensor work in the wrapper's own __call__ -------------------------------------------------------------------
+class WorkingLoop(LoopSequentialPipelineBlocks):
+    block_classes = [Shift]
+    block_names = ["shift"]
+    where = "before"
+
+    @property
+    def description(self):
+        return "a wrapper that computes before and after its loop"
+
+    @property
+    def loop_inputs(self):
+        return [InputParam("num_steps")]
+
+    def __call__(self, components, state):
+        bs = self.get_block_state(state)
+        if self.where == "before":
+            bs.x = bs.x / 0.5
+        for i in range(bs.num_steps):
+            components, bs = self.loop_step(components, bs, i=i)
+            if self.where == "nan" and torch.isnan(bs.x).any():
+                raise ValueError("NaN in the latents")
+        if self.where == "after":
+            bs.x = bs.x.clamp(-1.5, 1.5) / 0.18215
+        self.set_block_state(state, bs)
+        return components, state
+
+
+@pytest.mark.parametrize("where", ["before", "after", "nan"])
+@pytest.mark.parametrize("check", [True, False])
+def test_10_tensor_work_in_the_wrappers_call_is_not_dropped(where, check):
+    loop = WorkingLoop()
+    loop.where = where
+    fast = compile_loop(loop, backend="eager", check=check)
+    for _ in range(3):
+        x = torch.linspace(-1, 1, 4)
+        assert torch.allclose(quiet(run_loop, fast, x.clone(), 4), run_loop(loop, x.clone(), 4), **TOL)
+    if where == "nan":
+        with pytest.raises(ValueError, match="NaN"):
+            quiet(run_loop, fast, torch.full((4,), float("nan")), 4)
+
+
+# -- 11. type checks while tracing -------------------------------------------------------------------------------------
+class Sched:
+    def __init__(self):
+        self.factor = 2.0
+
+
+class TypeCheck(ModularPipelineBlocks):
+    @property
+    def expected_components(self):
+        return [ComponentSpec("scheduler")]
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        if type(components.scheduler) is Sched:  # noqa: E721 -- the check users write
+            block_state.x = block_state.x * components.scheduler.factor
+        else:
+            block_state.x = block_state.x - 100.0
+        return components, block_state
+
+
+def test_11_type_checks_see_the_components_own_class():
+    loop = Loop.from_blocks_dict({"check": TypeCheck})
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        want = toy_call(loop, Components(scheduler=Sched()), x=torch.ones(2)).get("x")
+        got = quiet(toy_call, fast, Components(scheduler=Sched()), x=torch.ones(2)).get("x")
+        assert torch.allclose(got, want, **TOL)
+
+
+# -- 12. an eager block's side effects on the planning call ----------------------------------------------------------
+class Callback(ModularPipelineBlocks):
+    seen: list = []
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        Callback.seen.append(block_state.x.abs().max().item())  # a user callback: data-dependent Python
+        return components, block_state
+
+
+def test_12_an_eager_blocks_side_effects_happen_once_per_step():
+    loop = Loop.from_blocks_dict({"shift": Shift, "callback": Callback})
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        Callback.seen = []
+        quiet(run_loop, fast, torch.ones(2), 5)
+        assert len(Callback.seen) == 5
+    assert fast.stats.compiled_calls == 2
+
+
+# -- 13. a caller's tensor or Python state overwritten where eager leaves it ------------------------------------------
+class InPlaceIfPositive(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        if block_state.x.sum() > 0:  # data-dependent: this block runs eagerly
+            block_state.x.mul_(0.5)
+        else:
+            block_state.x = block_state.x * 0.5
+        return components, block_state
+
+
+class ScaleInPlace(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x.mul_(2.0).add_(0.5)
+        return components, block_state
+
+
+class Scale2(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * 2.0 + 0.5
+        return components, block_state
+
+
+def test_13_the_callers_tensor_is_written_only_when_eager_writes_it():
+    loop = Loop.from_blocks_dict({"branch": InPlaceIfPositive, "scale": ScaleInPlace})
+    fast = compile_loop(loop, backend="eager")
+    for start in (1.0, -1.0, 1.0, -1.0):  # traced on the in-place side, then called on the other
+        x_eager, x_fast = torch.full((2,), start), torch.full((2,), start)
+        want = run_loop(loop, x_eager, 3)
+        got = quiet(run_loop, fast, x_fast, 3)
+        assert torch.allclose(got, want, **TOL) and torch.equal(x_fast, x_eager), start
+
+
+class NotePositive(ModularPipelineBlocks):
+    @property
+    def expected_components(self):
+        return [ComponentSpec("guider")]
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        if block_state.x.sum() > 0:  # data-dependent: this block runs eagerly
+            components.guider.note = "positive"
+        return components, block_state
+
+
+def test_13_an_attribute_this_calls_eager_block_does_not_write_keeps_the_callers_value():
+    loop = Loop.from_blocks_dict({"scale": Scale2, "note": NotePositive})
+    fast = compile_loop(loop, backend="eager")
+    for k, start in enumerate((1.0, -100.0, 1.0, -100.0)):
+        sides = []
+        for runner in (loop, fast):
+            comps = Components(guider=Guider())
+            comps.guider.note = f"mine {k}"  # never read by the loop: not part of any plan
+            quiet(toy_call, runner, comps, x=torch.full((2,), start))
+            sides.append(comps.guider.note)
+        assert sides[0] == sides[1], (start, sides)
+
+
+# -- 14. a lifted per-step float keeps eager's dtype -------------------------------------------------------------------
+class IntTimesFloat(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("k")]
+
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("x"), OutputParam("y")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x + 1
+        block_state.y = block_state.k * (0.5 + i)  # k: an int64 tensor; a per-step float: lifted
+        return components, block_state
+
+
+def test_14_int_tensor_times_a_lifted_float_is_float32_as_eager():
+    loop = Loop.from_blocks_dict({"mul": IntTimesFloat})
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        k = torch.arange(3)
+        want = toy_call(loop, None, x=torch.zeros(3), k=k).get("y")
+        got = quiet(toy_call, fast, None, x=torch.zeros(3), k=k).get("y")
+        assert got.dtype == want.dtype == torch.float32 and torch.allclose(got, want, **TOL)
+    assert fast.stats.compiled_calls == 2
+
+
+# -- 15. crashes where eager works -------------------------------------------------------------------------------------
+def test_15_channels_last_latents_after_a_contiguous_plan():
+    eager, compiled, fast = zoo_pair("unet", steps=3)
+    same_call(eager, compiled, fast)
+    same_call(eager, compiled, fast)
+    for setup in (eager, compiled):
+        setup.inputs["latents"] = setup.inputs["latents"].to(memory_format=torch.channels_last)
+    same_call(eager, compiled, fast)
+    same_call(eager, compiled, fast)
+
+
+def test_15_two_compiled_loops_of_one_wrapper_plan_in_two_threads():
+    setup = build_loop("dit", steps=3, sample_size=8)
+    want = setup.run()
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+    setups = [build_loop("dit", steps=3, sample_size=8) for _ in range(2)]  # own components, the shared wrapper
+
+    def worker(mine):
+        try:
+            fast = compile_loop(setup.wrapper, backend="eager")
+            barrier.wait()
+            for _ in range(3):
+                _, state = quiet(fast, mine.components, mine.new_state())
+                results.append(state.get("latents"))
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(mine,)) for mine in setups]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 6 and all(torch.allclose(r, want, **TOL) for r in results)
+    assert not any(k in vars(setup.wrapper) for k in ("loop_step", "get_block_state", "progress_bar"))
+
+
+class NoOpCast(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.y = block_state.x.to(torch.float32)  # a no-op: y is the very tensor x
+        return components, block_state
+
+
+class UseY(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.y * 0.5 + 1
+        return components, block_state
+
+
+class ItemBlock(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x / (1.0 + block_state.x.abs().max().item())
+        return components, block_state
+
+
+def test_15_a_no_op_cast_beside_an_eager_block_does_not_fail_the_first_call():
+    loop = Loop.from_blocks_dict({"cast": NoOpCast, "item": ItemBlock, "use": UseY})
+    fast = compile_loop(loop, backend="eager")
+    for _ in range(3):
+        assert torch.allclose(quiet(run_loop, fast, torch.ones(2), 4), run_loop(loop, torch.ones(2), 4), **TOL)
