@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test venv clean
+.PHONY: run test fuzz venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# A long differential-fuzzing campaign (eager vs compile_loop over generated loops), Inductor included; `make test`
+# runs a bounded, derandomised part of it. FUZZ_EXAMPLES sets the number of generated loops.
+FUZZ_EXAMPLES ?= 500
+fuzz: $(STAMP)
+	LOOPGRAPH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) LOOPGRAPH_FUZZ_BACKENDS=eager,inductor \
+		$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
