@@ -83,6 +83,7 @@ class LoopStats:
     plans: int = 0
     plan_seconds: float = 0.0
     compile_seconds: float = 0.0
+    guard_seconds: float = 0.0  # checking the plans' guards, over all calls (the cost of never a wrong plan)
 
 
 @dataclass(eq=False)  # compared by identity: the plan cache removes a plan by identity, never field by field
@@ -199,7 +200,9 @@ class CompiledLoop(ModularPipelineBlocks):
             self.stats.calls += 1
             block_state = self.wrapper.get_block_state(state)  # eager's input checks and errors
             self._plans.bound = MAX_PLANS
+            start = time.perf_counter()
             plan = self._plans.find(components, vars(block_state))
+            self.stats.guard_seconds += time.perf_counter() - start
             if plan is None:
                 self._note_replan()
                 return self._plan_and_run(components, state)
@@ -211,6 +214,24 @@ class CompiledLoop(ModularPipelineBlocks):
                 return self._eager_call(components, state)
             self.stats.compiled_calls += 1
             return self._run(plan, components, state, block_state)
+
+    def guard_check(self, components, state) -> str | None:
+        """Would a call with ``components`` and ``state`` reuse a plan? None if so, else why each plan does not fit
+        (a call with no fitting plan re-plans: one traced eager run). Runs nothing and changes nothing.
+
+        Example:
+            >>> fast.guard_check(setup.components, setup.new_state())   # None: the next call runs compiled
+            >>> setup.components.guider.guidance_scale = 7.5
+            >>> fast.guard_check(setup.components, setup.new_state())
+            'plan 0: components.guider.guidance_scale is 7.5, was 4.0'
+        """
+        with self._lock, torch.no_grad():
+            if not self._plans:
+                return "not planned yet: the first call traces the loop"
+            block_state = self.wrapper.get_block_state(state)
+            if self._plans.find(components, vars(block_state), touch=False) is not None:
+                return None
+            return "; ".join(f"plan {k}: {reason}" for k, reason in enumerate(self._plans.misses))
 
     def _note_replan(self) -> None:
         """Say so when every call re-plans (a counter that changes each call): each runs a traced eager call."""

@@ -76,13 +76,14 @@ ABSENT = _Absent()
 class TensorSnap:
     """A tensor as first read: the object, its version counter, and (small tensors) a copy of its value."""
 
-    __slots__ = ("tensor", "version", "value", "spec")
+    __slots__ = ("tensor", "version", "value", "spec", "data_ptr")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
         self.version = _version(tensor)
         self.value = tensor.detach().clone() if tensor.numel() <= TENSOR_VALUE_NUMEL else None
         self.spec = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        self.data_ptr = tensor.data_ptr() if tensor.device.type != "meta" else 0
 
     def __repr__(self) -> str:
         return f"Tensor{self.spec[0]} {str(self.spec[1]).replace('torch.', '')}"
@@ -155,17 +156,19 @@ def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None) ->
 
 def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: str) -> bool:
     """``rule``: "identity" (the compiled code reads that very tensor), "value" (its value was evaluated
-    eagerly and baked), "identity+value", or "spec" (no op used it: shape, dtype and device only)."""
+    eagerly and baked), "identity+value", "spec" (no op used it: shape, dtype and device only) or "kept" (no op
+    used it, but the call left it where a compiled call replays the traced state: that very tensor)."""
     if rule == "spec":
         return (tuple(current.shape), current.dtype, current.device) == snap.spec
-    if rule == "identity":
+    if rule in ("identity", "kept"):
         return current is snap.tensor
-    if current is snap.tensor and _version(current) == snap.version:
-        return True
     if rule == "identity+value" and current is not snap.tensor:
         return False
-    return (snap.value is not None and (tuple(current.shape), current.dtype, current.device) == snap.spec
-            and torch.equal(current, snap.value))
+    if (tuple(current.shape), current.dtype, current.device) != snap.spec:
+        return False
+    if snap.value is not None:  # small: by value (``.data`` assignments and copies bypass the version counter)
+        return torch.equal(current, snap.value)
+    return current is snap.tensor and _version(current) == snap.version and current.data_ptr() == snap.data_ptr
 
 
 def describe(value: Any) -> str:

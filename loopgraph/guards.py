@@ -32,6 +32,8 @@ __all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "
 _ATOM_TYPES = set(ATOMS)
 _is = operator.is_
 _getdict = operator.attrgetter("__dict__")
+_class_and_dict = operator.attrgetter("__class__", "__dict__")  # one C call per object (dicts compare by identity
+                                                                 # first: the same dict object is equal at once)
 
 
 def tensor_spec(t: torch.Tensor) -> tuple:
@@ -136,7 +138,7 @@ def tensor_rules(reads: list[Read], used: set[int], eager: set[int], const: set[
         elif tid in const or tid in used:
             rules[tid] = "identity"
         else:
-            rules[tid] = "identity" if tid in present_at_end else "spec"
+            rules[tid] = "kept" if tid in present_at_end else "spec"
     return rules
 
 
@@ -151,7 +153,7 @@ def _tensor_snaps(snap: Any):
 def _is_leaf(snap: Any, rules: dict[int, str]) -> bool:
     """Compared by identity alone: objects, absent markers, tensors read by identity."""
     if isinstance(snap, TensorSnap):
-        return rules.get(id(snap.tensor)) == "identity"
+        return rules.get(id(snap.tensor)) in ("identity", "kept")
     return not isinstance(snap, ContainerSnap) and type(snap) not in _ATOM_TYPES and not isinstance(snap, torch.Size)
 
 
@@ -160,23 +162,23 @@ def _leaf(snap: Any) -> Any:
 
 
 def _plain(snap: Any) -> Any:
-    """An atom-only snapshot as the plain value it was (raises TypeError when it holds anything else)."""
-    if type(snap) in _ATOM_TYPES or isinstance(snap, torch.Size):
-        return snap
+    """A snapshot without tensors as the plain value it was: atoms and objects as they are, containers rebuilt
+    as dicts, lists, tuples and frozensets (raises TypeError when it holds a tensor)."""
+    if isinstance(snap, TensorSnap):
+        raise TypeError
     if isinstance(snap, ContainerSnap):
         if isinstance(snap.items, frozenset):
-            if all(type(v) in _ATOM_TYPES for v in snap.items):
-                return snap.type(snap.items)
-            raise TypeError
+            return snap.items
         if isinstance(snap.items, dict):
             return {k: _plain(v) for k, v in snap.items.items()}
         items = [_plain(v) for v in snap.items]
         return tuple(items) if issubclass(snap.type, tuple) else items
-    raise TypeError
+    return snap
 
 
 class _Group:
-    """Reads of one kind whose holders are mappings of one type, checked with a few C-level passes."""
+    """Reads whose holders are mappings of one type, fetched with one C-level pass (``map`` of the holder type's
+    ``get``), then compared by one rule."""
 
     def __init__(self, getter: Callable) -> None:
         self.getter = getter
@@ -193,19 +195,107 @@ class _Group:
         return list(map(self.getter, self.holders, self.keys, repeat(ABSENT, len(self.keys))))
 
 
+_call = operator.itemgetter.__call__
+
+
+class _PerHolder:
+    """The reads of atoms, objects and tensor-free containers, one ``itemgetter`` per holder: a module's dozen
+    reads (its hook dicts, ``_compiled_call_impl``, ``training``, ``eps``) are fetched in one C call and compared
+    with ``==`` in C (items by identity first; an object without ``__eq__`` by identity; a container by content).
+    Attributes read absent are checked with one ``__contains__`` pass."""
+
+    def __init__(self) -> None:
+        self.reads: dict[int, list[Read]] = {}
+        self.absent: list[Read] = []
+
+    def add(self, read: Read) -> None:
+        if read.value is ABSENT and isinstance(read.holder, dict):
+            self.absent.append(read)
+        else:
+            self.reads.setdefault(id(read.holder), []).append(read)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.reads.values())) + len(self.absent)
+
+    def freeze(self) -> None:
+        self.holders = [reads[0].holder for reads in self.reads.values()]
+        self.getters = [operator.itemgetter(*[r.key for r in reads]) for reads in self.reads.values()]
+        self.expected = [tuple(_plain(r.value) for r in reads) if len(reads) > 1 else _plain(reads[0].value)
+                         for reads in self.reads.values()]
+        self.absent_holders = [r.holder for r in self.absent]
+        self.absent_keys = [r.key for r in self.absent]
+        self.flat = [r for reads in self.reads.values() for r in reads]
+
+    def holds(self, rules: dict[int, str]) -> bool:
+        if any(map(dict.__contains__, self.absent_holders, self.absent_keys)):
+            return False
+        try:
+            if list(map(_call, self.getters, self.holders)) == self.expected:
+                return True
+        except Exception:  # a key gone (KeyError), or an item whose == cannot say: the exact check decides
+            pass
+        return all(same(r.current(), r.value, rules) for r in self.flat)
+
+
+_HOOK_DICTS = {"_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"}
+
+
+def _hook_counter() -> int:
+    """torch's count of hook handles ever made: every hook registered through torch's API makes one."""
+    from torch.utils.hooks import RemovableHandle
+
+    return RemovableHandle.next_id
+
+
+class _EmptyHookDicts:
+    """A module's hook dicts that were empty when traced (every module call reads four of them). Fetching
+    thousands of them on every call costs more than everything else (one cache miss each, after a compiled call
+    has evicted them), so they are checked only when torch has made a hook handle since they were last seen
+    empty: registering a hook through torch's API (``register_forward_hook`` and friends) always makes one."""
+
+    def __init__(self) -> None:
+        self.reads: list[Read] = []
+        self.seen = -1
+
+    def add(self, read: Read) -> None:
+        self.reads.append(read)
+
+    def __len__(self) -> int:
+        return len(self.reads)
+
+    def holds(self) -> bool:
+        counter = _hook_counter()
+        if counter == self.seen:
+            return True
+        if all(type(r.holder.get(r.key)) is r.value.type and not r.holder.get(r.key) for r in self.reads):
+            self.seen = counter
+            return True
+        return False
+
+
 class StateGuard:
-    """Every read of a recording holds its traced value: checked with C-level passes, explained on a miss."""
+    """Every read of a recording holds its traced value: checked with C-level passes, explained on a miss.
+
+    Groups, by what a read holds:
+        hooks       a module's hook dicts empty when traced: by torch's hook-handle counter (``_EmptyHookDicts``)
+        per holder  atoms, objects and containers without tensors (a module's flags and sizes, its
+                    ``_modules``; a scheduler's counters): one itemgetter call per holder and ``==`` in C
+        identity    tensors the compiled code reads (``_parameters`` entries): the same objects (``is``)
+        tensors     containers of such tensors: same keys, same objects
+        slow        the rest (tensors compared by value, containers of them): one by one
+    ``==`` is Python's: 1 and 1.0 compare equal in the first group (the exact check, on a miss, compares types).
+    """
 
     def __init__(self, reads: list[Read], rules: dict[int, str]) -> None:
         self.rules = rules
         self.reads = reads
-        self.identity: dict[type, _Group] = {}   # by holder type: current value is the expected object
-        self.atoms: dict[type, _Group] = {}      # type and == of an atom (a float, a flag, None)
-        self.flat_dicts: dict[type, _Group] = {}   # dicts of objects: same keys, same objects (_parameters)
-        self.flat_lists: dict[type, _Group] = {}   # lists and tuples of objects
-        self.plain: dict[type, _Group] = {}        # containers of atoms only: == of the plain value
-        self.slow: list[Read] = []                 # the rest: compared one by one
-        self.expected: dict[int, Any] = {}         # per group, the expected values (flattened where flat)
+        self.per_holder = _PerHolder()
+        self.hooks = _EmptyHookDicts()
+        self.identity: dict[type, _Group] = {}
+        self.tensor_dicts: dict[type, _Group] = {}
+        self.tensor_lists: dict[type, _Group] = {}
+        self.slow: list[Read] = []
         owners = {}
         for r in reads:
             if r.owner_key is not None:  # a module's container: it must still be that module's
@@ -215,61 +305,55 @@ class StateGuard:
             self._add(r)
         objs = list({id(r.obj): r.obj for r in reads if r.holder is not None and r.owner_key is None
                      and not isinstance(r.obj, type)}.values())
-        self.objects = objs                       # their __dict__ and class are what the reads assume
-        self.object_dicts = [_getdict(o) for o in objs]
-        self.object_types = [type(o) for o in objs]
+        self.objects = objs                       # their class and __dict__ are what the reads assume
+        self.object_state = [_class_and_dict(o) for o in objs]
         self._freeze()
 
     def _add(self, r: Read) -> None:
         getter = _getter(r.holder)
+        snap = r.value
         if getter is None:
             self.slow.append(r)
-            return
-        kind = type(r.holder)
-        snap = r.value
-        if _is_leaf(snap, self.rules):
-            self.identity.setdefault(kind, _Group(getter)).add(r)
-        elif type(snap) in _ATOM_TYPES:
-            self.atoms.setdefault(kind, _Group(getter)).add(r)
-        elif (isinstance(snap, ContainerSnap) and isinstance(snap.items, dict)
-              and all(_is_leaf(v, self.rules) for v in snap.items.values())):
-            self.flat_dicts.setdefault(kind, _Group(getter)).add(r)
-        elif (isinstance(snap, ContainerSnap) and isinstance(snap.items, list)
-              and all(_is_leaf(v, self.rules) for v in snap.items)):
-            self.flat_lists.setdefault(kind, _Group(getter)).add(r)
+        elif (r.key in _HOOK_DICTS and isinstance(r.obj, torch.nn.Module) and isinstance(snap, ContainerSnap)
+              and not snap.items and isinstance(r.holder, dict)):
+            self.hooks.add(r)
+        elif isinstance(snap, TensorSnap):
+            if _is_leaf(snap, self.rules):
+                self.identity.setdefault(type(r.holder), _Group(getter)).add(r)
+            else:
+                self.slow.append(r)
+        elif isinstance(snap, ContainerSnap) and not isinstance(snap.items, frozenset) and any(
+                isinstance(v, TensorSnap) for v in _items(snap)):
+            if all(isinstance(v, TensorSnap) and _is_leaf(v, self.rules) for v in _items(snap)):
+                groups = self.tensor_dicts if isinstance(snap.items, dict) else self.tensor_lists
+                groups.setdefault(type(r.holder), _Group(getter)).add(r)
+            else:
+                self.slow.append(r)
         else:
             try:
                 _plain(snap)
-            except TypeError:
+            except TypeError:  # a tensor deeper inside
                 self.slow.append(r)
                 return
-            self.plain.setdefault(kind, _Group(getter)).add(r)
+            self.per_holder.add(r)
 
     def _freeze(self) -> None:
-        self._checks: list[Callable[[], bool]] = []
+        self.per_holder.freeze()
+        self._checks: list[Callable[[], bool]] = [self.hooks.holds, lambda: self.per_holder.holds(self.rules)]
         for g in self.identity.values():
             expected = [_leaf(r.value) for r in g.reads]
             self._checks.append(lambda g=g, e=expected: all(map(_is, g.current(), e)))
-        for g in self.atoms.values():
-            values = [r.value for r in g.reads]
-            types = list(map(type, values))
-            self._checks.append(lambda g=g, v=values, t=types: _atoms_match(g.current(), v, t))
-        for g in self.flat_dicts.values():
+        for g in self.tensor_dicts.values():
             types = [r.value.type for r in g.reads]
             keys = list(chain.from_iterable(r.value.items for r in g.reads))
             values = [_leaf(s) for s in chain.from_iterable(r.value.items.values() for r in g.reads)]
             self._checks.append(lambda g=g, t=types, k=keys, v=values: _dicts_match(g.current(), t, k, v))
-        for g in self.flat_lists.values():
+        for g in self.tensor_lists.values():
             types = [r.value.type for r in g.reads]
             lens = [len(r.value.items) for r in g.reads]
             values = [_leaf(s) for s in chain.from_iterable(r.value.items for r in g.reads)]
             self._checks.append(lambda g=g, t=types, n=lens, v=values: _lists_match(g.current(), t, n, v))
-        for g in self.plain.values():
-            types = [r.value.type if isinstance(r.value, ContainerSnap) else type(r.value) for r in g.reads]
-            values = [_plain(r.value) for r in g.reads]
-            self._checks.append(lambda g=g, t=types, v=values: _plain_match(g.current(), t, v))
-        self._checks.append(lambda: all(map(_is, map(_getdict, self.objects), self.object_dicts)))
-        self._checks.append(lambda: list(map(type, self.objects)) == self.object_types)
+        self._checks.append(lambda: list(map(_class_and_dict, self.objects)) == self.object_state)
         self._checks.append(lambda: all(same(r.current(), r.value, self.rules) for r in self.slow))
 
     def __len__(self) -> int:
@@ -286,7 +370,7 @@ class StateGuard:
         return self.explain_miss()
 
     def explain_miss(self) -> str:
-        for o, d, t in zip(self.objects, self.object_dicts, self.object_types):
+        for o, (t, d) in zip(self.objects, self.object_state):
             if type(o) is not t:
                 return f"an object's class changed: {type(o).__qualname__}, was {t.__qualname__}"
             if _getdict(o) is not d:
@@ -302,7 +386,8 @@ class StateGuard:
                     return f"{path} is absent; it was {describe(then)} when traced"
                 if isinstance(then, TensorSnap):
                     rule = self.rules.get(id(then.tensor), "value")
-                    what = "another tensor object" if rule == "identity" or now is not then.tensor else "changed values"
+                    what = ("another tensor object" if rule in ("identity", "kept") or now is not then.tensor
+                            else "changed values")
                     return f"{path} holds {what} ({describe(now)}); the compiled code {_RULE_TEXT[rule]}"
                 if _is_leaf(then, self.rules):
                     return f"{path} is another object: {describe(now)}, was {describe(then)}"
@@ -311,7 +396,8 @@ class StateGuard:
 
 
 _RULE_TEXT = {"identity": "reads the traced tensor itself", "value": "baked values computed from it",
-              "identity+value": "reads it and baked values computed from it", "spec": "depends on its shape only"}
+              "identity+value": "reads it and baked values computed from it", "spec": "depends on its shape only",
+              "kept": "leaves the traced tensor there after a call (the call never used it but kept it in place)"}
 
 
 def _getter(holder: Any) -> Callable | None:
@@ -322,13 +408,16 @@ def _getter(holder: Any) -> Callable | None:
     return None
 
 
-def _atoms_match(current: list, values: list, types: list) -> bool:
-    if list(map(type, current)) != types:
+def _items(snap: ContainerSnap) -> list:
+    return list(snap.items.values()) if isinstance(snap.items, dict) else list(snap.items)
+
+
+def _equal(current: list, expected: list) -> bool:
+    """``==`` of two lists in C (items by identity first); False where an item's own ``==`` cannot say."""
+    try:
+        return current == expected
+    except Exception:  # an object whose == does not give a truth value: the exact check decides
         return False
-    if current == values:
-        return True
-    # NaN is not == NaN: compare those one by one
-    return all(c == v or (c != c and v != v) for c, v in zip(current, values))
 
 
 def _dicts_match(current: list, types: list, keys: list, values: list) -> bool:
@@ -342,11 +431,6 @@ def _lists_match(current: list, types: list, lens: list, values: list) -> bool:
     if list(map(type, current)) != types or list(map(len, current)) != lens:
         return False
     return all(map(_is, chain.from_iterable(current), values))
-
-
-def _plain_match(current: list, types: list, values: list) -> bool:
-    # == of lists, tuples and dicts compares item by item in C (a dict subclass equals a plain dict)
-    return list(map(type, current)) == types and current == values
 
 
 def plan_guard(trace) -> PlanGuard:
@@ -379,9 +463,9 @@ class PlanGuard:
 
     def describe(self) -> str:
         s = self.state
-        groups = {"identity": s.identity, "atoms": s.atoms, "dicts": s.flat_dicts, "lists": s.flat_lists,
-                  "plain": s.plain}
-        counts = ", ".join(f"{sum(len(g.reads) for g in v.values())} {k}" for k, v in groups.items())
+        groups = {"tensors by identity": s.identity, "tensor dicts": s.tensor_dicts, "tensor lists": s.tensor_lists}
+        counts = ", ".join([f"{len(s.hooks)} empty hook dicts", f"{len(s.per_holder)} by holder"]
+                           + [f"{sum(len(g.reads) for g in v.values())} {k}" for k, v in groups.items()])
         return (f"{len(self.inputs.keys)} inputs ({len(self.inputs.data)} data tensors by spec and sharing); "
                 f"{len(s)} attribute reads of {len(s.objects)} objects ({counts}, {len(s.slow)} one by one)")
 
@@ -412,18 +496,20 @@ class PlanCache:
     def newest(self):
         return self.plans[-1] if self.plans else None
 
-    def find(self, components: Any, slots: dict[str, Any]):
+    def find(self, components: Any, slots: dict[str, Any], touch: bool = True):
+        """The newest plan whose guard holds (moved to the newest place when ``touch``), else None."""
         misses = []
         for plan in reversed(self.plans):  # the newest plan is the one a settled caller matches
             reason = plan.guard.check(components, slots)
             if reason is None:
-                self.plans.remove(plan)  # most recently used last: a repeat call matches it first,
-                self.plans.append(plan)  # so the lookup's cost does not depend on older plans
+                if touch:
+                    self.plans.remove(plan)  # most recently used last: a repeat call matches it first,
+                    self.plans.append(plan)  # so the lookup's cost does not depend on older plans
                 self.misses = []
                 return plan
             misses.append(reason)
         self.misses = misses
-        if self.plans and self.static_shapes:
+        if self.plans and self.static_shapes and touch:
             raise ValueError(
                 f"{self.owner} (compiled with static_shapes=True): this call does not fit the compiled plan: "
                 f"{misses[0]}. Reset the scheduler (set_timesteps) and pass the inputs it was compiled for, or use "

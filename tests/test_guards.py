@@ -146,6 +146,46 @@ def test_2_a_modules_python_state_and_structure_changed_between_calls(change):
         assert fast.stats.plans == 1
 
 
+def test_2_a_forward_hook_registered_or_removed_between_calls_is_run_as_eager_runs_it():
+    (loop, eager), (_, comps), fast = net_pair()
+    x = torch.randn(2, 4)
+
+    def check():
+        want = toy_call(loop, eager, x=x.clone()).get("x")
+        got = quiet(toy_call, fast, comps, x=x.clone()).get("x")
+        assert torch.allclose(got, want, **TOL)
+
+    check()
+    check()
+    handles = [c.net.up.register_forward_hook(lambda module, args, out: out * 3.0) for c in (eager, comps)]
+    check()
+    check()
+    for handle in handles:
+        handle.remove()
+    check()
+    assert fast.stats.compiled_calls >= 2
+
+
+def test_2_weights_evaluated_eagerly_and_changed_in_place_re_plan():
+    # the zoo DiT's timestep embedding depends only on t: the traced call evaluated it and baked it into tables,
+    # so an in-place change of its weights must re-plan (weights the step graph reads are read live instead)
+    eager, compiled, fast = zoo_pair()
+    same_call(eager, compiled, fast)
+    same_call(eager, compiled, fast)
+    for setup in (eager, compiled):
+        with torch.no_grad():
+            setup.components.denoiser.t_embed.mlp[0].weight.mul_(1.5)
+    same_call(eager, compiled, fast)
+    assert "t_embed.mlp.0.weight holds changed values" in fast._plans.misses[0] or fast.stats.plans == 2
+    same_call(eager, compiled, fast)
+    for setup in (eager, compiled):
+        with torch.no_grad():
+            setup.components.denoiser.proj_out.weight.mul_(1.5)  # read by the step graph: no re-plan
+    plans = fast.stats.plans
+    same_call(eager, compiled, fast)
+    assert fast.stats.plans == plans
+
+
 # -- 3. a block's own attributes ----------------------------------------------------------------------------------
 class Strength(ModularPipelineBlocks):
     def __init__(self):
