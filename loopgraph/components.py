@@ -18,12 +18,18 @@ the call are not watched: their attributes are written before they are read. The
 
 Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
 ``vars()`` are one read, and one write when they differ at the end.
+
+Module-level globals are reads too: every Python function the call runs is noted (``sys.settrace``, call events
+only), and the globals its code loads that hold data (numbers, strings, containers, tensors; not functions,
+classes or modules) are reads of that module's dict, as they are when the call ends.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import dis
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
@@ -249,6 +255,7 @@ class Recording:
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
         self._patcher: _Patcher | None = None
+        self._codes: dict[int, tuple[types.CodeType, dict]] = {}
 
     # -- what the hooks call -----------------------------------------------------------------------------------
     def watch(self, obj: Any, path: str) -> None:
@@ -369,6 +376,30 @@ class Recording:
             return  # a container of the standard library (an OrderedDict of hooks): its items are what counts
         self.watch(value, path)
 
+    def note_code(self, code: types.CodeType, namespace: dict) -> None:
+        """The call ran ``code`` with globals ``namespace``: the globals it loads are read at the end."""
+        self._codes.setdefault(id(code), (code, namespace))
+
+    def _read_globals(self) -> None:
+        """Reads of the data globals of every function the call ran (see the module docstring)."""
+        for code, namespace in list(self._codes.values()):
+            if code.co_filename.rsplit("/", 1)[0] + "/" == _ENGINE_DIR:
+                continue  # loopgraph's own code (the zoo, in a subfolder, is user code)
+            module = sys.modules.get(namespace.get("__name__", ""))
+            name = getattr(module, "__name__", namespace.get("__name__", "<globals>"))
+            kind = _namespace_kind(name, code.co_filename)
+            if kind == "skip":
+                continue
+            for key in _global_names(code):
+                if (id(namespace), key) in self.reads or key not in namespace:
+                    continue  # a builtin, or not defined (an error eager would give too)
+                value = namespace[key]
+                if kind == "data" and (isinstance(value, _CODE_LIKE) or callable(value)):
+                    continue  # a library's functions and classes: not re-checked on every call
+                owner = module if module is not None and vars(module) is namespace else None
+                self._add_read(Read(owner if owner is not None else namespace, namespace, key, snapshot(value),
+                                    f"{name}.{key}"), (id(namespace), key))
+
     # -- during and after the call ------------------------------------------------------------------------------
     def state_now(self) -> dict[tuple[int, str], tuple[Any, str, Any]]:
         """(id(obj), name) -> (obj, name, a copy of its value now), for every attribute the call wrote so far
@@ -387,6 +418,7 @@ class Recording:
     def finish(self) -> None:
         """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it
         (obj, name, a copy), in the order first written; ``stable``, the reads it never wrote nor changed."""
+        self._read_globals()
         changed = set()
         self.end: list[tuple[Any, str, Any]] = []
         originals = []  # the values themselves: which tensors stay where the call left them
@@ -394,7 +426,7 @@ class Recording:
             originals.append(value_of(write.obj, name))
             self.end.append((write.obj, name, copy_value(originals[-1])))
         for key, r in self.reads.items():
-            if (id(r.obj), r.key) in self.writes or isinstance(r.obj, type):
+            if (id(r.obj), r.key) in self.writes or isinstance(r.obj, (type, types.ModuleType, dict)):
                 continue
             if (r.key == "__dict__" or isinstance(r.value, ContainerSnap)) and not same(r.current(), r.value):
                 changed.add(key)
@@ -422,6 +454,34 @@ def value_of(obj: Any, name: str) -> Any:
     if name in attrs:
         return attrs[name]
     return getattr(obj, name, ABSENT) if isinstance(obj, torch.nn.Module) else ABSENT  # a parameter, a submodule
+
+
+_ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
+_CODE_LIKE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
+_GLOBAL_NAMES: dict[types.CodeType, tuple[str, ...]] = {}
+
+
+def _namespace_kind(module: str, filename: str) -> str:
+    """Which globals of a module count as reads: "all" in user code, "data" in installed libraries (their
+    functions and classes are not re-checked every call), "skip" for the standard library and torch (whose
+    globals are machinery, some changing all the time), except torch's global module hooks."""
+    top = module.split(".", 1)[0]
+    if module == "torch.nn.modules.module":
+        return "data"  # _global_forward_hooks and friends: a global hook registered later runs in eager
+    if top in sys.stdlib_module_names or top in ("torch", "tqdm", "_pytest", "pytest", "pluggy", "typing_extensions",
+                                                  "numpy", "triton", "sympy", "networkx"):
+        return "skip"
+    return "data" if "site-packages" in filename or "dist-packages" in filename else "all"
+
+
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` loads (LOAD_GLOBAL, and LOAD_NAME at module level)."""
+    names = _GLOBAL_NAMES.get(code)
+    if names is None:
+        names = tuple(dict.fromkeys(ins.argval for ins in dis.get_instructions(code)
+                                    if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")))
+        _GLOBAL_NAMES[code] = names
+    return names
 
 
 def _class_lookup(cls: type, name: str) -> tuple[type, Any] | None:
@@ -574,14 +634,22 @@ def record(roots: dict[str, Any]) -> Iterator[Recording]:
     with TRACE_LOCK:
         rec = Recording()
         patcher = rec._patcher = _Patcher()
-        previous = _active
+        previous, previous_trace = _active, sys.gettrace()
+
+        def note_calls(frame, event, arg):  # call events only: the functions the call runs
+            if not rec.busy:
+                rec.note_code(frame.f_code, frame.f_globals)
+            return previous_trace(frame, event, arg) if previous_trace is not None else None
+
         try:
             patcher.ensure(torch.nn.Module)
             for path, obj in roots.items():
                 rec.watch(obj, path)
             _active = rec
+            sys.settrace(note_calls)
             yield rec
         finally:
+            sys.settrace(previous_trace)
             _active = previous
             patcher.restore()
             rec._patcher = None

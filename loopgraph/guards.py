@@ -99,8 +99,22 @@ class InputGuard:
         self.keys = set(slots)
         self.aliasing = _aliasing([slots[k] for k in self.data])
 
+    def holds(self, slots: dict[str, Any]) -> bool:
+        """Whether ``slots`` (a call's BlockState) fits (the fast path of every call)."""
+        if slots.keys() != self.keys:
+            return False
+        for k, spec in self.data.items():
+            value = slots[k]
+            if not isinstance(value, torch.Tensor) or tensor_spec(value) != spec:
+                return False
+        ids = {id(slots[k]): k for k in self.data}
+        return (all(values_equal(match_form(slots[k], ids), expected) for k, expected in self.schedule.items())
+                and _aliasing([slots[k] for k in self.data]) == self.aliasing)
+
     def check(self, slots: dict[str, Any]) -> str | None:
         """None when ``slots`` (a call's BlockState) fits, else why not."""
+        if self.holds(slots):
+            return None
         if set(slots) != self.keys:
             return f"inputs {sorted(set(slots) ^ self.keys)} present in only one of this call and the plan"
         for k, spec in self.data.items():
@@ -115,7 +129,7 @@ class InputGuard:
                 return f"input {k!r}: {describe(slots[k])}, was {describe(expected)}"
         if _aliasing([slots[k] for k in self.data]) != self.aliasing:
             return "other data inputs are one tensor (or share storage) than when traced"
-        return None
+        return "the inputs differ from the traced call's"
 
 
 def _spec_text(spec: tuple) -> str:
@@ -264,6 +278,9 @@ class _EmptyHookDicts:
     def __len__(self) -> int:
         return len(self.reads)
 
+    def freeze(self) -> None:
+        self.holds()  # made right after the traced call: seen empty now, the counter is today's
+
     def holds(self) -> bool:
         counter = _hook_counter()
         if counter == self.seen:
@@ -339,6 +356,7 @@ class StateGuard:
 
     def _freeze(self) -> None:
         self.per_holder.freeze()
+        self.hooks.freeze()
         self._checks: list[Callable[[], bool]] = [self.hooks.holds, lambda: self.per_holder.holds(self.rules)]
         for g in self.identity.values():
             expected = [_leaf(r.value) for r in g.reads]
@@ -454,9 +472,13 @@ class PlanGuard:
     def __init__(self, components: Any, inputs: InputGuard, state: StateGuard) -> None:
         self.components, self.inputs, self.state = components, inputs, state
 
+    def holds(self, components: Any, slots: dict[str, Any]) -> bool:
+        """Whether a call with ``components`` and BlockState ``slots`` (and the Python state as it is now) may
+        reuse the plan: the fast path, no reasons."""
+        return components is self.components and self.inputs.holds(slots) and self.state.holds()
+
     def check(self, components: Any, slots: dict[str, Any]) -> str | None:
-        """None when a call with ``components`` and BlockState ``slots`` (and the Python state as it is now)
-        may reuse the plan, else why not."""
+        """None when the call may reuse the plan, else why not."""
         if components is not self.components:
             return "another components object than the traced call's"
         return self.inputs.check(slots) or self.state.check()
@@ -497,17 +519,16 @@ class PlanCache:
         return self.plans[-1] if self.plans else None
 
     def find(self, components: Any, slots: dict[str, Any], touch: bool = True):
-        """The newest plan whose guard holds (moved to the newest place when ``touch``), else None."""
-        misses = []
+        """The newest plan whose guard holds (moved to the newest place when ``touch``), else None (and then
+        ``misses`` says why each plan does not fit)."""
         for plan in reversed(self.plans):  # the newest plan is the one a settled caller matches
-            reason = plan.guard.check(components, slots)
-            if reason is None:
+            if plan.guard.holds(components, slots):
                 if touch:
                     self.plans.remove(plan)  # most recently used last: a repeat call matches it first,
                     self.plans.append(plan)  # so the lookup's cost does not depend on older plans
                 self.misses = []
                 return plan
-            misses.append(reason)
+        misses = [plan.guard.check(components, slots) or "fits now" for plan in reversed(self.plans)]
         self.misses = misses
         if self.plans and self.static_shapes and touch:
             raise ValueError(

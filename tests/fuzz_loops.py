@@ -373,7 +373,8 @@ class World:
         c = self.components
         state = {"scheduler": dict(vars(c.scheduler)), "history": dict(vars(c.history)),
                  "guider": dict(vars(c.guider)), "extra": dict(vars(c.extra)),
-                 "net": {k: v for k, v in vars(c.net).items() if not k.startswith("_")}}
+                 "net": {k: v for k, v in vars(c.net).items() if not k.startswith("_")},
+                 "weights": dict(c.net.state_dict())}
         for name, block in self.loop.sub_blocks.items():
             state[name] = {k: v for k, v in vars(block).items() if k != "sub_blocks"}
         return state
@@ -416,6 +417,18 @@ def change(world: World, kind: str, value: float) -> None:
             del c.guider.rescale
         else:
             c.guider.rescale = round(value / 2, 2)
+    elif kind == "weights_in_place":
+        with torch.no_grad():
+            c.net.lin.weight.mul_(1.0 + value)
+    elif kind == "new_scheduler":
+        c.scheduler = ToyScheduler()
+    elif kind == "hook":
+        handle = getattr(c.net, "_fuzz_handle", None)
+        if handle is None:
+            c.net._fuzz_handle = c.net.lin.register_forward_hook(lambda module, args, out: out * (1.0 + value))
+        else:
+            handle.remove()
+            del c.net._fuzz_handle
     elif kind == "same":
         pass
     else:
@@ -423,7 +436,8 @@ def change(world: World, kind: str, value: float) -> None:
 
 
 CHANGES = ("same", "new_inputs", "new_n", "guidance_scale", "guidance_window", "swap_model", "patch_model",
-           "model_flag", "model_scale", "block_attr", "no_reset", "alias", "set_rescale")
+           "model_flag", "model_scale", "block_attr", "no_reset", "alias", "set_rescale", "weights_in_place",
+           "new_scheduler", "hook")
 
 
 def equal(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:

@@ -241,6 +241,38 @@ def test_3_a_write_only_block_attribute_is_replayed_by_compiled_calls():
     assert fast.stats.compiled_calls == 1 and loop.sub_blocks["last"].last == 4
 
 
+STRENGTH = 0.5  # a module-level global a block reads
+
+
+class GlobalStrength(ModularPipelineBlocks):
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * STRENGTH + i
+        return components, block_state
+
+
+def test_3_a_module_global_read_by_a_block_is_guarded():
+    global STRENGTH
+    loop = Loop.from_blocks_dict({"strength": GlobalStrength})
+    fast = compile_loop(loop, backend="eager")
+    try:
+        for k, value in enumerate((0.5, 0.5, 2.0, 2.0)):
+            STRENGTH = value
+            want = run_loop(loop, torch.ones(3), 4)
+            assert torch.allclose(quiet(run_loop, fast, torch.ones(3), 4), want, **TOL), k
+        assert fast.stats.plans == 2 and fast.stats.compiled_calls == 2
+        STRENGTH = 3.0
+        state = PipelineState()
+        state.set("x", torch.ones(3))
+        state.set("num_steps", 4)
+        assert "test_guards.STRENGTH is 3.0, was 2.0" in fast.guard_check(None, state)
+    finally:
+        STRENGTH = 0.5
+
+
 # -- 4. attributes read with a default -----------------------------------------------------------------------------
 class Rescale(ModularPipelineBlocks):
     @property
