@@ -91,6 +91,8 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
         for slot, node in step.outputs.items():
             if node.op != "placeholder" or node.target != slot:
                 written.add(slot)
+            if node.op == "placeholder" and node.target != slot:  # `y = x.to(x.dtype)`: x passed on as y
+                read_first.add(node.target)
     names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots, *trace.component_slots, *trace.seeds]))
     slots: dict[str, SlotInfo] = {}
     for name in names:
@@ -339,7 +341,9 @@ def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
         subs = [_cut_step(step, seg.blocks, end) for step in trace.steps]
         examples: dict[str, torch.Tensor] = {}
         for sub, step in zip(subs, trace.steps):
-            used = {n.target for n in sub.graph.nodes if n.op == "placeholder" and n.users} | set(sub.outputs)
+            passed = set(sub.outputs.values())  # a slot passed on unchanged as another one is used too
+            used = {n.target for n in sub.graph.nodes
+                    if n.op == "placeholder" and (n.users or n in passed)} | set(sub.outputs)
             for slot in used:
                 key = seg.blocks[0] if slot in sub.inputs else end
                 examples.setdefault(slot, step.value_before(key, slot))

@@ -20,8 +20,8 @@ Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespa
 ``vars()`` are one read, and one write when they differ at the end.
 
 Module-level globals are reads too: every Python function the call runs is noted (``sys.settrace``, call events
-only), and the globals its code loads that hold data (numbers, strings, containers, tensors; not functions,
-classes or modules) are reads of that module's dict, as they are when the call ends.
+only), and the globals its code loads are reads of that module's dict, as they are when the call ends: all the
+globals of user code (not the standard library's, nor installed libraries'), and torch's global module hooks.
 """
 
 from __future__ import annotations
@@ -394,8 +394,8 @@ class Recording:
                 if (id(namespace), key) in self.reads or key not in namespace:
                     continue  # a builtin, or not defined (an error eager would give too)
                 value = namespace[key]
-                if kind == "data" and (isinstance(value, _CODE_LIKE) or callable(value)):
-                    continue  # a library's functions and classes: not re-checked on every call
+                if kind == "hooks" and not key.startswith("_global_"):
+                    continue
                 owner = module if module is not None and vars(module) is namespace else None
                 self._add_read(Read(owner if owner is not None else namespace, namespace, key, snapshot(value),
                                     f"{name}.{key}"), (id(namespace), key))
@@ -457,21 +457,20 @@ def value_of(obj: Any, name: str) -> Any:
 
 
 _ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
-_CODE_LIKE = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType, type)
 _GLOBAL_NAMES: dict[types.CodeType, tuple[str, ...]] = {}
 
 
 def _namespace_kind(module: str, filename: str) -> str:
-    """Which globals of a module count as reads: "all" in user code, "data" in installed libraries (their
-    functions and classes are not re-checked every call), "skip" for the standard library and torch (whose
-    globals are machinery, some changing all the time), except torch's global module hooks."""
-    top = module.split(".", 1)[0]
+    """Which globals of a module count as reads: "all" in user code, "hooks" for torch's global module hooks,
+    "skip" for the standard library and installed libraries: their globals are machinery, some of them changing
+    all the time (a gc callback's timestamp), and code of theirs runs during a call that is not the call's (gc
+    callbacks, log handlers)."""
     if module == "torch.nn.modules.module":
-        return "data"  # _global_forward_hooks and friends: a global hook registered later runs in eager
-    if top in sys.stdlib_module_names or top in ("torch", "tqdm", "_pytest", "pytest", "pluggy", "typing_extensions",
-                                                  "numpy", "triton", "sympy", "networkx"):
+        return "hooks"  # _global_forward_hooks and friends: a global hook registered later runs in eager
+    top = module.split(".", 1)[0]
+    if top in sys.stdlib_module_names or "site-packages" in filename or "dist-packages" in filename:
         return "skip"
-    return "data" if "site-packages" in filename or "dist-packages" in filename else "all"
+    return "all"
 
 
 def _global_names(code: types.CodeType) -> tuple[str, ...]:

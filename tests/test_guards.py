@@ -71,7 +71,7 @@ def test_1_a_swapped_model_is_used_not_the_traced_one():
         setup.components.denoiser = build_denoiser("dit", seed=8, sample_size=8)
     same_call(eager, compiled, fast)
     same_call(eager, compiled, fast)
-    assert fast.stats.compiled_calls >= 2
+    assert fast.stats.compiled_calls >= 2, fast._plans.misses
 
 
 # -- 2. a module's own Python state, and its structure ----------------------------------------------------------
@@ -743,3 +743,20 @@ def test_15_a_no_op_cast_beside_an_eager_block_does_not_fail_the_first_call():
     fast = compile_loop(loop, backend="eager")
     for _ in range(3):
         assert torch.allclose(quiet(run_loop, fast, torch.ones(2), 4), run_loop(loop, torch.ones(2), 4), **TOL)
+    assert fast.stats.compiled_calls == 2 and fast.stats.eager_blocks == 1  # compiled segments, not a fallback
+
+
+def test_15_an_error_while_planning_returns_eagers_result_and_falls_back(monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a planning bug")
+
+    monkeypatch.setattr("loopgraph.compile.plan_loop", broken)
+    loop = Loop.from_blocks_dict({"shift": Shift})
+    fast = compile_loop(loop, backend="eager")
+    with pytest.warns(UserWarning, match=r"runs eagerly: planning failed \(KeyError: 'a planning bug'\)"):
+        got = run_loop(fast, torch.ones(2), 3)
+    assert torch.equal(got, run_loop(loop, torch.ones(2), 3))
+    assert torch.equal(quiet(run_loop, fast, torch.ones(2), 3), got) and fast.stats.compiled_calls == 0
+    strict = compile_loop(loop, backend="eager", strict=True)
+    with pytest.raises(KeyError, match="a planning bug"):
+        run_loop(strict, torch.ones(2), 3)
