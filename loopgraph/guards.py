@@ -137,7 +137,7 @@ def _spec_text(spec: tuple) -> str:
     return f"shape {shape} strides {stride} {str(dtype).replace('torch.', '')} on {device}"
 
 
-# -- Python state -------------------------------------------------------------------------------------------------------
+# -- Python state ------------------------------------------------------------------------------------------------------
 def tensor_rules(reads: list[Read], used: set[int], eager: set[int], const: set[int],
                  present_at_end: set[int]) -> dict[int, str]:
     """How each tensor a read holds is compared (``components.tensor_matches``): by identity when the compiled
@@ -464,7 +464,7 @@ def stable_guard(trace, guard: PlanGuard) -> StateGuard:
     return StateGuard(trace.python.stable, guard.state.rules)
 
 
-# -- a plan's guards, and the plans ----------------------------------------------------------------------------------------
+# -- a plan's guards, and the plans ------------------------------------------------------------------------------------
 class PlanGuard:
     """Everything a plan is valid for: the components object, the BlockState inputs and the Python state its
     traced call read."""

@@ -324,7 +324,7 @@ class FuzzLoop(LoopSequentialPipelineBlocks):
         return components, state
 
 
-# -- specs, worlds and changes ------------------------------------------------------------------------------------------
+# -- specs, worlds and changes -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoopSpec:
     blocks: tuple[tuple[str, float], ...]   # (block kind, its parameter)
