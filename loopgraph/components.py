@@ -539,36 +539,21 @@ def _getattr_hook(original):
     return __getattr__
 
 
-def _setattr_hook(original):
-    def __setattr__(self, name, value):
+def _write_hook(original):
+    """``__setattr__`` (self, name, value) and ``__delattr__`` (self, name): the write is logged after it is done."""
+    def write(self, name, *value):
         rec = _active
         if rec is None or rec.thread != _get_ident():
-            return original(self, name, value)
-        busy, rec.busy = rec.busy, True
+            return original(self, name, *value)
+        busy, rec.busy = rec.busy, True  # what the write itself reads (a module's __dict__) is not the user's read
         try:
-            original(self, name, value)
+            original(self, name, *value)
         finally:
             rec.busy = busy
         rec.on_write(self, name)
 
-    setattr(__setattr__, _HOOK, True)
-    return __setattr__
-
-
-def _delattr_hook(original):
-    def __delattr__(self, name):
-        rec = _active
-        if rec is None or rec.thread != _get_ident():
-            return original(self, name)
-        busy, rec.busy = rec.busy, True
-        try:
-            original(self, name)
-        finally:
-            rec.busy = busy
-        rec.on_write(self, name)
-
-    setattr(__delattr__, _HOOK, True)
-    return __delattr__
+    setattr(write, _HOOK, True)
+    return write
 
 
 def _logged(rec: Recording, log, obj, name, value) -> None:
@@ -582,7 +567,7 @@ def _logged(rec: Recording, log, obj, name, value) -> None:
 
 
 _HOOKS = (("__getattribute__", _getattribute_hook), ("__getattr__", _getattr_hook),
-          ("__setattr__", _setattr_hook), ("__delattr__", _delattr_hook))
+          ("__setattr__", _write_hook), ("__delattr__", _write_hook))
 
 
 class _Patcher:

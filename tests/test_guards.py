@@ -21,6 +21,14 @@ from loopgraph.zoo.models import build_denoiser
 from .test_compile_loop import TOL, Loop, run_loop
 
 
+class XBlock(ModularPipelineBlocks):
+    """A loop block that reads the slot ``x`` (the toy loops' latents)."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x")]
+
+
 def quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -203,12 +211,8 @@ class Strength(ModularPipelineBlocks):
         return components, block_state
 
 
-class LastStep(ModularPipelineBlocks):
+class LastStep(XBlock):
     """Writes an attribute it never reads: compiled calls must leave it as eager does."""
-
-    @property
-    def inputs(self):
-        return [InputParam("x")]
 
     def __call__(self, components, block_state, i: int):
         self.last = i
@@ -244,11 +248,7 @@ def test_3_a_write_only_block_attribute_is_replayed_by_compiled_calls():
 STRENGTH = 0.5  # a module-level global a block reads
 
 
-class GlobalStrength(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class GlobalStrength(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.x * STRENGTH + i
         return components, block_state
@@ -406,11 +406,7 @@ def test_7_loop_tensors_inside_containers_are_this_calls_values():
 
 
 # -- 8. per-step Python floats passed as keyword arguments -----------------------------------------------------------
-class KwargFloats(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class KwargFloats(XBlock):
     def __call__(self, components, block_state, i: int):
         c = 0.5 + 0.25 * i
         x = block_state.x.clamp(min=-c, max=c)
@@ -428,22 +424,14 @@ def test_8_per_step_keyword_floats_are_each_steps_own():
 
 
 # -- 9. .data assignment and in-place updates through a view ---------------------------------------------------------
-class DataAssign(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class DataAssign(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.x * 1.5
         block_state.x.data = block_state.x.data.clamp(-1, 1)
         return components, block_state
 
 
-class ViewUpdate(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class ViewUpdate(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x[..., 0].mul_(1.5)
         block_state.x.narrow(0, 0, 1).add_(0.25)
@@ -464,11 +452,7 @@ def test_9_data_assignment_and_view_updates_are_kept(block, backend):
     assert fast.stats.compiled_calls == 2
 
 
-class Shift(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class Shift(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.x - 0.1 * i
         return components, block_state
@@ -572,11 +556,7 @@ def test_12_an_eager_blocks_side_effects_happen_once_per_step():
 
 
 # -- 13. a caller's tensor or Python state overwritten where eager leaves it ------------------------------------------
-class InPlaceIfPositive(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class InPlaceIfPositive(XBlock):
     def __call__(self, components, block_state, i: int):
         if block_state.x.sum() > 0:  # data-dependent: this block runs eagerly
             block_state.x.mul_(0.5)
@@ -585,21 +565,13 @@ class InPlaceIfPositive(ModularPipelineBlocks):
         return components, block_state
 
 
-class ScaleInPlace(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class ScaleInPlace(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x.mul_(2.0).add_(0.5)
         return components, block_state
 
 
-class Scale2(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class Scale2(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.x * 2.0 + 0.5
         return components, block_state
@@ -708,31 +680,19 @@ def test_15_two_compiled_loops_of_one_wrapper_plan_in_two_threads():
     assert not any(k in vars(setup.wrapper) for k in ("loop_step", "get_block_state", "progress_bar"))
 
 
-class NoOpCast(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class NoOpCast(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.y = block_state.x.to(torch.float32)  # a no-op: y is the very tensor x
         return components, block_state
 
 
-class UseY(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class UseY(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.y * 0.5 + 1
         return components, block_state
 
 
-class ItemBlock(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
+class ItemBlock(XBlock):
     def __call__(self, components, block_state, i: int):
         block_state.x = block_state.x / (1.0 + block_state.x.abs().max().item())
         return components, block_state
