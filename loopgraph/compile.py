@@ -30,8 +30,8 @@ import torch
 
 from .analysis import LoopPlan, Segment, plan_loop, plan_segments
 from .blocks import ModularPipelineBlocks, run_block
-from .components import (ContainerSnap, TensorSnap, component_objects, component_tensors, copy_value, put, same,
-                         set_attribute, value_of)
+from .components import component_objects, component_tensors, put, set_attribute, value_of
+from .snapshots import ContainerSnap, TensorSnap, copy_value, same
 from .guards import PlanCache, PlanGuard, StateGuard, plan_guard, stable_guard, tensor_spec
 from .runtime import WHOLE_TABLES, CompileCounter, StateBuffers, compile_fn, lower, module_ops, op_count
 from .state import BlockState, values_equal

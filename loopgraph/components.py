@@ -37,176 +37,18 @@ from typing import Any, Iterator
 
 import torch
 
+from .snapshots import (ABSENT, ATOM_TYPES, MAX_DEPTH, OPAQUE_LEAVES, ContainerSnap, copy_value, same, snapshot,
+                        walk_tensors)
 from .state import _atoms_only
 
-__all__ = ["ABSENT", "Read", "Recording", "TensorSnap", "ContainerSnap", "component_objects", "component_tensors",
-           "copy_value", "put", "record", "TRACE_LOCK"]
+__all__ = ["Read", "Recording", "TRACE_LOCK", "Write", "component_objects", "component_tensors", "put", "record",
+           "set_attribute", "value_of"]
 
 # One trace at a time in a process: tracing patches classes (and the traced wrapper instance).
 TRACE_LOCK = threading.RLock()
-
-ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
-         torch.layout)
-# Values compared by identity and never watched: code, classes, generators.
-_OPAQUE_LEAVES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType,
-                  types.ModuleType, type, torch.Generator, property, staticmethod, classmethod)
-# Small tensors are snapshot by value (a scheduler's sigmas, made anew by every set_timesteps); larger ones by
-# identity and version counter.
-TENSOR_VALUE_NUMEL = 1 << 16
-_MAX_DEPTH = 6
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
 _HOOK = "_loopgraph_hook"
 _HEAPTYPE = 1 << 9
-
-
-class _Absent:
-    """The value of an attribute that is not there (``getattr(obj, name, default)`` took the default)."""
-
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "<absent>"
-
-    def __deepcopy__(self, memo):
-        return self
-
-
-ABSENT = _Absent()
-
-
-class TensorSnap:
-    """A tensor as first read: the object, its version counter, and (small tensors) a copy of its value."""
-
-    __slots__ = ("tensor", "version", "value", "spec", "data_ptr")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-        self.version = _version(tensor)
-        self.value = tensor.detach().clone() if tensor.numel() <= TENSOR_VALUE_NUMEL else None
-        self.spec = (tuple(tensor.shape), tensor.dtype, tensor.device)
-        self.data_ptr = tensor.data_ptr() if tensor.device.type != "meta" else 0
-
-    def __repr__(self) -> str:
-        return f"Tensor{self.spec[0]} {str(self.spec[1]).replace('torch.', '')}"
-
-
-class ContainerSnap:
-    """A list, tuple, dict or set as first read: its type and a snapshot of every item."""
-
-    __slots__ = ("obj", "type", "items")
-
-    def __init__(self, obj: Any, items: Any) -> None:
-        self.obj, self.type, self.items = obj, type(obj), items  # items: list of snaps, or dict key -> snap
-
-    def __repr__(self) -> str:
-        return f"{self.type.__name__}[{len(self.items)}]"
-
-
-def _version(t: torch.Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot be changed in place)
-        return 0
-
-
-def snapshot(value: Any, depth: int = 0) -> Any:
-    """What a read keeps of a value: atoms as they are, tensors as ``TensorSnap``, containers item by item,
-    anything else by reference (compared by identity)."""
-    if isinstance(value, ATOMS) and type(value) in _ATOM_TYPES:
-        return value
-    if isinstance(value, torch.Tensor):
-        return TensorSnap(value)
-    if depth < _MAX_DEPTH:
-        if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-            return ContainerSnap(value, [snapshot(v, depth + 1) for v in value])
-        if isinstance(value, torch.Size):
-            return value
-        if isinstance(value, dict):
-            return ContainerSnap(value, {k: snapshot(v, depth + 1) for k, v in value.items()})
-        if isinstance(value, (set, frozenset)):
-            return ContainerSnap(value, frozenset(value))  # items by hash: atoms by value, objects by identity
-    return value
-
-
-_ATOM_TYPES = set(ATOMS)
-
-
-def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None) -> bool:
-    """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
-    ``tensor_rule``; by value when no rule is given)."""
-    if isinstance(snap, TensorSnap):
-        return isinstance(current, torch.Tensor) and tensor_matches(current, snap, (tensor_rules or {}).get(
-            id(snap.tensor), "value"))
-    if isinstance(snap, ContainerSnap):
-        if type(current) is not snap.type:
-            return False
-        if isinstance(snap.items, dict):
-            return (current.keys() == snap.items.keys()
-                    and all(same(current[k], s, tensor_rules) for k, s in snap.items.items()))
-        if isinstance(snap.items, frozenset):
-            return frozenset(current) == snap.items
-        return len(current) == len(snap.items) and all(same(c, s, tensor_rules) for c, s in zip(current, snap.items))
-    if type(snap) in _ATOM_TYPES:
-        if type(current) is not type(snap):
-            return False
-        return current == snap or (current != current and snap != snap)  # NaN equals NaN here
-    if isinstance(snap, torch.Size):
-        return isinstance(current, torch.Size) and current == snap
-    return current is snap
-
-
-def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: str) -> bool:
-    """``rule``: "identity" (the compiled code reads that very tensor), "value" (its value was evaluated
-    eagerly and baked), "identity+value", "spec" (no op used it: shape, dtype and device only) or "kept" (no op
-    used it, but the call left it where a compiled call replays the traced state: that very tensor)."""
-    if rule == "spec":
-        return (tuple(current.shape), current.dtype, current.device) == snap.spec
-    if rule in ("identity", "kept"):
-        return current is snap.tensor
-    if rule == "identity+value" and current is not snap.tensor:
-        return False
-    if (tuple(current.shape), current.dtype, current.device) != snap.spec:
-        return False
-    if snap.value is not None:  # small: by value (``.data`` assignments and copies bypass the version counter)
-        return torch.equal(current, snap.value)
-    return current is snap.tensor and _version(current) == snap.version and current.data_ptr() == snap.data_ptr
-
-
-def describe(value: Any) -> str:
-    """A short rendering of a value for a guard's reason."""
-    if isinstance(value, TensorSnap):
-        return repr(value)
-    if isinstance(value, torch.Tensor):
-        return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
-    if isinstance(value, ContainerSnap):
-        return f"{value.type.__name__} of {len(value.items)}"
-    if isinstance(value, (list, tuple, dict, set)) and not isinstance(value, torch.Size):
-        return f"{type(value).__name__} of {len(value)}"
-    if type(value) in _ATOM_TYPES or value is ABSENT:
-        text = repr(value)
-        return text if len(text) <= 60 else text[:57] + "..."
-    return f"<{type(value).__qualname__} ({type(value).__module__}) at {id(value):#x}>"
-
-
-def difference(current: Any, snap: Any, rules: dict[int, str] | None = None, path: str = "") -> tuple[str, Any, Any]:
-    """Where ``current`` first differs from ``snap`` (a ``snapshot``): (the item's path, its value now, then)."""
-    if isinstance(snap, ContainerSnap) and type(current) is snap.type and not isinstance(snap.items, frozenset):
-        if isinstance(snap.items, dict):
-            for k in [*snap.items, *[k for k in current if k not in snap.items]]:
-                now, then = current.get(k, ABSENT), snap.items.get(k, ABSENT)
-                if not (same(now, then, rules) if then is not ABSENT else now is ABSENT):
-                    return difference(now, then, rules, f"{path}[{k!r}]")
-        elif len(current) == len(snap.items):
-            for k, (now, then) in enumerate(zip(current, snap.items)):
-                if not same(now, then, rules):
-                    return difference(now, then, rules, f"{path}[{k}]")
-    return path, current, snap
-
 
 @dataclass
 class Read:
@@ -260,7 +102,7 @@ class Recording:
     # -- what the hooks call -----------------------------------------------------------------------------------
     def watch(self, obj: Any, path: str) -> None:
         """Start watching ``obj`` (and, for objects watched whole, what their attributes hold)."""
-        if obj is None or type(obj) in _ATOM_TYPES or isinstance(obj, (torch.Tensor, *_OPAQUE_LEAVES)):
+        if obj is None or type(obj) in ATOM_TYPES or isinstance(obj, (torch.Tensor, *OPAQUE_LEAVES)):
             return
         if id(obj) in self.objects:
             return
@@ -365,11 +207,11 @@ class Recording:
     def _adopt(self, value: Any, path: str, depth: int = 0) -> None:
         """Watch the objects ``value`` holds (itself, or the items of a plain container)."""
         if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
-            if depth < _MAX_DEPTH and not _atoms_only(value):
+            if depth < MAX_DEPTH and not _atoms_only(value):
                 for k, item in enumerate(value):
                     self._adopt(item, f"{path}[{k}]", depth + 1)
         elif isinstance(value, dict):
-            if depth < _MAX_DEPTH:
+            if depth < MAX_DEPTH:
                 for k, item in value.items():
                     self._adopt(item, f"{path}[{k!r}]", depth + 1)
         if isinstance(value, (list, tuple, dict, set, frozenset)) and not type(value).__flags__ & _HEAPTYPE:
@@ -692,29 +534,6 @@ def _replaced(container: Any, keys: list, value: Any) -> Any:
     return container
 
 
-def copy_value(value: Any) -> Any:
-    """A copy to replay: atoms as they are, plain containers copied item by item (a flat list of numbers in C, so
-    the cost does not grow with N in Python), tensors cloned, other objects by reference (their identity is
-    what the call left there)."""
-    if type(value) in _ATOM_TYPES or value is ABSENT:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if type(value) in (list, tuple):
-        return type(value)(value) if _atoms_only(value) else type(value)(copy_value(v) for v in value)
-    if type(value) is dict:
-        return {k: copy_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, dict, set, frozenset)) and not isinstance(value, torch.Size):
-        try:  # a container of another kind (an OrderedDict, a named tuple): rebuilt from copied items
-            if isinstance(value, dict):
-                return type(value)((k, copy_value(v)) for k, v in value.items())
-            items = [copy_value(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        except Exception:  # a container that cannot be rebuilt: the object itself
-            return value
-    return value
-
-
 def set_attribute(obj: Any, name: str, value: Any) -> None:
     """``obj.name = value`` (deleted when ``value`` is ABSENT), as the traced call left it; containers of the
     same kind are updated in place, as the call itself did."""
@@ -734,15 +553,4 @@ def set_attribute(obj: Any, name: str, value: Any) -> None:
         except (AttributeError, TypeError, dataclasses.FrozenInstanceError):  # as the object's own code set it
             object.__setattr__(obj, name, value)
 
-
-def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """The tensors ``value`` holds, through plain containers."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif depth < _MAX_DEPTH and isinstance(value, (list, tuple)) and not _atoms_only(value):
-        for item in value:
-            yield from walk_tensors(item, depth + 1)
-    elif depth < _MAX_DEPTH and isinstance(value, dict):
-        for item in value.values():
-            yield from walk_tensors(item, depth + 1)
 

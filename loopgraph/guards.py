@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from .components import ABSENT, ATOMS, ContainerSnap, Read, TensorSnap, describe, difference, same
+from .components import Read
+from .snapshots import ABSENT, ATOMS, ContainerSnap, TensorSnap, describe, difference, same
 from .state import _atoms_only, values_equal
 
 __all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard",

@@ -28,7 +28,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .blocks import run_block
-from .components import TRACE_LOCK, Recording, component_objects, component_tensors, record, walk_tensors
+from .components import TRACE_LOCK, Recording, component_objects, component_tensors, record
+from .snapshots import walk_tensors
 from .rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name",

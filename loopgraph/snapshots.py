@@ -1,0 +1,216 @@
+"""Snapshots of Python values, and how a value now is compared with one (the guards' and the replay's values).
+
+    snapshot   what a read keeps of a value: atoms as they are, tensors as ``TensorSnap`` (the object, its
+               version counter, a copy of a small one's value), containers item by item, other objects by
+               reference
+    same       whether a value now is what a snapshot recorded; tensors by their rule (``tensor_matches``)
+    difference where a container first differs, for a guard's reason; ``describe`` renders a value briefly
+    copy_value what a compiled call replays: a copy of a value the traced call left
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Iterator
+
+import torch
+
+from .state import _atoms_only
+
+__all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorSnap", "copy_value", "describe", "difference", "same",
+           "snapshot", "tensor_matches", "walk_tensors"]
+
+ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
+         torch.layout)
+# Values compared by identity and never watched: code, classes, generators.
+OPAQUE_LEAVES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.BuiltinMethodType,
+                 types.ModuleType, type, torch.Generator, property, staticmethod, classmethod)
+# Small tensors are snapshot by value (a scheduler's sigmas, made anew by every set_timesteps); larger ones by
+# identity and version counter.
+TENSOR_VALUE_NUMEL = 1 << 16
+MAX_DEPTH = 6
+
+
+class _Absent:
+    """The value of an attribute that is not there (``getattr(obj, name, default)`` took the default)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+ABSENT = _Absent()
+
+
+class TensorSnap:
+    """A tensor as first read: the object, its version counter, and (small tensors) a copy of its value."""
+
+    __slots__ = ("tensor", "version", "value", "spec", "data_ptr")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.version = _version(tensor)
+        self.value = tensor.detach().clone() if tensor.numel() <= TENSOR_VALUE_NUMEL else None
+        self.spec = (tuple(tensor.shape), tensor.dtype, tensor.device)
+        self.data_ptr = tensor.data_ptr() if tensor.device.type != "meta" else 0
+
+    def __repr__(self) -> str:
+        return f"Tensor{self.spec[0]} {str(self.spec[1]).replace('torch.', '')}"
+
+
+class ContainerSnap:
+    """A list, tuple, dict or set as first read: its type and a snapshot of every item."""
+
+    __slots__ = ("obj", "type", "items")
+
+    def __init__(self, obj: Any, items: Any) -> None:
+        self.obj, self.type, self.items = obj, type(obj), items  # items: list of snaps, or dict key -> snap
+
+    def __repr__(self) -> str:
+        return f"{self.type.__name__}[{len(self.items)}]"
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be changed in place)
+        return 0
+
+
+def snapshot(value: Any, depth: int = 0) -> Any:
+    """What a read keeps of a value: atoms as they are, tensors as ``TensorSnap``, containers item by item,
+    anything else by reference (compared by identity)."""
+    if isinstance(value, ATOMS) and type(value) in ATOM_TYPES:
+        return value
+    if isinstance(value, torch.Tensor):
+        return TensorSnap(value)
+    if depth < MAX_DEPTH:
+        if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            return ContainerSnap(value, [snapshot(v, depth + 1) for v in value])
+        if isinstance(value, torch.Size):
+            return value
+        if isinstance(value, dict):
+            return ContainerSnap(value, {k: snapshot(v, depth + 1) for k, v in value.items()})
+        if isinstance(value, (set, frozenset)):
+            return ContainerSnap(value, frozenset(value))  # items by hash: atoms by value, objects by identity
+    return value
+
+
+ATOM_TYPES = set(ATOMS)
+
+
+def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None) -> bool:
+    """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
+    ``tensor_rule``; by value when no rule is given)."""
+    if isinstance(snap, TensorSnap):
+        return isinstance(current, torch.Tensor) and tensor_matches(current, snap, (tensor_rules or {}).get(
+            id(snap.tensor), "value"))
+    if isinstance(snap, ContainerSnap):
+        if type(current) is not snap.type:
+            return False
+        if isinstance(snap.items, dict):
+            return (current.keys() == snap.items.keys()
+                    and all(same(current[k], s, tensor_rules) for k, s in snap.items.items()))
+        if isinstance(snap.items, frozenset):
+            return frozenset(current) == snap.items
+        return len(current) == len(snap.items) and all(same(c, s, tensor_rules) for c, s in zip(current, snap.items))
+    if type(snap) in ATOM_TYPES:
+        if type(current) is not type(snap):
+            return False
+        return current == snap or (current != current and snap != snap)  # NaN equals NaN here
+    if isinstance(snap, torch.Size):
+        return isinstance(current, torch.Size) and current == snap
+    return current is snap
+
+
+def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: str) -> bool:
+    """``rule``: "identity" (the compiled code reads that very tensor), "value" (its value was evaluated
+    eagerly and baked), "identity+value", "spec" (no op used it: shape, dtype and device only) or "kept" (no op
+    used it, but the call left it where a compiled call replays the traced state: that very tensor)."""
+    if rule == "spec":
+        return (tuple(current.shape), current.dtype, current.device) == snap.spec
+    if rule in ("identity", "kept"):
+        return current is snap.tensor
+    if rule == "identity+value" and current is not snap.tensor:
+        return False
+    if (tuple(current.shape), current.dtype, current.device) != snap.spec:
+        return False
+    if snap.value is not None:  # small: by value (``.data`` assignments and copies bypass the version counter)
+        return torch.equal(current, snap.value)
+    return current is snap.tensor and _version(current) == snap.version and current.data_ptr() == snap.data_ptr
+
+
+def describe(value: Any) -> str:
+    """A short rendering of a value for a guard's reason."""
+    if isinstance(value, TensorSnap):
+        return repr(value)
+    if isinstance(value, torch.Tensor):
+        return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
+    if isinstance(value, ContainerSnap):
+        return f"{value.type.__name__} of {len(value.items)}"
+    if isinstance(value, (list, tuple, dict, set)) and not isinstance(value, torch.Size):
+        return f"{type(value).__name__} of {len(value)}"
+    if type(value) in ATOM_TYPES or value is ABSENT:
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return f"<{type(value).__qualname__} ({type(value).__module__}) at {id(value):#x}>"
+
+
+def difference(current: Any, snap: Any, rules: dict[int, str] | None = None, path: str = "") -> tuple[str, Any, Any]:
+    """Where ``current`` first differs from ``snap`` (a ``snapshot``): (the item's path, its value now, then)."""
+    if isinstance(snap, ContainerSnap) and type(current) is snap.type and not isinstance(snap.items, frozenset):
+        if isinstance(snap.items, dict):
+            for k in [*snap.items, *[k for k in current if k not in snap.items]]:
+                now, then = current.get(k, ABSENT), snap.items.get(k, ABSENT)
+                if not (same(now, then, rules) if then is not ABSENT else now is ABSENT):
+                    return difference(now, then, rules, f"{path}[{k!r}]")
+        elif len(current) == len(snap.items):
+            for k, (now, then) in enumerate(zip(current, snap.items)):
+                if not same(now, then, rules):
+                    return difference(now, then, rules, f"{path}[{k}]")
+    return path, current, snap
+
+
+def copy_value(value: Any) -> Any:
+    """A copy to replay: atoms as they are, plain containers copied item by item (a flat list of numbers in C, so
+    the cost does not grow with N in Python), tensors cloned, other objects by reference (their identity is
+    what the call left there)."""
+    if type(value) in ATOM_TYPES or value is ABSENT:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if type(value) in (list, tuple):
+        return type(value)(value) if _atoms_only(value) else type(value)(copy_value(v) for v in value)
+    if type(value) is dict:
+        return {k: copy_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, dict, set, frozenset)) and not isinstance(value, torch.Size):
+        try:  # a container of another kind (an OrderedDict, a named tuple): rebuilt from copied items
+            if isinstance(value, dict):
+                return type(value)((k, copy_value(v)) for k, v in value.items())
+            items = [copy_value(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        except Exception:  # a container that cannot be rebuilt: the object itself
+            return value
+    return value
+
+
+def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """The tensors ``value`` holds, through plain containers."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < MAX_DEPTH and isinstance(value, (list, tuple)) and not _atoms_only(value):
+        for item in value:
+            yield from walk_tensors(item, depth + 1)
+    elif depth < MAX_DEPTH and isinstance(value, dict):
+        for item in value.values():
+            yield from walk_tensors(item, depth + 1)
+
