@@ -2,8 +2,9 @@
 
 The flow:
     block API (``blocks``, ``state``, ``pipeline``)  — diffusers-compatible, runs eagerly
-    → ``compile_loop(wrapper)``: trace one iteration → analyse slots → hoist the schedule into per-step
-      tables → lower the BlockState to buffers → compile once → run all N steps without Python per step
+    → ``compile_loop(wrapper)``: trace one iteration (and the Python state it reads and writes) → guard the plan
+      → analyse slots → hoist the schedule into per-step tables → lower the BlockState to buffers → compile once
+      → run all N steps without Python per step, while the guards hold
     → ``loopgraph bench``: eager vs compiled-denoiser vs compiled-loop throughput.
 
 The reference denoising loops (tiny DiT / UNet, schedulers, guidance) live in ``loopgraph.zoo``.

@@ -1,7 +1,7 @@
 """``compile_loop``: the public entry point, and ``CompiledLoop``, the drop-in replacement for a loop wrapper.
 
     trace    run the wrapper's own __call__ for real, recording each loop_step and the Python state it reads
-             and writes (trace.py, components.py)
+             and writes (trace.py, components.py, snapshots.py)
     guard    what a later call must match to reuse the plan (guards.py)
     analyse  classify slots, group steps into variants, hoist per-step values into tables (analysis.py)
     lower    one whole-loop function of while_loops over a device-side step counter (runtime.py)

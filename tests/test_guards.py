@@ -720,3 +720,48 @@ def test_15_an_error_while_planning_returns_eagers_result_and_falls_back(monkeyp
     strict = compile_loop(loop, backend="eager", strict=True)
     with pytest.raises(KeyError, match="a planning bug"):
         run_loop(strict, torch.ones(2), 3)
+
+
+# -- the guards' own reports ---------------------------------------------------------------------------------------
+def test_explain_and_guard_check_say_why_a_call_re_plans():
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    assert fast.guard_check(setup.components, setup.new_state()) == "not planned yet: the first call traces the loop"
+    fast(setup.components, setup.new_state())
+    assert fast.guard_check(setup.components, setup.new_state()) is None
+    assert "guards: 7 inputs (3 data tensors by spec and sharing); " in fast.explain()
+    setup.components.guider.guidance_scale = 6.0
+    reason = fast.guard_check(setup.components, setup.new_state())
+    assert reason == "plan 0: components.guider.guidance_scale is 6.0, was 4.0"
+    assert fast.stats.plans == 1  # guard_check ran nothing
+    fast(setup.components, setup.new_state())
+    assert "the last call re-planned: plan 0: components.guider.guidance_scale is 6.0, was 4.0" in fast.explain()
+    setup.components.denoiser = build_denoiser("dit", seed=3, sample_size=8)
+    assert "components.denoiser is another object: <TinyDiT (loopgraph.zoo.models)" in fast.guard_check(
+        setup.components, setup.new_state())
+    setup.inputs["latents"] = setup.inputs["latents"].to(torch.float64)
+    assert ("input 'latents': shape (1, 4, 8, 8) strides (256, 64, 8, 1) float64 on cpu, was shape (1, 4, 8, 8) "
+            "strides (256, 64, 8, 1) float32 on cpu") in fast.guard_check(setup.components, setup.new_state())
+
+
+def test_a_value_that_changes_every_call_warns_that_every_call_re_plans():
+    loop = Loop.from_blocks_dict({"count": CountCalls()})
+    fast = compile_loop(loop, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            run_loop(fast, torch.ones(2), 3)
+    messages = [str(w.message) for w in caught if "re-plans on every call" in str(w.message)]
+    assert len(messages) == 1 and "wrapper.sub_blocks['count'].calls is " in messages[0]
+    assert fast.stats.plans == 6 and loop.sub_blocks["count"].calls == 18
+
+
+class CountCalls(XBlock):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self, components, block_state, i: int):
+        self.calls += 1
+        block_state.x = block_state.x + 0.01 * self.calls
+        return components, block_state
