@@ -69,6 +69,8 @@ def check_call(eager: World, compiled: World, fast, reference, label: str, toler
 @given(spec=SPECS, calls=CALLS, backend=st.sampled_from(BACKENDS), rng=st.sampled_from(["eager", "eager", "counter"]))
 def test_compiled_loop_equals_eager_over_calls_with_changes(spec, calls, backend, rng):
     note(f"spec={spec} calls={calls} backend={backend} rng={rng}")
+    if CAMPAIGN:  # a crash (not an assertion) loses hypothesis's report: the last example is on stdout
+        print(f"\nexample: spec={spec} calls={calls} backend={backend} rng={rng}", flush=True)
     eager, compiled = World(spec), World(spec)
     fast = compile_loop(compiled.loop, backend=backend, rng=rng)
     reference = eager.loop if rng == "eager" else (lambda c, s: eager_loop(eager.loop, c, s))

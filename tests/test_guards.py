@@ -6,8 +6,11 @@ compiled one built alike, and compares values, returned state and Python state a
 """
 
 import copy
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -375,6 +378,32 @@ def test_6_inputs_that_are_one_tensor_when_traced_and_not_later_or_the_reverse(f
         (want, a0, b0), (got, a1, b1) = outs
         assert torch.allclose(got, want, **TOL), aliased
         assert torch.equal(a0, a1) and torch.equal(b0, b1)
+
+
+_ALIASED_UNDER_INDUCTOR = """
+import torch
+from loopgraph import compile_loop
+from tests.test_guards import Loop, MixTwo, quiet, toy_call
+loop = Loop.from_blocks_dict({"mix": MixTwo})
+fast = compile_loop(loop)  # Inductor
+for aliased in (False, True, True):
+    outs = []
+    for runner in (loop, fast):
+        a = torch.ones(3)
+        outs.append(quiet(toy_call, runner, None, x=torch.zeros(3), a=a, b=a if aliased else torch.ones(3)).get("x"))
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5), outs
+assert fast.stats.compiled_calls == 1, fast.stats
+print("ok")
+"""
+
+
+def test_6_inputs_that_are_one_tensor_updated_in_place_compile_under_inductor():
+    # found by the fuzzer: the step returns one value for two carried slots, and Inductor's C++ wrapper crashed
+    # (a segmentation fault) on such a while_loop; run apart, so a crash fails this test and not the suite
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _ALIASED_UNDER_INDUCTOR], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (proc.returncode, proc.stderr[-2000:])
 
 
 # -- 7. loop tensors inside containers written to the BlockState -----------------------------------------------------
