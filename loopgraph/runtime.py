@@ -34,6 +34,16 @@ def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, i.reshape(1)).reshape(table.shape[1:])
 
 
+def _carried_like(carried: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A step's output as the next step's carried value, in a fresh buffer with the carried value's strides: a
+    while_loop body must return what it was given, and a step may change the memory format (a convolution of
+    transposed latents). Another dtype is left to fail the while_loop's check (then the plan runs eagerly):
+    casting it back would hide a dtype eager's loop changes."""
+    if out.dtype != carried.dtype or out.shape != carried.shape:
+        return out.clone()
+    return torch.empty_strided(carried.shape, carried.stride(), dtype=carried.dtype, device=carried.device).copy_(out)
+
+
 def lower(plan: LoopPlan) -> Callable:
     """The whole loop as a function ``(buffers, invariants, tables, ends, start) -> None``.
 
@@ -57,7 +67,7 @@ def lower(plan: LoopPlan) -> Callable:
             def body(i, *carried, step=step, vt=vt, whole=whole_tables[v]):
                 rows = [*vt, i] if whole else [_row(t, i) for t in vt]
                 out = step(*carried, *invariants, *rows)
-                return (i + 1, *[o.clone() for o in out])
+                return (i + 1, *[_carried_like(c, o) for c, o in zip(carried, out)])
 
             i, *state = while_loop(cond, body, (i, *state))
         for buffer, final in zip(buffers, state):

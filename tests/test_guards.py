@@ -17,6 +17,7 @@ import torch
 
 from loopgraph import ComponentSpec, InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam
 from loopgraph import PipelineState, compile_loop
+from loopgraph.compile import matches_eager
 from loopgraph.state import values_equal
 from loopgraph.zoo.loops import build_loop
 from loopgraph.zoo.models import build_denoiser
@@ -680,6 +681,27 @@ def test_15_channels_last_latents_after_a_contiguous_plan():
         setup.inputs["latents"] = setup.inputs["latents"].to(memory_format=torch.channels_last)
     same_call(eager, compiled, fast)
     same_call(eager, compiled, fast)
+
+
+class ConvResidual(XBlock):
+    def __call__(self, components, block_state, i: int):
+        weight = torch.linspace(-0.2, 0.2, 16).reshape(4, 4, 1, 1)
+        block_state.x = torch.nn.functional.conv2d(block_state.x, weight) + block_state.x  # keeps x's layout
+        return components, block_state
+
+
+def test_15_another_memory_format_after_a_contiguous_plan_re_plans_and_compiles():
+    # a contiguous plan's compiled loop, called with transposed latents, used to fail inside Dynamo (the
+    # while_loop's carried strides), after the plan's check: an error where eager works
+    loop = Loop.from_blocks_dict({"conv": ConvResidual})
+    fast = compile_loop(loop)  # Inductor
+    x = torch.randn(1, 4, 8, 8)
+    for layout in ("contiguous",) * 2 + ("transposed",) * 3 + ("channels_last",) * 2:
+        given = {"contiguous": x, "transposed": x.transpose(2, 3),
+                 "channels_last": x.to(memory_format=torch.channels_last)}[layout]
+        got = quiet(run_loop, fast, given.clone(), 3)
+        assert matches_eager(got, run_loop(loop, given.clone(), 3)), layout
+    assert fast.stats.plans == 3 and fast.stats.compiled_calls == 4
 
 
 def test_15_two_compiled_loops_of_one_wrapper_plan_in_two_threads():
