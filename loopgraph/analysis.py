@@ -278,13 +278,10 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
                     kwargs[pos] = lift_nodes[k]
         env[node] = graph.call_function(node.target, tuple(args), kwargs)
         env[node].meta["mutates"] = node.meta.get("mutates", False)
-    outs: list[fx.Node] = []
+    outs = []
     for name in state_slots:
         node = template.outputs.get(name)
-        value = env[node] if node is not None else holders[name]
-        if value in outs:  # one tensor in two slots (inputs that are one tensor, `y = x`): carried as two values
-            value = graph.call_function(distinct_copy, (value,))
-        outs.append(value)
+        outs.append(env[node] if node is not None else holders[name])
     graph.output(tuple(outs))
     graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("mutates", False))
     module = fx.GraphModule(root, graph, class_name="FusedStep")
@@ -299,12 +296,6 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         tables.append(table)
     return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
                    signature=signature, literals=literals)
-
-
-def distinct_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` that Inductor does not merge with ``t``: Inductor's C++ wrapper (torch 2.13) crashes when a
-    while_loop body returns one value as two carried outputs, even as two ``clone()``s (it merges them)."""
-    return t | False if t.dtype == torch.bool else t * 1
 
 
 def _float_table_dtype(node: fx.Node) -> torch.dtype:

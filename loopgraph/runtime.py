@@ -34,6 +34,20 @@ def _row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table, 0, i.reshape(1)).reshape(table.shape[1:])
 
 
+def _repeated_outputs(module: torch.fx.GraphModule) -> list[int]:
+    """Positions of a step's outputs that repeat an earlier output (the same graph value)."""
+    (output,) = [n for n in module.graph.nodes if n.op == "output"]
+    values = list(output.args[0])
+    return [k for k, value in enumerate(values) if value in values[:k]]
+
+
+def _distinct_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` that Inductor does not merge with ``t``: Inductor's C++ wrapper (torch 2.13) crashes on a
+    while_loop body that returns one value as two carried outputs, even as two ``clone()``s or two fresh buffers
+    it copies into (it merges them)."""
+    return t | False if t.dtype == torch.bool else t * 1
+
+
 def _carried_like(carried: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """A step's output as the next step's carried value, in a fresh buffer with the carried value's strides: a
     while_loop body must return what it was given, and a step may change the memory format (a convolution of
@@ -54,6 +68,7 @@ def lower(plan: LoopPlan) -> Callable:
     modules = [v.module for v in plan.variants]
     whole_tables = [m.meta.get(WHOLE_TABLES, False) for m in modules]
     pattern = [v for v, _, _ in plan.runs]
+    repeated = [_repeated_outputs(m) for m in modules]
 
     def whole_loop(buffers: list[torch.Tensor], invariants: list[torch.Tensor],
                    tables: list[list[torch.Tensor]], ends: torch.Tensor, start: torch.Tensor):
@@ -64,9 +79,11 @@ def lower(plan: LoopPlan) -> Callable:
             def cond(i, *carried, end=end):
                 return i < end
 
-            def body(i, *carried, step=step, vt=vt, whole=whole_tables[v]):
+            def body(i, *carried, step=step, vt=vt, whole=whole_tables[v], repeated=repeated[v]):
                 rows = [*vt, i] if whole else [_row(t, i) for t in vt]
-                out = step(*carried, *invariants, *rows)
+                out = list(step(*carried, *invariants, *rows))
+                for k in repeated:  # one value for two slots (inputs that are one tensor, `y = x`)
+                    out[k] = _distinct_copy(out[k])
                 return (i + 1, *[_carried_like(c, o) for c, o in zip(carried, out)])
 
             i, *state = while_loop(cond, body, (i, *state))
