@@ -19,9 +19,10 @@ the call are not watched: their attributes are written before they are read. The
 Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
 ``vars()`` are one read, and one write when they differ at the end.
 
-Module-level globals are reads too: every Python function the call runs is noted (``sys.settrace``, call events
-only), and the globals its code loads are reads of that module's dict, as they are when the call ends: all the
-globals of user code (not the standard library's, nor installed libraries'), and torch's global module hooks.
+Module-level globals are reads too, as they are when the call ends: every global that the functions and methods
+of a user module load (their bytecode), for the modules the watched objects' classes come from and the user
+modules of the functions and classes those globals hold, transitively (not the standard library's globals, nor
+installed libraries'); and torch's global module hooks.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ class Recording:
         self.busy = False
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
+        self.handled: set[tuple] = set()  # (id, name) reads already logged or not to log: the hooks' fast exit
         self._patcher: _Patcher | None = None
-        self._codes: dict[int, tuple[types.CodeType, dict]] = {}
 
     # -- what the hooks call -----------------------------------------------------------------------------------
     def watch(self, obj: Any, path: str) -> None:
@@ -119,7 +120,10 @@ class Recording:
     def on_read(self, obj: Any, name: str, value: Any) -> None:
         """``obj.name`` was read through ``__getattribute__`` (``value`` is ABSENT when it raised)."""
         oid = id(obj)
-        if oid not in self.objects or (oid, name) in self._written:
+        if oid not in self.objects:
+            return
+        self.handled.add((oid, name))
+        if (oid, name) in self._written:
             return
         if name == "__dict__":  # vars(obj), obj.__dict__: every attribute is read
             key = ("whole", oid)
@@ -160,6 +164,7 @@ class Recording:
         oid = id(obj)
         if oid not in self.objects or (oid, name) in self._written:
             return
+        self.handled.add((oid, name, "resolved"))
         path = f"{self.paths[oid]}.{name}"
         if isinstance(obj, torch.nn.Module):
             attrs = object.__getattribute__(obj, "__dict__")
@@ -218,29 +223,33 @@ class Recording:
             return  # a container of the standard library (an OrderedDict of hooks): its items are what counts
         self.watch(value, path)
 
-    def note_code(self, code: types.CodeType, namespace: dict) -> None:
-        """The call ran ``code`` with globals ``namespace``: the globals it loads are read at the end."""
-        self._codes.setdefault(id(code), (code, namespace))
-
     def _read_globals(self) -> None:
-        """Reads of the data globals of every function the call ran (see the module docstring)."""
-        for code, namespace in list(self._codes.values()):
-            if code.co_filename.rsplit("/", 1)[0] + "/" == _ENGINE_DIR:
-                continue  # loopgraph's own code (the zoo, in a subfolder, is user code)
-            module = sys.modules.get(namespace.get("__name__", ""))
-            name = getattr(module, "__name__", namespace.get("__name__", "<globals>"))
-            kind = _namespace_kind(name, code.co_filename)
-            if kind == "skip":
+        """Reads of the module globals the call's code can load (see the module docstring): every global that a
+        function or method of a user module loads, for the modules the watched objects' classes come from and,
+        transitively, the user modules of the functions and classes those globals hold; and torch's global module
+        hooks."""
+        modules = {m for obj in self.objects.values() for m in map(_user_module, type(obj).__mro__) if m}
+        seen: set[str] = set()
+        while modules:
+            module = modules.pop()
+            if module.__name__ in seen:
                 continue
-            for key in _global_names(code):
-                if (id(namespace), key) in self.reads or key not in namespace:
+            seen.add(module.__name__)
+            namespace = vars(module)
+            for key in sorted(_module_global_names(module)):
+                if key not in namespace or (id(namespace), key) in self.reads:
                     continue  # a builtin, or not defined (an error eager would give too)
                 value = namespace[key]
-                if kind == "hooks" and not key.startswith("_global_"):
-                    continue
-                owner = module if module is not None and vars(module) is namespace else None
-                self._add_read(Read(owner if owner is not None else namespace, namespace, key, snapshot(value),
-                                    f"{name}.{key}"), (id(namespace), key))
+                self._add_read(Read(module, namespace, key, snapshot(value), f"{module.__name__}.{key}"),
+                               (id(namespace), key))
+                found = _user_module(value) if isinstance(value, (type, types.FunctionType)) else None
+                if found is not None and found.__name__ not in seen:
+                    modules.add(found)
+        hooks = sys.modules["torch.nn.modules.module"]
+        for key in _TORCH_GLOBAL_HOOKS:  # a global hook registered later runs in eager
+            if hasattr(hooks, key):
+                self._add_read(Read(hooks, vars(hooks), key, snapshot(getattr(hooks, key)),
+                                    f"torch.nn.modules.module.{key}"), (id(vars(hooks)), key))
 
     # -- during and after the call ------------------------------------------------------------------------------
     def state_now(self) -> dict[tuple[int, str], tuple[Any, str, Any]]:
@@ -299,29 +308,47 @@ def value_of(obj: Any, name: str) -> Any:
 
 
 _ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
-_GLOBAL_NAMES: dict[types.CodeType, tuple[str, ...]] = {}
 
 
-def _namespace_kind(module: str, filename: str) -> str:
-    """Which globals of a module count as reads: "all" in user code, "hooks" for torch's global module hooks,
-    "skip" for the standard library and installed libraries: their globals are machinery, some of them changing
-    all the time (a gc callback's timestamp), and code of theirs runs during a call that is not the call's (gc
-    callbacks, log handlers)."""
-    if module == "torch.nn.modules.module":
-        return "hooks"  # _global_forward_hooks and friends: a global hook registered later runs in eager
-    top = module.split(".", 1)[0]
-    if top in sys.stdlib_module_names or "site-packages" in filename or "dist-packages" in filename:
-        return "skip"
-    return "all"
+_TORCH_GLOBAL_HOOKS = ("_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks",
+                       "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
+                       "_global_forward_hooks_with_kwargs")
+_MODULE_GLOBALS: dict[str, frozenset] = {}
 
 
-def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names ``code`` loads (LOAD_GLOBAL, and LOAD_NAME at module level)."""
-    names = _GLOBAL_NAMES.get(code)
+def _user_module(obj: Any) -> types.ModuleType | None:
+    """The module ``obj`` (a class or function) comes from, when it is user code: not loopgraph's engine, the
+    standard library or an installed library (whose globals are machinery, some changing all the time)."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    filename = getattr(module, "__file__", None) or ""
+    if module is None or not filename or filename.rsplit("/", 1)[0] + "/" == _ENGINE_DIR:
+        return None
+    if module.__name__.split(".", 1)[0] in sys.stdlib_module_names or "-packages/" in filename:
+        return None
+    return module
+
+
+def _module_global_names(module: types.ModuleType) -> frozenset:
+    """The global names the functions and methods defined in ``module`` load (their bytecode, nested code too)."""
+    names = _MODULE_GLOBALS.get(module.__name__)
     if names is None:
-        names = tuple(dict.fromkeys(ins.argval for ins in dis.get_instructions(code)
-                                    if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME")))
-        _GLOBAL_NAMES[code] = names
+        codes = []
+        for value in list(vars(module).values()):
+            if getattr(value, "__module__", None) != module.__name__:
+                continue
+            if isinstance(value, types.FunctionType):
+                codes.append(value.__code__)
+            elif isinstance(value, type):
+                for member in vars(value).values():
+                    for fn in (member, getattr(member, "__func__", None), getattr(member, "fget", None)):
+                        if isinstance(fn, types.FunctionType):
+                            codes.append(fn.__code__)
+        found: set[str] = set()
+        while codes:
+            code = codes.pop()
+            found.update(ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL")
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        names = _MODULE_GLOBALS[module.__name__] = frozenset(found)
     return names
 
 
@@ -349,7 +376,7 @@ def _recording() -> Recording | None:
 def _getattribute_hook(original):
     def __getattribute__(self, name):
         rec = _recording()
-        if rec is None:
+        if rec is None or (id(self), name) in rec.handled or id(self) not in rec.objects:
             return original(self, name)
         try:
             value = original(self, name)
@@ -366,7 +393,7 @@ def _getattribute_hook(original):
 def _getattr_hook(original):
     def __getattr__(self, name):
         rec = _recording()
-        if rec is None:
+        if rec is None or (id(self), name, "resolved") in rec.handled or id(self) not in rec.objects:
             return original(self, name)
         rec.busy = True  # what __getattr__ itself reads (a module's __dict__) is not the user's read
         value = ABSENT
@@ -460,22 +487,14 @@ def record(roots: dict[str, Any]) -> Iterator[Recording]:
     with TRACE_LOCK:
         rec = Recording()
         patcher = rec._patcher = _Patcher()
-        previous, previous_trace = _active, sys.gettrace()
-
-        def note_calls(frame, event, arg):  # call events only: the functions the call runs
-            if not rec.busy:
-                rec.note_code(frame.f_code, frame.f_globals)
-            return previous_trace(frame, event, arg) if previous_trace is not None else None
-
+        previous = _active
         try:
             patcher.ensure(torch.nn.Module)
             for path, obj in roots.items():
                 rec.watch(obj, path)
             _active = rec
-            sys.settrace(note_calls)
             yield rec
         finally:
-            sys.settrace(previous_trace)
             _active = previous
             patcher.restore()
             rec._patcher = None
