@@ -10,11 +10,12 @@ venv: $(STAMP)
 
 # torch is installed first, pinned, and only when it is not importable: the pinned version is a local
 # CPU wheel here, while an unpinned `torch` would pull several GB of CUDA packages.
-# The diffusers extra is installed too, so `make test` runs the diffusers interop tests.
+# The diffusers extra is installed too, so `make test` runs the diffusers interop tests; the bench extra
+# (rich, matplotlib) serves `loopgraph bench` only.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e ".[test,diffusers]"
+	$(BIN)/pip install -e ".[test,diffusers,bench]"
 	touch $(STAMP)
 
 run: $(STAMP)

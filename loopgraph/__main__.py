@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    try:
+        from rich.console import Console
+    except ImportError:
+        print("loopgraph bench needs the bench extra (rich, matplotlib): pip install 'loopgraph[bench]' "
+              "(`make run` installs it)", file=sys.stderr)
+        return 2
 
     from .bench import BenchConfig, default_out, render_table, run_bench, targets, with_overrides, write_report
 

@@ -24,15 +24,15 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .trace import LoopTrace, StepTrace, Unsupported, func_name
+from .config import LIFT_MAX_NUMEL
+from .trace import StepTrace, Unsupported, func_name
 
-_LIFT_MAX_NUMEL = 1 << 16  # larger per-step-constant tensors stay baked rather than copied into N-row tables
 # Ops whose Python-float operand may as well be a 0-d tensor: a float the same in every step but different
 # between calls (a guidance scale) is lifted there, so a new value compiles nothing.
 _ARITHMETIC = {"add", "sub", "mul", "div", "true_divide", "rsub", "__add__", "__radd__", "__sub__", "__rsub__",
                "__mul__", "__rmul__", "__truediv__", "__rtruediv__"}
 
-__all__ = ["SlotInfo", "Variant", "LoopPlan", "Segment", "classify_slots", "plan_loop", "plan_segments"]
+__all__ = ["SlotInfo", "Variant", "LoopPlan", "LoopSteps", "loop_steps", "classify_slots", "plan_loop"]
 
 
 class SlotInfo(NamedTuple):
@@ -52,6 +52,7 @@ class Variant:
     tables: list[torch.Tensor] = field(default_factory=list)  # [N, *shape] each, row i = value at step i
     signature: tuple = ()                # the steps' structure, float values aside (equal across calls)
     literals: dict[int, float] = field(default_factory=dict)  # arithmetic floats left in the graph, by position
+    whole_tables: bool = False           # called with the whole tables and the step counter (the kernel pass)
 
 
 @dataclass
@@ -64,7 +65,29 @@ class LoopPlan:
     variants: list[Variant]
     runs: list[tuple[int, int, int]]   # (variant index, first step, end step)
     num_steps: int
-    dataflow: nx.DiGraph
+
+
+@dataclass
+class LoopSteps:
+    """What ``plan_loop`` plans from: the recorded steps of a loop (the whole loop's, or one eager-segments
+    partition's) and an example value of every slot."""
+
+    steps: list[StepTrace]
+    block_names: list[str]
+    values: dict[str, Any]     # slot -> a traced value (its kind in the slot table), in slot order
+    tainted: set[str]          # slots that hold loop data (computed from the loop's inputs)
+    schedule: set[str]         # the wrapper's own loop inputs: schedule, whatever they hold
+
+
+def loop_steps(trace) -> LoopSteps:
+    """The ``LoopSteps`` of a whole traced loop (a ``trace.LoopTrace``): BlockState slots, loop tensors held by
+    components, and (``rng="counter"``) the random draws' seeds."""
+    values = {name: trace.final_slots.get(name, trace.initial_slots.get(name))
+              for name in dict.fromkeys([*trace.initial_slots, *trace.final_slots])}
+    values.update({name: slot.value for name, slot in trace.component_slots.items()})
+    values.update({name: seed.value for name, seed in trace.seeds.items()})
+    tainted = set(trace.tainted_final) | set(trace.component_slots) | set(trace.seeds)
+    return LoopSteps(trace.steps, trace.block_names, values, tainted, set(trace.schedule_inputs))
 
 
 def _slot_kind(value: Any) -> str:
@@ -73,7 +96,7 @@ def _slot_kind(value: Any) -> str:
     return type(value).__name__
 
 
-def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str, SlotInfo], nx.DiGraph]:
+def classify_slots(trace: LoopSteps, needed_at_end: set[str]) -> dict[str, SlotInfo]:
     """Slot roles from the per-step reads and writes of every block (see the module docstring)."""
     graph = nx.DiGraph()
     read_first: set[str] = set()   # read at step start (its placeholder feeds some op)
@@ -93,18 +116,10 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
                 written.add(slot)
             if node.op == "placeholder" and node.target != slot:  # `y = x.to(x.dtype)`: x passed on as y
                 read_first.add(node.target)
-    names = list(dict.fromkeys([*trace.initial_slots, *trace.final_slots, *trace.component_slots, *trace.seeds]))
     slots: dict[str, SlotInfo] = {}
-    for name in names:
-        if name in trace.component_slots:
-            value = trace.component_slots[name].value
-        elif name in trace.seeds:
-            value = trace.seeds[name].value
-        else:
-            value = trace.final_slots.get(name, trace.initial_slots.get(name))
+    for name, value in trace.values.items():
         graph.add_node(("slot", name))
-        tainted = name in trace.tainted_final or name in trace.component_slots or name in trace.seeds
-        if name in trace.schedule_inputs or not tainted:
+        if name in trace.schedule or name not in trace.tainted:
             role = "schedule"
         elif name in read_first and name in written:
             role = "carried"
@@ -117,8 +132,7 @@ def classify_slots(trace: LoopTrace, needed_at_end: set[str]) -> tuple[dict[str,
         if role == "temporary" and name not in needed_at_end and not any(graph.successors(("slot", name))):
             role = "dead"
         slots[name] = SlotInfo(name, role, name in needed_at_end, _slot_kind(value))
-        graph.nodes[("slot", name)]["role"] = role
-    return slots, graph
+    return slots
 
 
 # -- step signatures --------------------------------------------------------------------------------------------
@@ -176,7 +190,7 @@ def _same_value(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _stable_ids(trace: LoopTrace) -> set[int]:
+def _stable_ids(trace: LoopSteps) -> set[int]:
     """Constants that are the very same tensor object in every step that uses them (parameters, tables)."""
     counts: dict[int, int] = {}
     for step in trace.steps:
@@ -193,12 +207,12 @@ def _stable_ids(trace: LoopTrace) -> set[int]:
     return multi if len(trace.steps) > 1 else set(counts)
 
 
-def plan_loop(trace: LoopTrace, needed_at_end: set[str], lift: dict[tuple, set[int]] | None = None) -> LoopPlan:
+def plan_loop(trace: LoopSteps, needed_at_end: set[str], lift: dict[tuple, set[int]] | None = None) -> LoopPlan:
     """Group steps into variants, lift per-step values into tables, and build one GraphModule per variant.
 
     ``lift`` names, per variant signature, more float positions to lift (``Variant.literals`` positions).
     """
-    slots, dataflow = classify_slots(trace, needed_at_end)
+    slots = classify_slots(trace, needed_at_end)
     state_slots = [n for n, s in slots.items() if s.role == "carried" or (s.role in ("temporary", "dead")
                                                                             and s.needed_at_end)]
     invariant_slots = [n for n, s in slots.items() if s.role == "invariant"]
@@ -217,7 +231,7 @@ def plan_loop(trace: LoopTrace, needed_at_end: set[str], lift: dict[tuple, set[i
         else:
             runs.append((step_variant[i], i, i + 1))
     return LoopPlan(slots=slots, state_slots=state_slots, invariant_slots=invariant_slots, variants=variants,
-                    runs=runs, num_steps=n, dataflow=dataflow)
+                    runs=runs, num_steps=n)
 
 
 def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_slots: list[str], n: int,
@@ -231,7 +245,7 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     lift_positions = [
         k for k, (node, pos, value) in enumerate(per_step[0])
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])
-        or (pos is None and id(value) not in stable and value.numel() <= _LIFT_MAX_NUMEL) or k in extra
+        or (pos is None and id(value) not in stable and value.numel() <= LIFT_MAX_NUMEL) or k in extra
     ]
     literals = {k: value for k, (node, pos, value) in enumerate(per_step[0])
                 if pos is not None and k not in lift_positions and func_name(node.target) in _ARITHMETIC}
@@ -250,7 +264,8 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             if node.target in holders:
                 env[node] = holders[node.target]
             elif node.users:  # a slot read at step start that is not loop state: a problem in the trace
-                raise ValueError(f"slot {node.target!r} is read before it is written but is not loop state")
+                raise Unsupported(f"slot {node.target!r} is read before it is written but is not loop state (neither "
+                                  f"carried nor invariant): it reaches step {template.index}'s graph another way")
             continue
         if node.op == "get_attr":
             k = cand_index[(id(node), None)]
@@ -304,97 +319,3 @@ def _float_table_dtype(node: fx.Node) -> torch.dtype:
     a half tensor stays half), else the default float dtype (a comparison's bound)."""
     dtype = node.meta.get("dtype")
     return dtype if dtype is not None and dtype.is_floating_point else torch.get_default_dtype()
-
-
-# -- eager segments ---------------------------------------------------------------------------------------------
-@dataclass
-class Segment:
-    """Consecutive blocks of every step that run together: one eager block, or compiled ones as a plan."""
-
-    blocks: list[str]
-    eager: bool
-    plan: LoopPlan | None = None          # compiled: one variant per distinct per-step graph of these blocks
-    step_variant: list[int] = field(default_factory=list)   # step -> variant index in plan.variants
-    examples: dict[str, torch.Tensor] = field(default_factory=dict)  # a traced value of every slot it uses
-
-
-def plan_segments(trace: LoopTrace, eager_blocks: set[str]) -> list[Segment]:
-    """Cut every step at the eager blocks; plan each run of compiled blocks like a loop of its own.
-
-    A compiled segment's per-step graph takes the tainted tensors of the BlockState and of the components
-    (a scheduler's history) as they are when it starts and returns those it rebinds; values cross an eager
-    block only through those two (anything else raises ``Unsupported``). Each segment is planned by
-    ``plan_loop`` with every slot needed at its end.
-    """
-    segments: list[Segment] = []
-    for name in trace.block_names:
-        if name in eager_blocks:
-            segments.append(Segment([name], eager=True))
-        elif segments and not segments[-1].eager:
-            segments[-1].blocks.append(name)
-        else:
-            segments.append(Segment([name], eager=False))
-    ends = [seg.blocks[0] for seg in segments[1:]] + ["__end__"]
-    for seg, end in zip(segments, ends):
-        if seg.eager:
-            continue
-        subs = [_cut_step(step, seg.blocks, end) for step in trace.steps]
-        examples: dict[str, torch.Tensor] = {}
-        for sub, step in zip(subs, trace.steps):
-            passed = set(sub.outputs.values())  # a slot passed on unchanged as another one is used too
-            used = {n.target for n in sub.graph.nodes
-                    if n.op == "placeholder" and (n.users or n in passed)} | set(sub.outputs)
-            for slot in used:
-                key = seg.blocks[0] if slot in sub.inputs else end
-                examples.setdefault(slot, step.value_before(key, slot))
-        sub_trace = LoopTrace(steps=subs, initial_slots=examples, initial_inputs_copy=examples, final_slots=examples,
-                              tainted_final=set(examples), inplace_slots=set(), schedule_inputs=[], problems=[],
-                              block_names=seg.blocks)
-        seg.plan, seg.examples = plan_loop(sub_trace, set(examples)), examples
-        seg.step_variant = [v for v, a, b in seg.plan.runs for _ in range(a, b)]
-    return segments
-
-
-def _tainted_before(step: StepTrace, key: str) -> dict[str, fx.Node]:
-    """Slot -> node of every tainted tensor before block ``key``: the BlockState's, the components', and the
-    random draws' seeds (inputs of the whole step, even one first drawn later in it)."""
-    return {**step.nodes_before[key], **{slot: node for slot, (_, _, node) in step.held_before[key].items()},
-            **{slot: node for slot, (node, _) in step.seeds.items()}}
-
-
-def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:
-    """The part of one step's graph that ``blocks`` recorded, from the BlockState before them to ``end``."""
-    graph = fx.Graph()
-    sub = StepTrace(index=step.index, graph=graph, inputs=[], outputs={}, constants={}, stable={},
-                    kwargs=step.kwargs, reads={b: step.reads.get(b, set()) for b in blocks},
-                    writes={b: step.writes.get(b, set()) for b in blocks})
-    env: dict[fx.Node, fx.Node] = {}
-    start = _tainted_before(step, blocks[0])
-    for slot, node in start.items():  # slots sharing one tensor read it from the first (eager checks they still do)
-        holder = graph.placeholder(slot)
-        env.setdefault(node, holder)
-        sub.inputs.append(slot)
-    inside = set(blocks)
-
-    def arg(a: fx.Node) -> fx.Node:
-        if a not in env:
-            raise Unsupported(f"a tensor computed in block {a.meta.get('block')!r} reaches block "
-                              f"{blocks[0]!r} outside the BlockState and the components' attributes, across a "
-                              f"block that runs eagerly")
-        return env[a]
-
-    for node in step.graph.nodes:
-        if node.meta.get("block") not in inside:
-            continue
-        if node.op == "get_attr":
-            sub.constants[node.target] = step.constants[node.target]
-            sub.stable[node.target] = step.stable[node.target]
-            sub.versions[node.target] = step.versions[node.target]
-            env[node] = graph.get_attr(node.target)
-        else:
-            env[node] = graph.call_function(node.target, fx.map_arg(node.args, arg), fx.map_arg(node.kwargs, arg))
-            env[node].meta.update(node.meta)
-    for slot, node in _tainted_before(step, end).items():
-        if start.get(slot) is not node:  # only the slots the segment rebinds
-            sub.outputs[slot] = arg(node)
-    return sub

@@ -15,36 +15,31 @@ Not validated on a GPU in this repository's CI (no GPU there): see docs/how-comp
 
 from __future__ import annotations
 
-import types
 import warnings
 from typing import Callable
 
 import torch
 
 from .analysis import LoopPlan
+from .lower import named_function, run_step
 
 __all__ = ["WholeLoopGraph"]
 
 
-def _step_function(module: torch.nn.Module, whole_tables: bool, name: str) -> Callable:
-    def step(carried: list[torch.Tensor], invariants: list[torch.Tensor], tables: list[torch.Tensor],
-             i: torch.Tensor) -> list[torch.Tensor]:
-        rows = [*tables, i] if whole_tables else [
-            torch.index_select(t, 0, i.reshape(1)).reshape(t.shape[1:]) for t in tables]
-        return list(module(*carried, *invariants, *rows))
+def _step_function(module: torch.nn.Module, whole_tables: bool) -> Callable:
+    def loop_step(carried: list[torch.Tensor], invariants: list[torch.Tensor], tables: list[torch.Tensor],
+                  i: torch.Tensor) -> list[torch.Tensor]:
+        return run_step(module, whole_tables, carried, invariants, tables, i)
 
-    # a code object per step keeps each step's Dynamo cache entries its own
-    code = step.__code__.replace(co_name=name)
-    return types.FunctionType(code, step.__globals__, name, None, step.__closure__)
+    return named_function(loop_step, "loop_step")
 
 
 class WholeLoopGraph:
     """Callable like the lowered loop: ``(state, invariants, tables, ends, start) -> state``."""
 
-    def __init__(self, plan: LoopPlan, compile_step: Callable[[Callable], Callable], pool, whole_tables: list[bool]):
+    def __init__(self, plan: LoopPlan, compile_step: Callable[[Callable], Callable], pool):
         self.pattern = [v for v, _, _ in plan.runs]
-        self.steps = [compile_step(_step_function(v.module, whole, f"loop_step_{k}"))
-                      for k, (v, whole) in enumerate(zip(plan.variants, whole_tables))]
+        self.steps = [compile_step(_step_function(v.module, v.whole_tables)) for v in plan.variants]
         self.pool = pool
         self.graphs: dict[tuple, tuple] = {}
         self.failed: str | None = None

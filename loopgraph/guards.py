@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .components import Read
-from .snapshots import ABSENT, ATOMS, ContainerSnap, TensorSnap, describe, difference, same
+from .snapshots import ABSENT, ATOMS, ContainerSnap, TensorSnap, describe, difference, same, tensor_snaps
 from .state import _atoms_only, values_equal
 
 __all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard",
@@ -146,7 +146,7 @@ def tensor_rules(reads: list[Read], used: set[int], eager: set[int], const: set[
     eagerly and baked the result (a scheduler's sigmas), both when both; a tensor no op used is compared by its
     spec, unless it is still held when the call ends (then by identity: its place is replayed)."""
     rules: dict[int, str] = {}
-    for snap in chain.from_iterable(_tensor_snaps(r.value) for r in reads):
+    for snap in chain.from_iterable(tensor_snaps(r.value) for r in reads):
         tid = id(snap.tensor)
         if tid in eager:
             rules[tid] = "identity+value" if tid in const else "value"
@@ -155,14 +155,6 @@ def tensor_rules(reads: list[Read], used: set[int], eager: set[int], const: set[
         else:
             rules[tid] = "kept" if tid in present_at_end else "spec"
     return rules
-
-
-def _tensor_snaps(snap: Any):
-    if isinstance(snap, TensorSnap):
-        yield snap
-    elif isinstance(snap, ContainerSnap) and not isinstance(snap.items, frozenset):
-        for item in (snap.items.values() if isinstance(snap.items, dict) else snap.items):
-            yield from _tensor_snaps(item)
 
 
 def _is_leaf(snap: Any, rules: dict[int, str]) -> bool:

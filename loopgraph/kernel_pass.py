@@ -11,14 +11,15 @@ A step traced from a guided loop ends with the guider's combine feeding the sche
 models), where every coefficient is a lifted per-step value whose table is 1-D. Each match becomes one call to
 ``torch.ops.loopgraph.cfg_*`` (``loopgraph.kernels``), which reads the coefficients from the *whole tables* at
 the device step counter. A rewritten step therefore takes ``(*state, *invariants, *tables, step)`` rather than
-table rows: its other lifted values are read with ``_row`` inside the graph, and its ``meta`` carries
-``WHOLE_TABLES`` so that ``runtime.lower`` calls it that way.
+table rows: its other lifted values are read with ``lower.row`` inside the graph, and its variant's
+``whole_tables`` is set so that ``lower.run_step`` calls it that way.
 
 Anything else (guidance rescale, no guidance, per-sample coefficients) is left as it is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 from typing import NamedTuple, Sequence
@@ -27,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .analysis import LoopPlan
-from .runtime import WHOLE_TABLES, _row
+from .lower import row
 
 __all__ = ["Match", "find_guided_updates", "fuse_guided_updates", "fuse_loop_kernels"]
 
@@ -209,7 +210,7 @@ def fuse_guided_updates(gm: fx.GraphModule, tables: Sequence[torch.Tensor], *,
 
     Returns:
         ``(module, changed)``. When changed, ``module`` is a new GraphModule (``gm`` is left as it was) that takes
-        ``(*state, *invariants, *tables, step)``, with ``module.meta[WHOLE_TABLES]`` set; otherwise ``gm``.
+        ``(*state, *invariants, *tables, step)`` (call it with whole tables); otherwise ``gm``.
     """
     matches = find_guided_updates(gm, tables, device=device)
     if not matches:
@@ -225,7 +226,7 @@ def fuse_guided_updates(gm: fx.GraphModule, tables: Sequence[torch.Tensor], *,
         step = graph.placeholder("step")
     for table in reversed(placeholders[len(placeholders) - len(tables):]):
         with graph.inserting_after(step):  # the lifted value's other readers now read its row at `step`
-            value = graph.call_function(_row, (table, step))
+            value = graph.call_function(row, (table, step))
         table.replace_all_uses_with(value, delete_user_cb=lambda user, value=value: user is not value)
     for k, match in enumerate(matches):
         scale = copied.get(match.scale) if isinstance(match.scale, fx.Node) else None
@@ -241,13 +242,13 @@ def fuse_guided_updates(gm: fx.GraphModule, tables: Sequence[torch.Tensor], *,
     graph.eliminate_dead_code()
     graph.lint()
     new.recompile()
-    new.meta[WHOLE_TABLES] = True
     return new, True
 
 
-def fuse_loop_kernels(plan: LoopPlan, device: torch.device) -> int:
-    """Apply ``fuse_guided_updates`` to every variant of ``plan`` (in place); returns the number of kernel calls."""
-    calls = 0
+def fuse_loop_kernels(plan: LoopPlan, device: torch.device) -> tuple[LoopPlan, int]:
+    """``fuse_guided_updates`` on every variant of ``plan``: a new plan (``plan`` is left as it was) whose
+    rewritten variants take whole tables, and the number of kernel calls."""
+    calls, variants = 0, []
     for k, variant in enumerate(plan.variants):
         try:
             module, changed = fuse_guided_updates(variant.module, variant.tables, device=device)
@@ -256,8 +257,9 @@ def fuse_loop_kernels(plan: LoopPlan, device: torch.device) -> int:
                                f"{variant.steps[0]}-{variant.steps[-1]}): {e}; compile with fused_kernels=False "
                                f"to skip it") from e
         if changed:
-            variant.module = module
+            variant = dataclasses.replace(variant, module=module, whole_tables=True)
             found = sum(1 for n in module.graph.nodes if getattr(n.target, "namespace", None) == "loopgraph")
             calls += found
             logger.info("variant %d: %d guided update(s) replaced by fused Triton kernels", k, found)
-    return calls
+        variants.append(variant)
+    return dataclasses.replace(plan, variants=variants), calls

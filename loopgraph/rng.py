@@ -198,3 +198,42 @@ def eager_loop(wrapper, components, state):
             return wrapper(components, state)
     finally:
         del wrapper.loop_step
+
+
+# -- a plan's seeds ------------------------------------------------------------------------------------------------
+def seed_sources(trace) -> dict[str, tuple]:
+    """Where each traced seed's generator comes from in a call (``trace``: a ``trace.LoopTrace``): ("slot", name[,
+    index]) for a BlockState input (one generator, or one of a per-item list), ("default", device), or ("object",
+    generator) for one held elsewhere (the same object every call)."""
+    sources = {}
+    for name, seed in trace.seeds.items():
+        g = seed.generator
+        found = [("slot", k) for k, v in trace.initial_slots.items() if v is g] + [
+            ("slot", k, j) for k, v in trace.initial_slots.items() if isinstance(v, (list, tuple))
+            for j, item in enumerate(v) if item is g]
+        sources[name] = ("default", seed.device) if g is None else (found[0] if found else ("object", g))
+    return sources
+
+
+def draw_seeds(sources: dict[str, tuple], slots: dict) -> tuple[dict[str, torch.Tensor], CounterDraws]:
+    """This call's seeds, one draw from each generator in the traced order of first use: by seed name (the
+    compiled loop's inputs), and as the draws eager blocks make (keyed by this call's generators)."""
+    by_name, by_key = {}, {}
+    for name, source in sources.items():
+        if source[0] == "default":
+            generator, device = None, source[1]
+        else:
+            generator = source[1] if source[0] == "object" else slots[source[1]]
+            generator = generator[source[2]] if len(source) == 3 else generator
+            device = generator.device
+        by_name[name] = draw_seed(generator, device)
+        by_key[source_key(generator, device)] = (name, by_name[name])
+    return by_name, CounterDraws(by_key)
+
+
+def describe_source(source: tuple) -> str:
+    if source[0] == "default":
+        return f"the default generator of {source[1]}"
+    if source[0] == "object":
+        return f"the generator object {source[1]!r} (the same every call)"
+    return f"the generator in input {source[1]!r}" + (f" (item {source[2]})" if len(source) == 3 else "")

@@ -18,7 +18,7 @@ import torch
 from .state import _atoms_only
 
 __all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorSnap", "copy_value", "describe", "difference", "same",
-           "snapshot", "tensor_matches", "walk_tensors"]
+           "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
 
 ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
          torch.layout)
@@ -214,3 +214,11 @@ def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
         for item in value.values():
             yield from walk_tensors(item, depth + 1)
 
+
+def tensor_snaps(snap: Any) -> Iterator[TensorSnap]:
+    """The tensor snapshots a snapshot holds, through its containers."""
+    if isinstance(snap, TensorSnap):
+        yield snap
+    elif isinstance(snap, ContainerSnap) and not isinstance(snap.items, frozenset):
+        for item in (snap.items.values() if isinstance(snap.items, dict) else snap.items):
+            yield from tensor_snaps(item)

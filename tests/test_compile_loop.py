@@ -5,6 +5,7 @@ the lowered loop run by Dynamo's eager backend) so it stays fast; the Inductor t
 for real and count compilations with Dynamo's own counters.
 """
 
+import dataclasses
 import warnings
 
 import pytest
@@ -52,7 +53,7 @@ def test_guidance_window_gets_its_own_step_graphs_not_more_with_n():
         fast = compile_loop(setup.wrapper, backend="eager")
         expected, states = eager_and_compiled(setup, fast, calls=2)
         assert torch.allclose(states[-1].get("latents"), expected, **TOL)
-        counts.append(len(fast._plans[-1].loop.variants))
+        counts.append(len(fast.last_plan.variants))
     assert counts == [3, 3, 3]  # first step (noise scaling), guided steps, unguided steps
 
 
@@ -140,29 +141,34 @@ def test_a_dict_input_sharing_a_data_input_reuses_the_plan_for_new_values():
 def test_a_new_guidance_scale_compiles_once_more_and_then_never_again():
     setup = build_loop("dit", steps=4, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
-    compiles = []
+    compiles, tables = [], []
     for scale in (4.0, 4.0, 5.0, 6.0, 7.5, 4.0):
         setup.components.guider.guidance_scale = scale
         expected = setup.run()
         _, state = fast(setup.components, setup.new_state())
         assert torch.allclose(state.get("latents"), expected, **TOL), scale
         compiles.append(fast.stats.compiles)
+        tables.append(len(fast.last_plan.variants[0].tables))
     # 5.0 differs from the first plan's literal 4.0: lifted into a table and compiled once; 6.0 and 7.5 reuse
     # that code (each plans once: a traced eager call); 4.0 finds its own plan again
     assert compiles == [1, 1, 2, 2, 2, 2] and fast.stats.plans == 4
-    assert "lift_" in fast._plans[-2].loop.variants[0].module.code  # 7.5's plan reads the scale from a table
+    lifted = tables[0] + 1  # the plans made after 4.0's read the scale from a table
+    assert tables == [tables[0], tables[0], lifted, lifted, lifted, tables[0]]
 
 
-def test_plans_beyond_the_bound_are_evicted_least_recently_used_first(monkeypatch):
-    monkeypatch.setattr("loopgraph.compile.MAX_PLANS", 2)
+def test_plans_beyond_the_bound_are_evicted_least_recently_used_first():
     setup = build_loop("dit", steps=3, sample_size=8)
-    fast = compile_loop(setup.wrapper, backend="eager")
+    fast = compile_loop(setup.wrapper, backend="eager", max_plans=2)
     for scale in (4.0, 5.0, 4.0, 6.0, 4.0, 5.0):  # 5.0 is evicted by 6.0; 4.0 stays (used most recently)
         setup.components.guider.guidance_scale = scale
         expected = setup.run()
         _, state = fast(setup.components, setup.new_state())
         assert torch.allclose(state.get("latents"), expected, **TOL)
-    assert len(fast._plans) == 2 and fast.stats.plans == 4 and fast.stats.compiles == 2
+    assert fast.stats.plans == 4 and fast.stats.compiles == 2
+    setup.components.guider.guidance_scale = 9.0
+    assert fast.guard_check(setup.components, setup.new_state()).count("plan ") == 2  # two plans kept
+    setup.components.guider.guidance_scale = 6.0  # evicted
+    assert "guidance_scale is 6.0, was 5.0" in fast.guard_check(setup.components, setup.new_state())
 
 
 def test_outputs_do_not_alias_between_calls():
@@ -178,7 +184,7 @@ def test_loop_state_lives_in_preallocated_buffers_updated_in_place():
     setup = build_loop("dit", steps=3, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
     fast(setup.components, setup.new_state())  # plans
-    (buffers,) = fast._plans[-1].fn.buffers.values()  # one state signature: one set of buffers
+    (buffers,) = fast.last_plan.executable.buffers.values()  # one state signature: one set of buffers
     addresses = [b.data_ptr() for b in buffers]
     outs = []
     for _ in range(3):
@@ -187,7 +193,7 @@ def test_loop_state_lives_in_preallocated_buffers_updated_in_place():
         out = fast(setup.components, setup.new_state())[1].get("latents")
         # the same buffers every call, holding the loop's final state; what the user gets is a copy
         assert [b.data_ptr() for b in buffers] == addresses
-        (latents,) = [b for b, name in zip(buffers, fast._plans[-1].loop.state_slots) if name == "latents"]
+        (latents,) = [b for b, name in zip(buffers, fast.last_plan.state_slots) if name == "latents"]
         assert torch.equal(latents, out) and out.untyped_storage().data_ptr() != latents.data_ptr()
         assert torch.allclose(out, expected, **TOL)
         outs.append(out)
@@ -371,6 +377,25 @@ def test_explain_and_graph():
     assert "state buffers (preallocated, updated in place): latents" in text
     assert "hoisted per-step tables:" in text
     assert isinstance(fast.graph, torch.fx.GraphModule) and "while_loop" not in fast.graph.code
+
+
+def test_last_plan_reports_how_the_plan_runs():
+    setup = build_loop("dit", steps=4, guidance_window=(0.0, 0.5), sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    assert fast.last_plan is None
+    fast(setup.components, setup.new_state())
+    plan = fast.last_plan
+    assert plan.kind == "whole loop on state buffers"
+    assert [p.name for p in plan.passes] == ["plan", "lift literals", "place tables"]
+    assert plan.passes[0].summary.startswith("3 step graph(s) for 4 steps")
+    assert plan.slots["latents"].role == "carried" and plan.state_slots == ("latents",)
+    assert plan.invariant_slots == ("prompt_embeds", "negative_prompt_embeds")
+    assert [v.steps for v in plan.variants] == [(0,), (1,), (2, 3)]  # first step, guided, unguided
+    assert plan.runs == ((0, 0, 1), (1, 1, 2), (2, 2, 4)) and plan.segments is None and plan.problems == ()
+    assert plan.guards.startswith("7 inputs") and plan.variants[1].graph is fast.last_plan.variants[1].graph
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.kind = "eager"
+    assert "runs as: whole loop on state buffers" in fast.explain() and "passes: plan (" in fast.explain()
 
 
 # -- half precision ----------------------------------------------------------------------------------------------------

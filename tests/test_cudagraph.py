@@ -7,7 +7,6 @@ from torch.utils._pytree import tree_leaves as pytree_leaves
 
 from loopgraph import compile_loop
 from loopgraph.cudagraph import WholeLoopGraph
-from loopgraph.runtime import WHOLE_TABLES
 from loopgraph.zoo.loops import build_loop
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -21,27 +20,26 @@ def traced(setup, **options):
     state = setup.new_state()
     inputs = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.values.items()}
     fast(setup.components, state)
-    plan = fast._plans[-1]
-    inputs.update({name: seed.value for name, seed in plan.trace.seeds.items()})
-    graph = WholeLoopGraph(plan.loop, compile_step=lambda f: f, pool=None,
-                           whole_tables=[v.module.meta.get(WHOLE_TABLES, False) for v in plan.loop.variants])
+    plan = fast.last_plan
+    inputs.update(plan.traced_seeds)
+    graph = WholeLoopGraph(plan.program, compile_step=lambda f: f, pool=None)
     return fast, plan, inputs, state, graph
 
 
 def unrolled_args(plan, inputs):
     """``(state, invariants, tables, ends)`` as the compiled loop passes them."""
-    loop = plan.loop
-    return ([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots], plan.tables,
-            [int(e) for e in plan.ends.tolist()])
+    loop = plan.program
+    return ([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
+            [v.tables for v in loop.variants], [end for _, _, end in loop.runs])
 
 
 @pytest.mark.parametrize("preset, window", [("dit", (0.0, 1.0)), ("unet-ddim", (0.0, 0.5))])
 def test_unrolled_steps_equal_the_lowered_loop(preset, window):
     fast, plan, inputs, state, unrolled = traced(build_loop(preset, steps=6, sample_size=8, guidance_window=window))
-    loop = plan.loop
+    loop = plan.program
     assert len(loop.runs) >= 2  # first step + the rest (+ unguided steps): the pattern is exercised
     got = unrolled._run_steps(*unrolled_args(plan, inputs), torch.zeros((), dtype=torch.int64))
-    expected = fast._execute(plan, inputs)
+    expected = plan.executable.execute(inputs)
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, **TOL)
     assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
@@ -61,14 +59,14 @@ def test_a_captured_graph_keeps_alive_what_it_reads_outside_its_pool(monkeypatch
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: types.SimpleNamespace(replay=lambda: None))
     monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
     _, plan, inputs, state, graph = traced(build_loop("dit", steps=3, sample_size=8))
-    loop = plan.loop
+    loop = plan.program
     used = []
     run_steps = graph._run_steps
     monkeypatch.setattr(graph, "_run_steps", lambda *args: used.append(args[-1]) or run_steps(*args))
     entry = graph._capture(*unrolled_args(plan, inputs))
     kept = [t for part in entry[1:] for t in pytree_leaves(part)]
     assert used and all(any(counter is t for t in kept) for counter in used)
-    assert all(any(table is t for t in kept) for ts in plan.tables for table in ts)
+    assert all(any(table is t for t in kept) for v in loop.variants for table in v.tables)
     assert torch.allclose(entry[3][loop.state_slots.index("latents")], state.get("latents"), **TOL)
 
 
@@ -83,7 +81,8 @@ def test_whole_loop_cuda_graph_equals_eager(dtype, tol):
     for _ in range(3):
         _, state = fast(setup.components, setup.new_state())
         assert torch.allclose(state.get("latents").float(), expected.float(), **tol)
-    fn = fast._plans[-1].fn
+    assert fast.last_plan.kind == "whole-loop CUDA graph"
+    fn = fast.last_plan.executable.compiled
     assert isinstance(fn, WholeLoopGraph) and fn.failed is None and len(fn.graphs) == 1
 
 
@@ -105,7 +104,7 @@ def test_cuda_graphs_false_uses_the_while_loop():
     expected = setup.run()
     _, state = fast(setup.components, setup.new_state())
     assert torch.allclose(state.get("latents"), expected, rtol=1e-3, atol=1e-4)
-    assert not isinstance(fast._plans[-1].fn, WholeLoopGraph)
+    assert fast.last_plan.kind == "whole loop on state buffers"
 
 
 def _stochastic_ddim(device="cpu", steps=6):
@@ -121,8 +120,8 @@ def test_unrolled_steps_with_counter_noise_equal_the_lowered_loop():
     """The seeds are invariant inputs and the draws' streams table rows: what the CUDA graph copies in and
     reads at the device counter, so the unrolled steps draw the lowered loop's noise."""
     _, plan, inputs, state, unrolled = traced(_stochastic_ddim(), rng="counter")
-    loop = plan.loop
-    assert list(plan.trace.seeds) == ["rng_seed0"] and "rng_seed0" in loop.invariant_slots
+    loop = plan.program
+    assert list(plan.traced_seeds) == ["rng_seed0"] and "rng_seed0" in loop.invariant_slots
     got = unrolled._run_steps(*unrolled_args(plan, inputs), torch.zeros((), dtype=torch.int64))
     assert torch.allclose(got[loop.state_slots.index("latents")], state.get("latents"), **TOL)
 
@@ -139,6 +138,6 @@ def test_counter_noise_is_drawn_inside_the_cuda_graph():
         torch.manual_seed(seed)
         _, state = fast(setup.components, setup.new_state())
         assert torch.allclose(state.get("latents"), expected, rtol=1e-3, atol=1e-4), seed
-    fn = fast._plans[-1].fn
+    fn = fast.last_plan.executable.compiled
     assert isinstance(fn, WholeLoopGraph) and fn.failed is None and len(fn.graphs) == 1  # one graph, every seed
-    assert fast.stats.segment_calls == 0 and fast.stats.compiles == len(fast._plans[-1].loop.variants)
+    assert fast.stats.segment_calls == 0 and fast.stats.compiles == len(fast.last_plan.variants)

@@ -98,10 +98,10 @@ def test_unipc_history_is_loop_state_and_step_graphs_do_not_grow_with_n():
             _, state = fast(setup.components, setup.new_state())
         assert torch.allclose(state.get("latents"), expected_state.get("latents"), **TOL)
         assert_same(python_state(setup), expected_python)
-        slots = fast._plans[-1].loop.slots
+        slots = fast.last_plan.slots
         assert slots["scheduler.model_outputs[1]"].role == "carried"
         assert slots["scheduler.last_sample"].role == "carried"
-        variants[steps] = len(fast._plans[-1].loop.variants)
+        variants[steps] = len(fast.last_plan.variants)
     assert variants[6] == variants[12] <= 4, variants  # first, second (order warm-up), middle, last
 
 

@@ -128,7 +128,7 @@ def test_warning_names_block_file_line_and_the_compiled_blocks():
         run_loop(fast, torch.ones(3), 4)
     text = " ".join(str(w.message) for w in caught)
     line = Clamp.__call__.__code__.co_firstlineno + 1
-    assert f"data-dependent Python: `item` on a value derived from loop state in block 'clamp' at " in text
+    assert "data-dependent Python: `item` on a value derived from loop state in block 'clamp' at " in text
     assert f"test_eager_segments.py:{line}" in text
     assert "'clamp' run eagerly each step between compiled segments; compiled: 'shift', 'scale'" in text
 
@@ -144,6 +144,11 @@ def test_other_blocks_are_compiled_segments():
     assert "shift (Shift, " in text and "): compiled (2 ops/step)" in text
     assert "clamp (Clamp, " in text and "): eager (data-dependent Python: `item`" in text
     assert "segments per step: compiled shift (1 step graphs) | eager clamp | compiled scale (1 step graphs)" in text
+    plan = fast.last_plan
+    assert plan.kind == "eager segments" and plan.program is None
+    assert [(s.blocks, s.eager, s.variants) for s in plan.segments] == [
+        (("shift",), False, 1), (("clamp",), True, 0), (("scale",), False, 1)]
+    assert "block 'clamp'" in plan.problems[0]
 
 
 def test_strict_raises():

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.analysis import plan_loop
-from loopgraph.compile import CompileConfig
-from loopgraph.kernel_pass import find_guided_updates, fuse_guided_updates
-from loopgraph.runtime import WHOLE_TABLES
+from loopgraph.analysis import loop_steps, plan_loop
+from loopgraph.config import CompileConfig
+from loopgraph.kernel_pass import find_guided_updates, fuse_guided_updates, fuse_loop_kernels
 from loopgraph.trace import trace_loop
 from loopgraph.zoo.guidance import ClassifierFreeGuidance
 from loopgraph.zoo.loops import build_loop
@@ -33,7 +32,7 @@ def planned(preset, scheduler=None, dtype=torch.float32, guidance_rescale=0.0):
         setup.components.update_components(guider=ClassifierFreeGuidance(4.0, stop=0.5,
                                                                           guidance_rescale=guidance_rescale))
     trace, _ = trace_loop(setup.wrapper, setup.components, setup.new_state())
-    plan = plan_loop(trace, set(trace.initial_slots))
+    plan = plan_loop(loop_steps(trace), set(trace.initial_slots))
     for variant in plan.variants:  # the scheduler's sigmas live on the CPU: its coefficient tables too
         variant.tables = [t.to(DEVICE) for t in variant.tables]
     return setup, plan
@@ -75,7 +74,7 @@ def test_kernel_pass_replaces_each_guided_update(preset, scheduler, dtype, kerne
     guided, unguided = plan.variants[:2], plan.variants[2]
     for variant in guided:
         fused, changed = fuse_guided_updates(variant.module, variant.tables, device=DEVICE)
-        assert changed and fused is not variant.module and fused.meta[WHOLE_TABLES]
+        assert changed and fused is not variant.module
         (call,) = kernel_calls(fused)
         assert call.target is getattr(torch.ops.loopgraph, kernel).default
         assert fused.graph.output_node().args[0] == (call,)  # the kernel's result is the step's new latents
@@ -86,6 +85,16 @@ def test_kernel_pass_replaces_each_guided_update(preset, scheduler, dtype, kerne
         assert not kernel_calls(variant.module)  # the input module is left as it was
         assert_same_outputs(setup, variant, fused, dtype)
     assert fuse_guided_updates(unguided.module, unguided.tables, device=DEVICE) == (unguided.module, False)
+
+
+def test_fuse_loop_kernels_returns_a_new_plan_whose_fused_variants_take_whole_tables():
+    setup, plan = planned("dit")
+    modules = [v.module for v in plan.variants]
+    fused, calls = fuse_loop_kernels(plan, torch.device(DEVICE))
+    assert calls == 2 and fused is not plan
+    assert [v.whole_tables for v in fused.variants] == [True, True, False]  # step 0, guided, unguided
+    assert [v.module for v in plan.variants] == modules and not any(v.whole_tables for v in plan.variants)
+    assert fused.variants[2].module is modules[2]
 
 
 def test_kernel_pass_leaves_guidance_rescale_alone():
@@ -124,8 +133,8 @@ def test_kernel_pass_in_compile_loop_matches_eager():
     _, state = fast(setup.components, setup.new_state())
     torch.testing.assert_close(state.get("latents"), expected, rtol=1e-5, atol=1e-5)
     assert fast.stats.compiled_calls == 1  # the second call ran the compiled loop (no fallback to eager)
-    variants = fast._plans[-1].loop.variants
-    assert [len(kernel_calls(v.module)) for v in variants] == [1, 1, 0]  # step 0, guided, unguided
+    variants = fast.last_plan.variants
+    assert [len(kernel_calls(v.graph)) for v in variants] == [1, 1, 0]  # step 0, guided, unguided
 
 
 def test_kernel_pass_is_off_on_cpu_by_default():
@@ -135,4 +144,4 @@ def test_kernel_pass_is_off_on_cpu_by_default():
     setup = build_loop("dit", steps=3, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager", check=False)  # plans and lowers; nothing to run yet
     fast(setup.components, setup.new_state())
-    assert not any(kernel_calls(v.module) for v in fast._plans[-1].loop.variants)
+    assert not any(kernel_calls(v.graph) for v in fast.last_plan.variants)

@@ -1,10 +1,13 @@
 """Each stage alone: the trace's graphs, slot classification, hoisting, lowering (structure + numbers)."""
 
+import pytest
 import torch
 
-from loopgraph.analysis import plan_loop
-from loopgraph.runtime import lower
-from loopgraph.trace import trace_loop
+from loopgraph import compile_loop
+
+from loopgraph.analysis import loop_steps, plan_loop
+from loopgraph.lower import lower
+from loopgraph.trace import Unsupported, trace_loop
 from loopgraph.zoo.loops import build_loop
 
 
@@ -29,7 +32,7 @@ def test_trace_records_only_loop_data_and_returns_eagers_result():
 
 def test_classification():
     setup, trace, state = traced()
-    plan = plan_loop(trace, set(trace.initial_slots))
+    plan = plan_loop(loop_steps(trace), set(trace.initial_slots))
     roles = {name: info.role for name, info in plan.slots.items()}
     assert roles == {"timesteps": "schedule", "num_inference_steps": "schedule", "latents": "carried",
                      "scale_initial_noise": "schedule", "prompt_embeds": "invariant",
@@ -41,7 +44,7 @@ def test_classification():
 
 def test_hoisting_groups_steps_and_replays_every_step():
     setup, trace, state = traced(steps=6, guidance_window=(0.0, 0.5))
-    plan = plan_loop(trace, set(trace.initial_slots))
+    plan = plan_loop(loop_steps(trace), set(trace.initial_slots))
     assert [v.steps for v in plan.variants] == [[0], [1, 2], [3, 4, 5]]
     assert plan.runs == [(0, 0, 1), (1, 1, 3), (2, 3, 6)]
     for v in plan.variants:
@@ -59,7 +62,7 @@ def test_hoisting_groups_steps_and_replays_every_step():
 
 def test_lowered_whole_loop_matches_eager_without_compiling():
     setup, trace, state = traced(steps=5)
-    plan = plan_loop(trace, set(trace.initial_slots))
+    plan = plan_loop(loop_steps(trace), set(trace.initial_slots))
     fn = lower(plan)
     tables = [v.tables for v in plan.variants]
     ends = torch.tensor([end for _, _, end in plan.runs])
@@ -70,3 +73,49 @@ def test_lowered_whole_loop_matches_eager_without_compiling():
     # the final state is written into the state buffer in place
     assert buffer.data_ptr() == address
     assert torch.allclose(buffer, state.get("latents"), rtol=1e-5, atol=1e-6)
+
+
+def test_a_slot_read_but_neither_carried_nor_invariant_is_unsupported_not_a_value_error():
+    setup, trace, state = traced()
+    steps = loop_steps(trace)
+    steps.schedule.add("latents")  # classified as schedule, yet the step graphs read it
+    with pytest.raises(Unsupported, match="slot 'latents' is read before it is written but is not loop state"):
+        plan_loop(steps, set(trace.initial_slots))
+
+
+def test_an_unsupported_loop_found_while_planning_falls_back_and_names_the_pass(monkeypatch):
+    import loopgraph.passes
+
+    real = loopgraph.passes.loop_steps
+
+    def latents_as_schedule(trace):
+        steps = real(trace)
+        steps.schedule.add("latents")
+        return steps
+
+    monkeypatch.setattr("loopgraph.passes.loop_steps", latents_as_schedule)
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    with pytest.warns(UserWarning, match=r"runs eagerly: .*slot 'latents' is read before it is written.*\(pass 'plan'\)"):
+        _, state = fast(setup.components, setup.new_state())
+    assert torch.equal(state.get("latents"), setup.run())
+    assert fast.last_plan.kind == "eager" and "please report" not in fast.last_plan.problems[0]
+    strict = compile_loop(setup.wrapper, backend="eager", strict=True)
+    with pytest.raises(RuntimeError, match=r"compile_loop\(strict=True\).*\(pass 'plan'\)"):
+        strict(setup.components, setup.new_state())
+
+
+def test_a_bug_in_a_pass_names_the_pass_and_asks_for_a_report(monkeypatch):
+    def broken(loop, given):
+        raise IndexError("a pass bug")
+
+    monkeypatch.setattr("loopgraph.passes.place_tables", broken)
+    setup = build_loop("dit", steps=3, sample_size=8)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    with pytest.warns(UserWarning, match=r"planning failed \(IndexError: a pass bug\) raised in loopgraph pass "
+                                         r"'place tables'; please report this"):
+        _, state = fast(setup.components, setup.new_state())
+    assert torch.equal(state.get("latents"), setup.run())
+    with pytest.raises(IndexError, match="a pass bug") as raised:
+        compile_loop(setup.wrapper, backend="eager", strict=True)(setup.components, setup.new_state())
+    assert "raised in loopgraph pass 'place tables'" in raised.value.__notes__

@@ -1,7 +1,5 @@
 """ModularPipeline: components, config, input seeding, warnings and output forms (reference §2.10)."""
 
-import warnings
-
 import pytest
 import torch
 

@@ -172,12 +172,12 @@ def test_noise_differs_between_steps_draws_and_elements():
     loop = Loop.from_blocks_dict({"jitter": Jitter})
     fast = compile_loop(loop, backend="eager", rng="counter")
     run(fast, torch.zeros(64), 3, seed=0)
-    plan = fast._plans[-1]
-    seed = next(iter(plan.trace.seeds.values())).value
+    plan = fast.last_plan
+    seed = next(iter(plan.traced_seeds.values()))
     draws = [counter_draw(seed, torch.tensor((i << 32) | k), (64,), torch.float32, torch.device("cpu"), "normal")
              for i in range(3) for k in range(2)]
     assert len({tuple(d.tolist()) for d in draws}) == 6 and all(len(set(d.tolist())) == 64 for d in draws)
-    tables = [t for v in plan.loop.variants for t in v.tables if t.dtype == torch.int64]
+    tables = [t for v in plan.program.variants for t in v.tables if t.dtype == torch.int64]
     assert any(t.tolist() == [0, 1 << 32, 2 << 32] for t in tables)  # the first draw's stream, per step
 
 

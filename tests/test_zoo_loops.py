@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loopgraph import ModularPipeline, PipelineState, SequentialPipelineBlocks
+from loopgraph import ModularPipeline, SequentialPipelineBlocks
 from loopgraph.zoo.guidance import ClassifierFreeGuidance
 from loopgraph.zoo.loops import PRESETS, DenoiseLoop, build_loop
 

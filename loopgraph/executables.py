@@ -1,0 +1,211 @@
+"""The ways a plan runs, behind one small protocol, and the write-back they share.
+
+    WholeLoop           the lowered loop (while_loops; a C++ loop on CPU) on preallocated state buffers
+    WholeLoopCudaGraph  the N steps captured into one CUDA graph (cudagraph.py), replayed per call
+    EagerSegments       compiled segments between blocks that run eagerly each step (segments.py)
+    Eager               the wrapper itself (a loop that cannot be compiled)
+
+Each has ``kind`` (what ``explain()`` and ``last_plan`` say), ``verify()`` (run on the traced call's inputs and
+compare with the eager result it produced; raises on a difference), ``run(components, state, block_state)``
+(one call, written back as eager would) and ``describe()`` (lines for ``explain()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .analysis import LoopPlan
+from .components import put, set_attribute
+from .config import CompileConfig, LoopStats
+from .rng import CounterDraws, CounterMode, draw_seeds, eager_loop
+from .snapshots import copy_value
+from .state import BlockState
+from .trace import LoopTrace
+from .verify import check_slots
+
+__all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
+           "drawing", "eager_call", "loop_device", "progress"]
+
+
+@dataclass
+class Context:
+    """What every executable of one compiled loop shares: the wrapper, the options, the stats."""
+
+    wrapper: Any
+    config: CompileConfig
+    stats: LoopStats
+
+
+class Executable(Protocol):
+    kind: str
+
+    def verify(self) -> None: ...
+
+    def run(self, components, state, block_state: BlockState) -> tuple[Any, Any]: ...
+
+    def describe(self) -> list[str]: ...
+
+
+class CallFailed(Exception):
+    """The compiled code failed on a call where eager runs; nothing was written yet (the cause is chained)."""
+
+
+class Eager:
+    """The wrapper called eagerly, drawing as ``config.rng`` says."""
+
+    kind = "eager"
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def verify(self) -> None:
+        pass
+
+    def run(self, components, state, block_state: BlockState):
+        return eager_call(self.ctx, components, state)
+
+    def describe(self) -> list[str]:
+        return []
+
+
+class WholeLoop:
+    """The lowered loop, compiled once, run on state buffers: one set per state signature (shapes, strides,
+    dtypes, devices), allocated on first use and reused by every later call. The caller's values are copied in,
+    the compiled loop updates the buffers in place, and the final values are cloned out, so users never hold a
+    buffer that the next call overwrites."""
+
+    kind = "whole loop on state buffers"
+
+    def __init__(self, ctx: Context, trace: LoopTrace, loop: LoopPlan, compiled: Callable,
+                 sources: dict[str, tuple]) -> None:
+        self.ctx, self.trace, self.loop, self.compiled, self.sources = ctx, trace, loop, compiled, sources
+        self.tables = [v.tables for v in loop.variants]
+        device = next((t.device for ts in self.tables for t in ts), loop_device(trace))
+        self.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=device)
+        self.buffers: dict[tuple, list[torch.Tensor]] = {}
+
+    def execute(self, slots: dict[str, Any]) -> list[torch.Tensor]:
+        """The compiled loop on ``slots`` (BlockState values and seeds by name): the final ``loop.state_slots``."""
+        state = []
+        for name in self.loop.state_slots:
+            value = slots.get(name)
+            if not isinstance(value, torch.Tensor):  # first written inside the loop (a temporary, a history)
+                slot = self.trace.component_slots.get(name)
+                value = torch.zeros_like(slot.value if slot else self.trace.final_slots[name])
+            state.append(value)
+        invariants = [slots[name] for name in self.loop.invariant_slots]
+        start = torch.zeros((), dtype=torch.int64, device=self.ends.device)
+        return self._call(state, invariants, start)
+
+    def _call(self, state: list[torch.Tensor], invariants: list[torch.Tensor], start: torch.Tensor):
+        key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in state)
+        buffers = self.buffers.get(key)
+        if buffers is None:
+            buffers = self.buffers[key] = [torch.empty_like(t) for t in state]
+        for buffer, value in zip(buffers, state):
+            buffer.copy_(value)
+        self.compiled(buffers, invariants, self.tables, self.ends, start)
+        return [b.clone() for b in buffers]
+
+    def verify(self) -> None:
+        traced_seeds = {name: seed.value for name, seed in self.trace.seeds.items()}
+        outputs = self.execute({**self.trace.initial_inputs_copy, **traced_seeds})
+        check_slots("compiled loop", dict(zip(self.loop.state_slots, outputs)),
+                    {name: self.trace.final_value(name) for name in self.loop.state_slots})
+
+    def run(self, components, state, block_state: BlockState):
+        self.ctx.stats.compiled_calls += 1
+        with progress(self.ctx.wrapper, self.trace, block_state) as bar:
+            seeds, _ = draw_seeds(self.sources, vars(block_state))
+            try:
+                outputs = self.execute({**vars(block_state), **seeds})
+            except Exception as e:
+                raise CallFailed(f"{type(e).__name__}: {e}") from e
+            if bar is not None:
+                bar.update(bar.total)  # no Python runs per step: the wrapper's bar completes in one update
+        return write_back(self.ctx, self.trace, components, state, block_state,
+                          dict(zip(self.loop.state_slots, outputs)))
+
+    def describe(self) -> list[str]:
+        return [f"state buffers (preallocated, updated in place): {', '.join(self.loop.state_slots)}"]
+
+
+class WholeLoopCudaGraph(WholeLoop):
+    """CUDA: the compiled steps captured into one graph per (plan structure, N) by ``cudagraph.WholeLoopGraph``
+    (which keeps its own static buffers), replayed per call."""
+
+    kind = "whole-loop CUDA graph"
+
+    def _call(self, state, invariants, start):
+        return self.compiled(state, invariants, self.tables, self.ends, start)
+
+    def describe(self) -> list[str]:
+        if self.compiled.failed:
+            return [f"CUDA graph: not captured ({self.compiled.failed}); compiled steps run one by one"]
+        return [f"CUDA graph: one per N, {len(self.compiled.graphs)} captured"]
+
+
+def progress(wrapper, trace: LoopTrace, block_state: BlockState):
+    """The wrapper's own progress bar (its config, its total) when its traced call opened it, else nothing."""
+    if not trace.progress or not callable(getattr(wrapper, "progress_bar", None)):
+        return contextlib.nullcontext()
+    return wrapper.progress_bar(total=getattr(block_state, "num_inference_steps", None) or len(trace.steps))
+
+
+def write_back(ctx: Context, trace: LoopTrace, components, state, block_state: BlockState,
+               computed: dict[str, Any], segmented: bool = False):
+    """Write the loop's results back as eager would: BlockState slots, then the Python state.
+
+    ``computed`` holds the loop's tensors: fresh ones from the whole compiled loop (copied into the caller's
+    tensor where eager updated it in place), or the very objects eager segments left (``segmented``)."""
+    final = BlockState()
+    given = vars(block_state)
+    for name, traced in trace.final_slots.items():
+        if name in computed:
+            value = computed[name]
+            original = given.get(name)
+            if not segmented and name in trace.inplace_slots and isinstance(original, torch.Tensor):
+                original.copy_(value)  # eager mutated the caller's tensor in place: so do we
+                value = original
+            final[name] = value
+        elif name in trace.tainted_final:
+            if name in given:  # invariant inputs: the caller's own objects
+                final[name] = given[name]
+        elif name in given and trace.initial_slots.get(name) is traced:
+            # an input the loop never rebound: the caller's own object, so set_block_state skips it as
+            # eagerly (re-setting a kwargs-type input would tag it twice in the PipelineState)
+            final[name] = given[name]
+        else:
+            final[name] = traced.clone() if isinstance(traced, torch.Tensor) else copy.deepcopy(traced)
+    for obj, name, value in trace.python.end:  # every attribute the traced call wrote, as it left it
+        set_attribute(obj, name, copy_value(value))
+    for name in trace.final_components:  # the loop's own tensors, not the traced run's
+        put(components, trace.component_slots[name].path, computed[name])
+    ctx.wrapper.set_block_state(state, final)
+    return components, state
+
+
+def drawing(config: CompileConfig, draws: CounterDraws, step: int, counts: dict[str, int]):
+    """rng="counter": eager code draws by the seed policy, as step ``step`` after ``counts`` draws per seed."""
+    if config.rng != "counter":
+        return contextlib.nullcontext()
+    draws.start_step(step, counts)
+    return CounterMode(draws)
+
+
+def eager_call(ctx: Context, components, state):
+    """The wrapper called eagerly (a loop that could not be compiled), drawing as ``config.rng`` says."""
+    if ctx.config.rng != "counter":
+        return ctx.wrapper(components, state)
+    return eager_loop(ctx.wrapper, components, state)
+
+
+def loop_device(trace: LoopTrace) -> torch.device:
+    """Where the loop's data lives: the device of its first tensor slot (CPU when it has none)."""
+    return next((v.device for v in trace.initial_slots.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+

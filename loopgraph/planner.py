@@ -1,0 +1,167 @@
+"""From one traced call to a plan: trace -> guard -> passes -> compile -> verify -> an executable.
+
+Anything that goes wrong after the traced run leaves the traced call's (eager) result standing: an
+``Unsupported`` (the loop cannot be compiled this way) or any other error (a bug: "please report this")
+makes the plan run eagerly, with a warning that says why; ``strict=True`` raises instead.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .analysis import LoopPlan
+from .backend import Backend, compile_key
+from .executables import Context, Eager, Executable, WholeLoop, WholeLoopCudaGraph, loop_device
+from .guards import PlanGuard, plan_guard, stable_guard
+from .lower import lower, module_ops, op_count
+from .partition import Segment, eager_blocks, plan_segments, restores
+from .passes import PassInput, PassRecord, passes_for, run_passes
+from .rng import seed_sources
+from .segments import EagerSegments
+from .snapshots import tensor_snaps
+from .trace import LoopTrace, Unsupported, trace_loop
+
+__all__ = ["Plan", "Planner"]
+
+
+@dataclass(eq=False)  # compared by identity: the plan cache removes a plan by identity, never field by field
+class Plan:
+    trace: LoopTrace
+    guard: PlanGuard                        # what a call must match to reuse the plan (guards.py)
+    executable: Executable
+    problems: list[Unsupported] = field(default_factory=list)
+    passes: list[PassRecord] = field(default_factory=list)
+    loop: LoopPlan | None = None            # the whole loop's program (when it was planned whole)
+    segments: list[Segment] | None = None   # eager segments: compiled segments and eager blocks
+    sources: dict[str, tuple] = field(default_factory=dict)  # rng="counter": seed name -> its generator
+
+
+class Planner:
+    """Makes the plans of one compiled loop; keeps what outlives a plan (the literals seen, the backend)."""
+
+    def __init__(self, ctx: Context, backend: Backend) -> None:
+        self.ctx, self.backend = ctx, backend
+        self.literals: dict[tuple, dict[int, float]] = {}
+        self.lifts: dict[tuple, set[int]] = {}
+
+    @property
+    def name(self) -> str:
+        return type(self.ctx.wrapper).__name__
+
+    def plan(self, components, state) -> tuple[Plan | None, Any]:
+        """Trace one eager call with ``components``/``state`` and plan from it: (the plan or None when it cannot
+        be guarded, the call's result)."""
+        config, stats = self.ctx.config, self.ctx.stats
+        start = time.perf_counter()
+        trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng)
+        try:
+            plan = Plan(trace=trace, guard=plan_guard(trace), executable=Eager(self.ctx),
+                        problems=list(trace.problems), sources=seed_sources(trace))
+        except Exception as e:  # nothing to reuse: every call traces (and returns eager's result)
+            if config.strict:
+                raise
+            warnings.warn(f"compile_loop: {self.name}: could not guard a plan ({type(e).__name__}: {e}); this call "
+                          f"ran eagerly. Please report this.", stacklevel=4)
+            return None, result
+        stats.plans += 1
+        try:
+            if not plan.problems and trace.steps:
+                self._whole_loop(plan)
+            elif plan.problems and eager_blocks(trace, plan.problems):
+                self._segments(plan)
+            elif plan.problems:
+                self._fall_back(plan, None)
+        except Exception as e:  # planning broke: the traced call's result stands, and this plan runs eagerly
+            if config.strict or isinstance(e, RuntimeError) and "strict=True" in str(e):
+                raise
+            plan.executable = Eager(self.ctx)
+            notes = " ".join(getattr(e, "__notes__", ()))
+            plan.problems = [Unsupported(f"planning failed ({type(e).__name__}: {e})" + (f" {notes}" if notes else "")
+                                         + ("" if isinstance(e, Unsupported) else "; please report this"))]
+            self._fall_back(plan, e)
+        stats.plan_seconds += time.perf_counter() - start
+        stats.compiles, stats.compile_seconds = self.backend.counter.count, self.backend.counter.seconds
+        return plan, result
+
+    def _whole_loop(self, plan: Plan) -> None:
+        trace, config = plan.trace, self.ctx.config
+        device = loop_device(trace)
+        resolved = config.resolve(device)
+        needed = set(trace.initial_slots) | {o.name for o in self.ctx.wrapper.intermediate_outputs} | set(
+            trace.final_components)
+        given = PassInput(trace, needed, device, self.literals, self.lifts)
+        try:
+            plan.loop, plan.passes = run_passes(given, passes_for(resolved.fused_kernels))
+        except Unsupported as e:
+            return self._fall_back(plan, e)
+        loop = plan.loop
+        key = compile_key(loop, [plan.guard.inputs.data.get(k) for k in [*loop.state_slots, *loop.invariant_slots]],
+                          {id(s.tensor) for read in trace.python.reads.values() for s in tensor_snaps(read.value)})
+        fn = self.backend.cached(key)
+        if fn is None:
+            fn = self._compile_whole_loop(loop, device, resolved.cuda_graphs)
+            self.ctx.stats.step_graphs += len(loop.variants)
+        if not resolved.cuda_graphs and config.cuda_graphs is True:
+            warnings.warn(f"compile_loop: cuda_graphs=True has no effect on a {device.type} loop", stacklevel=5)
+        kind = WholeLoopCudaGraph if resolved.cuda_graphs else WholeLoop
+        executable = kind(self.ctx, trace, loop, fn, plan.sources)
+        if config.check:
+            try:
+                executable.verify()
+            except Exception as e:  # a failed compilation or a mismatch: never a silently different result
+                return self._fall_back(plan, e)
+        self.backend.keep(key, fn)
+        plan.executable = executable
+
+    def _compile_whole_loop(self, loop: LoopPlan, device, cuda_graphs: bool):
+        """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""
+        ops = op_count(loop)
+        if cuda_graphs:
+            from .cudagraph import WholeLoopGraph
+
+            return WholeLoopGraph(loop, lambda fn: self.backend.compile(fn, device, ops), self.backend.graph_pool())
+        return self.backend.compile(lower(loop), device, ops)
+
+    def _segments(self, plan: Plan) -> None:
+        trace, config, stats = plan.trace, self.ctx.config, self.ctx.stats
+        eager = eager_blocks(trace, plan.problems)
+        try:
+            plan.segments = plan_segments(trace, eager)
+        except Unsupported as e:
+            plan.problems.append(e)
+            return self._fall_back(plan, e)
+        device = loop_device(trace)
+        fns = []
+        for seg in plan.segments:
+            variants = seg.plan.variants if seg.plan is not None else []
+            fns.append([self.backend.compile(v.module, device, module_ops(v.module)) for v in variants])
+            stats.step_graphs += len(variants)
+        executable = EagerSegments(self.ctx, trace, plan.segments, fns, plan.sources, set(plan.guard.inputs.data),
+                                   stable_guard(trace, plan.guard), restores(trace, eager))
+        if config.check:
+            try:
+                executable.verify()
+            except Exception as e:  # a failed compilation or a mismatch: never a silently different result
+                plan.segments = None
+                return self._fall_back(plan, e)
+        plan.executable = executable
+        stats.eager_blocks = len(eager)
+        compiled = [b for b in trace.block_names if b not in eager]
+        text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" for p in plan.problems)
+        warnings.warn(f"compile_loop: {self.name}: {text}. Block(s) {', '.join(map(repr, sorted(eager)))} run "
+                      f"eagerly each step between compiled segments; compiled: {', '.join(map(repr, compiled))} "
+                      f"(strict=True raises instead)", stacklevel=5)
+
+    def _fall_back(self, plan: Plan, error: Exception | None) -> None:
+        plan.executable = Eager(self.ctx)
+        problems = plan.problems or [Unsupported(f"compilation failed: {error}")]
+        plan.problems = problems
+        self.ctx.stats.eager_blocks = len({p.block for p in problems if p.block})
+        text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" if p.block else p.reason
+                         for p in problems)
+        if self.ctx.config.strict:
+            raise RuntimeError(f"compile_loop(strict=True): {self.name}: {text}") from error
+        warnings.warn(f"compile_loop: {self.name} runs eagerly: {text}", stacklevel=5)

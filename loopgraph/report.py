@@ -1,0 +1,122 @@
+"""What a plan is, for people and tests: ``CompiledLoop.last_plan`` (a ``PlanReport``) and ``explain()``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from .analysis import LoopPlan, SlotInfo
+from .config import LoopStats
+from .lower import module_ops
+from .passes import PassRecord
+from .planner import Plan
+from .rng import describe_source
+
+__all__ = ["PlanReport", "VariantReport", "SegmentReport", "report", "explain_lines"]
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    """One compiled step graph: the steps that use it and its per-step tables."""
+
+    steps: tuple[int, ...]
+    ops: int
+    graph: torch.fx.GraphModule
+    tables: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]   # (placeholder, shape [N, ...], dtype)
+    whole_tables: bool     # takes the whole tables and the step counter (kernel pass), not table rows
+
+
+@dataclass(frozen=True)
+class SegmentReport:
+    blocks: tuple[str, ...]
+    eager: bool
+    variants: int          # compiled step graphs of the segment (0 for an eager block)
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    """The most recent plan of a compiled loop, read-only: how it runs and why."""
+
+    kind: str                              # the executable: "whole loop on state buffers", "eager segments", ...
+    executable: object                     # the executable itself (``executables.py``)
+    program: LoopPlan | None               # the whole loop's final program (after the passes), if planned whole
+    slots: dict[str, SlotInfo]
+    state_slots: tuple[str, ...]
+    invariant_slots: tuple[str, ...]
+    variants: tuple[VariantReport, ...]
+    runs: tuple[tuple[int, int, int], ...]  # (variant, first step, end step)
+    segments: tuple[SegmentReport, ...] | None
+    problems: tuple[str, ...]
+    passes: tuple[PassRecord, ...]
+    guards: str
+    seeds: dict[str, str]                  # rng="counter": seed name -> where its generator comes from
+    traced_seeds: dict[str, torch.Tensor]  # the seeds the traced call drew (its inputs when it is checked)
+
+
+def report(plan: Plan) -> PlanReport:
+    loop = plan.loop
+    variants = tuple(VariantReport(tuple(v.steps), module_ops(v.module), v.module,
+                                   tuple((n, tuple(t.shape), t.dtype) for n, t in zip(v.lifted, v.tables)),
+                                   v.whole_tables) for v in (loop.variants if loop else ()))
+    segments = None if plan.segments is None or plan.executable.kind != "eager segments" else tuple(
+        SegmentReport(tuple(s.blocks), s.eager, len(s.plan.variants) if s.plan else 0) for s in plan.segments)
+    problems = tuple(f"{p.reason} in block {p.block!r} at {p.where}" if p.block else p.reason for p in plan.problems)
+    return PlanReport(
+        kind=plan.executable.kind, executable=plan.executable, program=loop,
+        slots=dict(loop.slots) if loop else {}, state_slots=tuple(loop.state_slots) if loop else (),
+        invariant_slots=tuple(loop.invariant_slots) if loop else (), variants=variants,
+        runs=tuple(loop.runs) if loop else (), segments=segments, problems=problems, passes=tuple(plan.passes),
+        guards=plan.guard.describe(), seeds={k: describe_source(s) for k, s in plan.sources.items()},
+        traced_seeds={name: seed.value for name, seed in plan.trace.seeds.items()})
+
+
+def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
+    """``explain()`` below its header: blocks, segments, slots, step graphs, tables, passes, stats."""
+    r = report(plan)
+    lines = [f"runs as: {r.kind}", f"guards: {r.guards}"]
+    eager = {p.block: p for p in plan.problems if p.block}
+    lines.append("blocks:")
+    for name, block in wrapper.sub_blocks.items():
+        try:
+            where = f"{inspect.getsourcefile(type(block))}:{inspect.getsourcelines(type(block))[1]}"
+        except (TypeError, OSError):
+            where = "<unknown source>"
+        if name in eager:
+            status = f"eager ({eager[name].reason}, {eager[name].where})"
+        elif r.kind == "eager":
+            status = "eager: the whole loop fell back (" + "; ".join(p.reason for p in plan.problems) + ")"
+        else:
+            status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"
+        lines.append(f"  {name} ({type(block).__name__}, {where}): {status}")
+    lines += plan.executable.describe()
+    if r.program is None:
+        return lines
+    lines.append("slots:")
+    for info in r.slots.values():
+        end = ", written back" if info.needed_at_end else ""
+        lines.append(f"  {info.name:<28} {info.role:<10} {info.kind}{end}")
+    for name, source in r.seeds.items():
+        lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {source}")
+    lines.append(f"step graphs: {len(r.variants)} for {r.program.num_steps} steps")
+    for k, v in enumerate(r.variants):
+        lines.append(f"  variant {k}: {v.ops} ops, steps {_ranges(list(v.steps))}")
+    lines.append("runs: " + ", ".join(f"variant {v} for steps [{a}, {b})" for v, a, b in r.runs))
+    lines.append("hoisted per-step tables:")
+    for k, v in enumerate(r.variants):
+        for name, shape, dtype in v.tables:
+            lines.append(f"  variant {k} {name}: {shape} {str(dtype).replace('torch.', '')}")
+    lines.append("passes: " + "; ".join(f"{p.name} ({p.seconds * 1e3:.0f} ms): {p.summary}" for p in r.passes))
+    lines.append(f"stats: compiles={stats.compiles} step_graphs={stats.step_graphs} plans={stats.plans} "
+                 f"calls={stats.calls} plan_s={stats.plan_seconds:.2f} compile_s={stats.compile_seconds:.2f}")
+    return lines
+
+
+def _ranges(steps: list[int]) -> str:
+    spans, start = [], steps[0]
+    for a, b in zip(steps, steps[1:] + [None]):
+        if b != a + 1:
+            spans.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(spans)
