@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .config import LIFT_MAX_NUMEL
-from .trace import StepTrace, Unsupported, func_name
+from .records import StepTrace, Unsupported, func_name
 
 # Ops whose Python-float operand may as well be a 0-d tensor: a float the same in every step but different
 # between calls (a guidance scale) is lifted there, so a new value compiles nothing.

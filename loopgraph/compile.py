@@ -3,9 +3,9 @@
 A call finds a plan whose guard holds, or makes one, and runs the plan's executable. The stages, and the file
 that owns each (docs/how-compile-loop-works.md, "Architecture"):
 
-    trace       run the wrapper's own __call__ for real, recording each loop_step and the
-                Python state it reads and writes                          trace.py, components.py, snapshots.py
-    guard       what a later call must match to reuse the plan; the plan cache      guards.py
+    trace       run the wrapper's own __call__ for real, recording each loop_step   trace.py, recorder.py, records.py
+                and the Python state it reads and writes          recording.py, class_hooks.py, components.py
+    guard       what a later call must match to reuse the plan; the plan cache      guards.py, state_guard.py
     passes      plan the loop (slots, variants, tables), lift new literals, fuse
                 kernels, place tables on the device                      passes.py, analysis.py, kernel_pass.py
     partition   eager segments around blocks that must run eagerly                partition.py
@@ -31,8 +31,8 @@ from .config import CompileConfig, LoopStats
 from .executables import CallFailed, Context, Eager
 from .guards import PlanCache
 from .planner import Planner
+from .records import Unsupported
 from .report import PlanReport, explain_lines, report
-from .trace import Unsupported
 from .verify import matches_eager, max_error, tolerance
 
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "max_error", "tolerance"]

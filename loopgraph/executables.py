@@ -22,10 +22,10 @@ import torch
 from .analysis import LoopPlan
 from .components import put, set_attribute
 from .config import CompileConfig, LoopStats
+from .records import LoopTrace
 from .rng import CounterDraws, CounterMode, draw_seeds, eager_loop
 from .snapshots import copy_value
 from .state import BlockState
-from .trace import LoopTrace
 from .verify import check_slots
 
 __all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
@@ -84,9 +84,8 @@ class WholeLoop:
     def __init__(self, ctx: Context, trace: LoopTrace, loop: LoopPlan, compiled: Callable,
                  sources: dict[str, tuple]) -> None:
         self.ctx, self.trace, self.loop, self.compiled, self.sources = ctx, trace, loop, compiled, sources
-        self.tables = [v.tables for v in loop.variants]
-        device = next((t.device for ts in self.tables for t in ts), loop_device(trace))
-        self.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=device)
+        self.tables = [v.tables for v in loop.variants]  # on the loop's device (passes.place_tables)
+        self.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=loop_device(trace))
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
 
     def execute(self, slots: dict[str, Any]) -> list[torch.Tensor]:

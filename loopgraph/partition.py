@@ -9,9 +9,9 @@ import torch
 import torch.fx as fx
 
 from .analysis import LoopPlan, LoopSteps, plan_loop
+from .records import LoopTrace, StepTrace, Unsupported
 from .snapshots import same
 from .state import values_equal
-from .trace import LoopTrace, StepTrace, Unsupported
 
 __all__ = ["Segment", "eager_blocks", "plan_segments", "segment_end", "restores"]
 

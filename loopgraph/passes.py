@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from .analysis import LoopPlan, loop_steps, plan_loop
-from .trace import LoopTrace, Unsupported
+from .records import LoopTrace, Unsupported
 
 __all__ = ["PassInput", "PassRecord", "run_passes", "passes_for"]
 
@@ -69,7 +69,9 @@ def lift_literals(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:
 
 
 def fuse_kernels(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:
-    from .kernel_pass import fuse_loop_kernels  # imports Triton: only where the kernels can run
+    from .kernel_pass import (
+        fuse_loop_kernels,  # imports Triton: only where the kernels can run
+    )
 
     new, calls = fuse_loop_kernels(loop, given.device)
     return new, f"{calls} guided update(s) as fused kernels"

@@ -14,7 +14,14 @@ from typing import Any
 
 from .analysis import LoopPlan
 from .backend import Backend, compile_key
-from .executables import Context, Eager, Executable, WholeLoop, WholeLoopCudaGraph, loop_device
+from .executables import (
+    Context,
+    Eager,
+    Executable,
+    WholeLoop,
+    WholeLoopCudaGraph,
+    loop_device,
+)
 from .guards import PlanGuard, plan_guard, stable_guard
 from .lower import lower, module_ops, op_count
 from .partition import Segment, eager_blocks, plan_segments, restores
@@ -64,7 +71,7 @@ class Planner:
             if config.strict:
                 raise
             warnings.warn(f"compile_loop: {self.name}: could not guard a plan ({type(e).__name__}: {e}); this call "
-                          f"ran eagerly. Please report this.", stacklevel=4)
+                          f"ran eagerly. Please report this.", stacklevel=3)
             return None, result
         stats.plans += 1
         try:
@@ -104,8 +111,8 @@ class Planner:
         if fn is None:
             fn = self._compile_whole_loop(loop, device, resolved.cuda_graphs)
             self.ctx.stats.step_graphs += len(loop.variants)
-        if not resolved.cuda_graphs and config.cuda_graphs is True:
-            warnings.warn(f"compile_loop: cuda_graphs=True has no effect on a {device.type} loop", stacklevel=5)
+        if config.cuda_graphs is True and device.type != "cuda":
+            warnings.warn(f"compile_loop: cuda_graphs=True has no effect on a {device.type} loop", stacklevel=4)
         kind = WholeLoopCudaGraph if resolved.cuda_graphs else WholeLoop
         executable = kind(self.ctx, trace, loop, fn, plan.sources)
         if config.check:
@@ -153,7 +160,7 @@ class Planner:
         text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" for p in plan.problems)
         warnings.warn(f"compile_loop: {self.name}: {text}. Block(s) {', '.join(map(repr, sorted(eager)))} run "
                       f"eagerly each step between compiled segments; compiled: {', '.join(map(repr, compiled))} "
-                      f"(strict=True raises instead)", stacklevel=5)
+                      f"(strict=True raises instead)", stacklevel=4)
 
     def _fall_back(self, plan: Plan, error: Exception | None) -> None:
         plan.executable = Eager(self.ctx)

@@ -9,14 +9,21 @@ from typing import Any, Callable
 import torch
 
 from .blocks import run_block
-from .components import component_objects, component_tensors, put, set_attribute, value_of
+from .components import (
+    component_objects,
+    component_tensors,
+    put,
+    set_attribute,
+    value_of,
+)
 from .executables import Context, drawing, write_back
-from .guards import StateGuard, tensor_spec
+from .guards import tensor_spec
 from .partition import Segment, segment_end
+from .records import LoopTrace
 from .rng import CounterDraws, draw_seeds
 from .snapshots import copy_value
 from .state import BlockState, values_equal
-from .trace import LoopTrace
+from .state_guard import StateGuard
 from .verify import check_slots
 
 __all__ = ["EagerSegments"]

@@ -96,7 +96,8 @@ def test_an_unsupported_loop_found_while_planning_falls_back_and_names_the_pass(
     monkeypatch.setattr("loopgraph.passes.loop_steps", latents_as_schedule)
     setup = build_loop("dit", steps=3, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
-    with pytest.warns(UserWarning, match=r"runs eagerly: .*slot 'latents' is read before it is written.*\(pass 'plan'\)"):
+    reason = r"runs eagerly: .*slot 'latents' is read before it is written.*\(pass 'plan'\)"
+    with pytest.warns(UserWarning, match=reason):
         _, state = fast(setup.components, setup.new_state())
     assert torch.equal(state.get("latents"), setup.run())
     assert fast.last_plan.kind == "eager" and "please report" not in fast.last_plan.problems[0]

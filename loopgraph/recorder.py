@@ -1,0 +1,285 @@
+"""The recorder: a ``TorchFunctionMode`` that records each op on loop data (the *taint*) into the current step's
+FX graph and evaluates every other op, turning its result into a constant. An op whose result depends on loop
+data's values (``.item()``, ``bool()``), a random op (``rng="eager"``) or an in-place update it cannot follow is
+reported as an ``Unsupported`` problem of the block it ran in, with the user's file and line."""
+
+from __future__ import annotations
+
+import operator
+import traceback
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from .records import StepTrace, Unsupported, func_name
+from .rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
+
+__all__ = ["Recorder"]
+
+# Tensor queries that return static metadata (shapes are part of the plan's key, not data).
+_METADATA = {
+    "shape", "size", "dim", "ndim", "ndimension", "dtype", "device", "numel", "nelement", "stride",
+    "is_contiguous", "element_size", "is_floating_point", "is_complex", "requires_grad", "layout", "__len__",
+    "storage_offset", "data_ptr", "is_cuda", "is_cpu", "get_device", "names", "is_sparse", "is_quantized",
+    "is_meta", "_version", "grad_fn", "is_leaf", "__hash__", "is_inference", "itemsize", "nbytes", "grad",
+    "is_mkldnn", "is_nested", "untyped_storage", "_is_view", "dim_order", "has_names",
+}
+
+# Results whose *values* (or whose shape) depend on tensor data: cannot be constants of a traced step.
+_DATA_DEPENDENT = {
+    "item", "__bool__", "__int__", "__float__", "__index__", "__complex__", "tolist", "numpy", "__array__",
+    "__format__", "__repr__", "__str__", "nonzero", "masked_select", "unique", "unique_consecutive",
+    "argwhere", "equal", "allclose", "is_nonzero", "bincount", "_local_scalar_dense", "nonzero_static",
+}
+
+_RANDOM = {
+    "randn", "rand", "randint", "randn_like", "rand_like", "randint_like", "normal", "normal_", "uniform_",
+    "bernoulli", "bernoulli_", "multinomial", "exponential_", "randperm", "poisson", "random_",
+    "cauchy_", "geometric_", "log_normal_",
+}
+
+_INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                    "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+
+# Python-level Tensor methods Dynamo cannot inline (they end in `super().<name>(...)`): the graph calls the
+# torch.* function with the same signature instead.
+_GRAPH_EQUIVALENT = {torch.Tensor.unflatten: torch.unflatten}
+
+_LOOPGRAPH_DIR = __file__.rsplit("/", 1)[0]
+
+
+def _is_inplace(name: str, kwargs: dict) -> bool:
+    return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
+
+
+def _user_location() -> str:
+    """file:line of the innermost frame outside torch and loopgraph (the user's code that did it)."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        # the engine's own modules are skipped, not its subpackages (the zoo's blocks and schedulers are user code)
+        if "/torch/" in frame.filename or frame.filename.rsplit("/", 1)[0] == _LOOPGRAPH_DIR:
+            continue
+        return f"{frame.filename}:{frame.lineno}"
+    return "<unknown>"
+
+
+class Recorder(TorchFunctionMode):
+    """Records ops on tainted tensors into the current step's graph; evaluates everything else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taint: dict[int, tuple[torch.Tensor, fx.Node]] = {}
+        self.stale: dict[int, torch.Tensor] = {}  # tainted in an earlier step: must not leak into this one
+        self.step: StepTrace | None = None
+        self.block: str | None = None
+        self.problems: list[Unsupported] = []
+        self.strict = False
+        self._const_ids: dict[int, str] = {}
+        self.used: set[int] = set()  # ids of every tensor a torch op was called with
+        self.eager_used: set[int] = set()  # ... in an op evaluated eagerly (no loop data in it)
+        self.const_ids: set[int] = set()   # ... as a step graph's constant
+        self.in_step = False  # inside loop_step: ops on loop data outside it are the wrapper's own work
+        self.pre_loop: dict[int, torch.Tensor] = {}  # the data inputs, until the first step starts
+        self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
+        self._storages: dict[tuple, list[fx.Node]] = {}  # storage of each step input -> its placeholders
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------
+    def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
+                   held: dict[str, torch.Tensor]) -> None:
+        """Make the BlockState's tensors, and the components' tensors derived from loop data in an earlier
+        step, this step's placeholders."""
+        self.stale.update({k: t for k, (t, _) in self.taint.items()})
+        carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
+        self.taint, self._const_ids, self.step, self._storages = {}, {}, step, {}
+        for name, tensor in {**slots, **carried}.items():
+            self._placeholder(name, tensor)
+        if self.draws is not None:
+            self.draws.start_step(step.index)
+            for name, seed in self.draws.seeds.values():
+                step.seeds[name] = (self._placeholder(name, seed), seed)
+
+    def _placeholder(self, name: str, tensor: torch.Tensor) -> fx.Node:
+        """A step input, placed after the step's other inputs (a seed drawn mid-step joins them there)."""
+        graph = self.step.graph
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(inputs[-1]) if inputs else graph.inserting_before(None):
+            node = graph.placeholder(name)
+        self.taint[id(tensor)] = (tensor, node)
+        self.stale.pop(id(tensor), None)
+        self.step.inputs.append(name)
+        self._storages.setdefault(_storage(tensor), []).append(node)
+        return node
+
+    def node_of(self, value: Any) -> fx.Node | None:
+        hit = self.taint.get(id(value)) if isinstance(value, torch.Tensor) else None
+        return hit[1] if hit is not None and hit[0] is value else None
+
+    def problem(self, reason: str) -> None:
+        issue = Unsupported(reason, self.block, _user_location())
+        if (issue.reason, issue.block) not in {(p.reason, p.block) for p in self.problems}:
+            self.problems.append(issue)
+        if self.strict:
+            raise issue
+
+    def _constant(self, tensor: torch.Tensor) -> fx.Node:
+        step = self.step
+        name = self._const_ids.get(id(tensor))
+        if name is None:
+            name = f"_c{len(step.constants)}"
+            self._const_ids[id(tensor)] = name
+            step.constants[name] = tensor
+            step.stable[name] = id(tensor)
+            self.const_ids.add(id(tensor))
+            try:
+                step.versions[name] = tensor._version
+            except RuntimeError:  # inference tensors have no version counter (and cannot be mutated)
+                step.versions[name] = 0
+        return step.graph.get_attr(name)
+
+    def _check_stale(self, value: Any) -> None:
+        if isinstance(value, torch.Tensor) and self.stale.get(id(value)) is value:
+            self.problem("a tensor computed in an earlier step reached this step outside the BlockState and "
+                         "the components' attributes (state carried across steps in another object)")
+
+    def _arg(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            node = self.node_of(value)
+            if node is not None:
+                return node
+            self._check_stale(value)
+            return self._constant(value)
+        return value  # Python scalars stay literals; analysis lifts those that differ between steps
+
+    # -- the mode -------------------------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = pytree.tree_flatten((args, kwargs))
+        self.used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
+        tainted = any(self.node_of(v) is not None for v in flat)
+        name = func_name(func)
+        if name == "__set__" and getattr(getattr(func, "__self__", None), "__name__", None) == "data":
+            return self._set_data(func, args)  # `x.data = y`
+        if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
+            if self.draws is None:
+                self.problem(f"random op `{name}` inside the loop (its draws must be eager's; rng='counter' "
+                             f"draws them inside the compiled loop instead)")
+            elif name in COUNTER_OPS:
+                try:
+                    return self._counter_draw(name, args, kwargs)
+                except ValueError as e:
+                    self.problem(f"random op {e}: rng='counter' cannot draw it (eager's generator draws it)")
+            else:
+                self.problem(f"random op `{name}` inside the loop: rng='counter' draws randn, randn_like, rand "
+                             f"and rand_like only (eager's generator draws it)")
+        if not tainted and self.pre_loop and self.step is None and name not in _METADATA and any(
+                isinstance(v, torch.Tensor) and self.pre_loop.get(id(v)) is v for v in flat):
+            self.block = None
+            self.problem(f"tensor computation on loop data before the loop (`{name}` in the wrapper's own __call__)")
+        if not tainted:
+            if self.step is not None:
+                for v in flat:  # a stale tensor used outside any graph op still leaks cross-step state
+                    self._check_stale(v)
+            self.eager_used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
+            return func(*args, **kwargs)
+        if name in _DATA_DEPENDENT:
+            self.problem(f"data-dependent Python: `{name}` on a value derived from loop state")
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if name in _METADATA and not isinstance(out, torch.Tensor):
+            return out
+        if not self.in_step:
+            self.block = None
+            self.problem(f"tensor computation on loop data outside loop_step (`{name}` in the wrapper's own "
+                         f"__call__, between or after its steps)")
+            return out
+        if not _is_inplace(name, kwargs) and self.node_of(out) is not None:
+            return out  # `.to()`/`.contiguous()` that returned its input: nothing happened
+        if name == "data" and getattr(func, "__name__", "") == "__get__":  # `x.data`: x's value, its storage
+            self.taint[id(out)] = (out, self.node_of(args[0]))
+            return out
+        if not any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out)) and out is not None:
+            self.problem(f"data-dependent Python: `{name}` returned {type(out).__name__} from loop data")
+            return out
+        self._record(func, name, args, kwargs, out)
+        return out
+
+    def _counter_draw(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Draw by the seed policy (rng.py) and record the draw: its seed is a step input, its stream a
+        per-step constant (lifted into a table), so the compiled step draws what this eager run drew."""
+        spec = draw_spec(name, args, kwargs)
+        seed_name, seed, new = self.draws.seed(spec)
+        if new:
+            self.step.seeds[seed_name] = (self._placeholder(seed_name, seed), seed)
+        stream = self.draws.stream(spec, seed_name)
+        out = counter_draw(seed, stream, spec.shape, spec.dtype, spec.device, spec.kind)
+        node = self.step.graph.call_function(counter_draw, (self.node_of(seed), self._constant(stream), spec.shape,
+                                                            spec.dtype, spec.device, spec.kind))
+        self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
+        self.taint[id(out)] = (out, node)
+        return out
+
+    def _set_data(self, func, args) -> None:
+        """``x.data = y``: from now on ``x`` holds ``y``'s value (a rebinding of the value, not of the object)."""
+        target, value = args
+        func(*args)
+        if self.node_of(value) is None and self.node_of(target) is None:
+            return None
+        if not self.in_step:
+            self.problem("`.data` assignment of loop data outside loop_step (in the wrapper's own __call__)")
+            return None
+        self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
+        node = self.node_of(value)
+        if node is None:
+            self._check_stale(value)
+            node = self._constant(value)
+        self.taint[id(target)] = (target, node)
+        return None
+
+    def _detach_input(self, target: torch.Tensor) -> None:
+        """Before an in-place op on a step input (or a view of one): the step reads that input through a copy
+        made first, so the step stays a function of its inputs and the input counts as written."""
+        for placeholder in self._storages.pop(_storage(target), []):
+            graph = self.step.graph
+            with graph.inserting_after(placeholder):
+                copy_node = graph.call_function(torch.clone, (placeholder,))
+            earlier = [u.meta["block"] for u in placeholder.users if "block" in u.meta]
+            if earlier:  # the copy belongs to the first block that read the input (segments cut by block)
+                copy_node.meta["block"] = earlier[0]
+            placeholder.replace_all_uses_with(copy_node, delete_user_cb=lambda user: user is not copy_node)
+            for key, (tensor, node) in list(self.taint.items()):
+                if node is placeholder:
+                    self.taint[key] = (tensor, copy_node)
+
+    def _record(self, func, name, args, kwargs, out) -> None:
+        graph = self.step.graph
+        self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
+        inplace = _is_inplace(name, kwargs)
+        target = kwargs.get("out", args[0] if args else None) if inplace else None
+        if inplace and isinstance(target, torch.Tensor):
+            self._detach_input(target)
+            if self.node_of(target) is None:
+                # Mutating a constant in place: work on a copy inside the graph (the constant stays as it is for
+                # the next step); the tensor now maps to that copy.
+                self.taint[id(target)] = (target, graph.call_function(torch.clone, (self._constant(target),)))
+        g_args, g_kwargs = pytree.tree_map(self._arg, (args, kwargs))
+        if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
+            node = graph.call_function(getattr, (g_args[0], func_name(func)))
+        else:
+            node = graph.call_function(_GRAPH_EQUIVALENT.get(func, func), tuple(g_args), g_kwargs)
+        if inplace:
+            node.meta["mutates"] = True  # kept even when nothing uses its result (`out[..., 0::2] = x`)
+        if inplace and isinstance(target, torch.Tensor):
+            self.taint[id(target)] = (target, node if out is target else self.node_of(target))
+        if isinstance(out, torch.Tensor):
+            self.taint[id(out)] = (out, node)
+            node.meta["dtype"] = out.dtype
+        elif isinstance(out, (tuple, list)):
+            for k, item in enumerate(out):
+                if isinstance(item, torch.Tensor):
+                    self.taint[id(item)] = (item, graph.call_function(operator.getitem, (node, k)))
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr()) if t.device.type != "meta" else (t.device, id(t))

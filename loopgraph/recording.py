@@ -1,0 +1,332 @@
+"""The Python state a traced call reaches: what it read, what it wrote, and how compiled calls put it back.
+
+A compiled plan bakes whatever Python the traced call read: a guidance scale, a scheduler's step index, a
+LoRA's scaling dict, which model a block called and its parameters, an attribute it found absent, a block's
+own attribute. ``record`` watches every attribute read and write of the objects the call reaches, while the
+traced call runs, without changing any object's ``type()``: for the duration of the trace the *classes* of
+those objects get logging ``__getattribute__``, ``__getattr__``, ``__setattr__`` and ``__delattr__``
+(``torch.nn.Module``'s once, for every module), under a process-wide lock, and get their own back afterwards.
+The hooks log only on the tracing thread and only for watched objects; other threads see the original
+behaviour.
+
+Watched objects are the call's roots (the components, the blocks, the wrapper) and every object the call
+reaches from them by reading an attribute (or an item of a list, tuple or dict so read). Objects created during
+the call are not watched: their attributes are written before they are read. The ``Recording`` says:
+
+    reads    every attribute read before the call wrote it, with the value it had then (a plan's guards)
+    writes   every attribute the call wrote, and the blocks that wrote it (replayed after a compiled call)
+
+Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
+``vars()`` are one read, and one write when they differ at the end.
+
+Module-level globals are reads too, as they are when the call ends: every global that the functions and methods
+of a user module load (their bytecode), for the modules the watched objects' classes come from and the user
+modules of the functions and classes those globals hold, transitively (not the standard library's globals, nor
+installed libraries'); and torch's global module hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import types
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from . import class_hooks
+from .class_hooks import HEAPTYPE, Patcher
+from .components import (
+    _TORCH_GLOBAL_HOOKS,
+    _class_lookup,
+    _module_global_names,
+    _user_module,
+    value_of,
+)
+from .snapshots import (
+    ABSENT,
+    ATOM_TYPES,
+    MAX_DEPTH,
+    OPAQUE_LEAVES,
+    ContainerSnap,
+    copy_value,
+    same,
+    snapshot,
+    walk_tensors,
+)
+from .state import _atoms_only
+
+__all__ = ["Read", "Recording", "TRACE_LOCK", "Write", "record"]
+
+# One trace at a time in a process: tracing patches classes (and the traced wrapper instance).
+TRACE_LOCK = threading.RLock()
+
+_MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+@dataclass
+class Read:
+    """One attribute read before the call wrote it: where the value lives and what it was."""
+
+    obj: Any            # the object read from
+    holder: Any         # the mapping the value lives in: obj.__dict__, a module's _parameters/_buffers/_modules, a
+                        # class's __dict__; None: read with getattr (slotted objects, __getattr__ results, vars())
+    key: str
+    value: Any          # a snapshot (see ``snapshot``), ABSENT when the attribute was not there
+    path: str           # for messages: "components.denoiser.blocks.0.scaling"
+    owner_key: str | None = None  # a module container's name in obj.__dict__ ("_parameters"); else None
+
+    def current(self) -> Any:
+        """The value now, in the same place."""
+        if self.holder is not None:
+            return self.holder.get(self.key, ABSENT)
+        if self.key == "__dict__":
+            return dict(vars(self.obj))
+        return getattr(self.obj, self.key, ABSENT)
+
+
+@dataclass
+class Write:
+    """An attribute the call wrote (or deleted), and when: (step or None outside the loop, block or None)."""
+
+    obj: Any
+    name: str
+    path: str
+    events: list[tuple[int | None, str | None]] = field(default_factory=list)
+
+
+class Recording:
+    """What one traced call read and wrote of the Python state of the objects it reached (see the module
+    docstring). ``step`` and ``block`` are set by the tracer, so writes know who made them."""
+
+    def __init__(self) -> None:
+        self.objects: dict[int, Any] = {}
+        self.paths: dict[int, str] = {}
+        self.reads: dict[tuple, Read] = {}
+        self.writes: dict[tuple[int, str], Write] = {}
+        self.opaque: dict[int, Any] = {}  # objects watched whole (their class takes no hooks)
+        self.step: int | None = None
+        self.block: str | None = None
+        self.busy = False
+        self.thread = threading.get_ident()
+        self._written: set[tuple[int, str]] = set()
+        self.handled: set[tuple] = set()  # (id, name) reads already logged or not to log: the hooks' fast exit
+        self._patcher: Patcher | None = None
+
+    # -- what the hooks call -----------------------------------------------------------------------------------
+    def watch(self, obj: Any, path: str) -> None:
+        """Start watching ``obj`` (and, for objects watched whole, what their attributes hold)."""
+        if obj is None or type(obj) in ATOM_TYPES or isinstance(obj, (torch.Tensor, *OPAQUE_LEAVES)):
+            return
+        if id(obj) in self.objects:
+            return
+        self.objects[id(obj)] = obj
+        self.paths[id(obj)] = path
+        if self._patcher is not None and self._patcher.ensure(type(obj)):
+            return
+        if hasattr(obj, "__dict__"):  # watched whole: all its attributes count as read
+            self.opaque[id(obj)] = obj
+            attrs = dict(vars(obj))
+            self._add_read(Read(obj, None, "__dict__", snapshot(attrs), path), ("whole", id(obj)))
+            self._adopt(attrs, path)
+
+    def on_read(self, obj: Any, name: str, value: Any) -> None:
+        """``obj.name`` was read through ``__getattribute__`` (``value`` is ABSENT when it raised)."""
+        oid = id(obj)
+        if oid not in self.objects:
+            return
+        self.handled.add((oid, name))
+        if (oid, name) in self._written:
+            return
+        if name == "__dict__":  # vars(obj), obj.__dict__: every attribute is read
+            key = ("whole", oid)
+            if key not in self.reads:
+                attrs = dict(object.__getattribute__(obj, "__dict__"))
+                self._add_read(Read(obj, None, "__dict__", snapshot(attrs), self.paths[oid]), key)
+                self._adopt(attrs, self.paths[oid])
+            return
+        try:
+            attrs = object.__getattribute__(obj, "__dict__")
+        except AttributeError:  # slotted: read again with getattr when checked
+            attrs = None
+        holder = attrs if attrs is not None else None
+        key = (id(holder) if holder is not None else oid, name)
+        if key in self.reads:
+            return
+        path = f"{self.paths[oid]}.{name}"
+        here = attrs.get(name, ABSENT) if attrs is not None else value
+        self._add_read(Read(obj, holder, name, snapshot(here), path), key)
+        if name in _MODULE_CONTAINERS and isinstance(obj, torch.nn.Module) and isinstance(here, dict):
+            for child_name, child in here.items():  # a module's children by their attribute paths
+                self._adopt(child, f"{self.paths[oid]}.{child_name}")
+            return
+        if here is ABSENT and attrs is not None:
+            found = _class_lookup(type(obj), name)
+            if found is not None:
+                cls, cls_value = found
+                ckey = (id(cls), name)
+                if ckey not in self.reads:
+                    self._add_read(Read(cls, cls.__dict__, name, snapshot(cls_value),
+                                        f"{cls.__qualname__}.{name}"), ckey)
+        else:
+            self._adopt(here, path)
+
+    def on_resolved(self, obj: Any, name: str, value: Any) -> None:
+        """``obj.__getattr__(name)`` gave ``value`` (ABSENT: raised): for a module, from its parameters, buffers or
+        submodules."""
+        oid = id(obj)
+        if oid not in self.objects or (oid, name) in self._written:
+            return
+        self.handled.add((oid, name, "resolved"))
+        path = f"{self.paths[oid]}.{name}"
+        if isinstance(obj, torch.nn.Module):
+            attrs = object.__getattribute__(obj, "__dict__")
+            containers = [(c, attrs[c]) for c in _MODULE_CONTAINERS if attrs.get(c) is not None]
+            found = [(c, holder) for c, holder in containers if name in holder]
+            for owner, holder in found or containers:
+                key = (id(holder), name)
+                if key not in self.reads:
+                    self._add_read(Read(obj, holder, name, snapshot(holder.get(name, ABSENT)), path, owner), key)
+            if found:  # nn.Module keeps a name in one place: its absence from __dict__ adds nothing
+                self.reads.pop((id(attrs), name), None)
+        else:
+            key = ("getattr", oid, name)
+            if key not in self.reads:
+                self._add_read(Read(obj, None, name, snapshot(value), path), key)
+        if value is not ABSENT:
+            self._adopt(value, path)
+
+    def on_write(self, obj: Any, name: str) -> None:
+        oid = id(obj)
+        if oid not in self.objects:
+            return
+        self._written.add((oid, name))
+        write = self.writes.get((oid, name))
+        if write is None:
+            write = self.writes[(oid, name)] = Write(obj, name, f"{self.paths[oid]}.{name}")
+        write.events.append((self.step, self.block))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reads and writes inside are the tracer's own, not the call's: not logged."""
+        busy, self.busy = self.busy, True
+        try:
+            yield
+        finally:
+            self.busy = busy
+
+    def hide(self, obj: Any, *names: str) -> None:
+        """Attributes that are not the call's (the tracer's own interceptors on the wrapper): never logged."""
+        self._written.update((id(obj), name) for name in names)
+
+    def _add_read(self, read: Read, key: tuple) -> None:
+        self.reads[key] = read
+
+    def _adopt(self, value: Any, path: str, depth: int = 0) -> None:
+        """Watch the objects ``value`` holds (itself, or the items of a plain container)."""
+        if isinstance(value, (list, tuple)) and not isinstance(value, torch.Size):
+            if depth < MAX_DEPTH and not _atoms_only(value):
+                for k, item in enumerate(value):
+                    self._adopt(item, f"{path}[{k}]", depth + 1)
+        elif isinstance(value, dict):
+            if depth < MAX_DEPTH:
+                for k, item in value.items():
+                    self._adopt(item, f"{path}[{k!r}]", depth + 1)
+        if isinstance(value, (list, tuple, dict, set, frozenset)) and not type(value).__flags__ & HEAPTYPE:
+            return  # a container of the standard library (an OrderedDict of hooks): its items are what counts
+        self.watch(value, path)
+
+    def _read_globals(self) -> None:
+        """Reads of the module globals the call's code can load (see the module docstring): every global that a
+        function or method of a user module loads, for the modules the watched objects' classes come from and,
+        transitively, the user modules of the functions and classes those globals hold; and torch's global module
+        hooks."""
+        modules = {m for obj in self.objects.values() for m in map(_user_module, type(obj).__mro__) if m}
+        seen: set[str] = set()
+        while modules:
+            module = modules.pop()
+            if module.__name__ in seen:
+                continue
+            seen.add(module.__name__)
+            namespace = vars(module)
+            for key in sorted(_module_global_names(module)):
+                if key not in namespace or (id(namespace), key) in self.reads:
+                    continue  # a builtin, or not defined (an error eager would give too)
+                value = namespace[key]
+                self._add_read(Read(module, namespace, key, snapshot(value), f"{module.__name__}.{key}"),
+                               (id(namespace), key))
+                found = _user_module(value) if isinstance(value, (type, types.FunctionType)) else None
+                if found is not None and found.__name__ not in seen:
+                    modules.add(found)
+        hooks = sys.modules["torch.nn.modules.module"]
+        for key in _TORCH_GLOBAL_HOOKS:  # a global hook registered later runs in eager
+            if hasattr(hooks, key):
+                self._add_read(Read(hooks, vars(hooks), key, snapshot(getattr(hooks, key)),
+                                    f"torch.nn.modules.module.{key}"), (id(vars(hooks)), key))
+
+    # -- during and after the call ------------------------------------------------------------------------------
+    def state_now(self) -> dict[tuple[int, str], tuple[Any, str, Any]]:
+        """(id(obj), name) -> (obj, name, a copy of its value now), for every attribute the call wrote so far
+        and every attribute it read of an object that is not a module or a class (a container it may change in
+        place): the Python state that eager segments compare and restore at a cut."""
+        found = {}
+        for (oid, name), write in self.writes.items():
+            found[(oid, name)] = (write.obj, name, copy_value(value_of(write.obj, name)))
+        for r in self.reads.values():
+            if r.owner_key is None and not isinstance(r.obj, (type, torch.nn.Module)):
+                key = (id(r.obj), r.key)
+                if key not in found:
+                    found[key] = (r.obj, r.key, copy_value(value_of(r.obj, r.key)))
+        return found
+
+    def finish(self) -> None:
+        """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it
+        (obj, name, a copy), in the order first written; ``stable``, the reads it never wrote nor changed."""
+        self._read_globals()
+        changed = set()
+        self.end: list[tuple[Any, str, Any]] = []
+        originals = []  # the values themselves: which tensors stay where the call left them
+        for (oid, name), write in self.writes.items():
+            originals.append(value_of(write.obj, name))
+            self.end.append((write.obj, name, copy_value(originals[-1])))
+        for key, r in self.reads.items():
+            if (id(r.obj), r.key) in self.writes or isinstance(r.obj, (type, types.ModuleType, dict)):
+                continue
+            if (r.key == "__dict__" or isinstance(r.value, ContainerSnap)) and not same(r.current(), r.value):
+                changed.add(key)
+                if r.key == "__dict__":  # watched whole: every attribute as it is now (and the gone ones gone)
+                    now = vars(r.obj)
+                    originals.append(now)
+                    self.end.extend((r.obj, k, copy_value(v)) for k, v in now.items())
+                    self.end.extend((r.obj, k, ABSENT) for k in r.value.items if k not in now)
+                else:
+                    originals.append(r.current())
+                    self.end.append((r.obj, r.key, copy_value(originals[-1])))
+        self.present = {id(t) for value in originals for t in walk_tensors(value)}
+        self.stable = [r for key, r in self.reads.items()
+                       if key not in changed and (id(r.obj), r.key) not in self.writes]
+
+
+@contextlib.contextmanager
+def record(roots: dict[str, Any]) -> Iterator[Recording]:
+    """Watch ``roots`` (path -> object) and what the code inside the block reaches from them.
+
+    Holds ``TRACE_LOCK`` and hooks ``torch.nn.Module`` and the roots' classes for the duration; every hook is
+    removed on exit, also when the block raises.
+    """
+    with TRACE_LOCK:
+        rec = Recording()
+        patcher = rec._patcher = Patcher()
+        previous = class_hooks.active
+        try:
+            patcher.ensure(torch.nn.Module)
+            for path, obj in roots.items():
+                rec.watch(obj, path)
+            class_hooks.active = rec
+            yield rec
+        finally:
+            class_hooks.active = previous
+            patcher.restore()
+            rec._patcher = None

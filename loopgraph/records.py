@@ -1,0 +1,122 @@
+"""What a traced call recorded: its steps (``StepTrace``), the whole loop (``LoopTrace``), and why a step cannot be
+compiled (``Unsupported``). Made by trace.py and recorder.py; read by every later stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.fx as fx
+
+from .recording import Recording
+
+__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
+
+
+class Unsupported(Exception):
+    """Something in a step cannot be compiled; carries the block, the user-code location and why."""
+
+    def __init__(self, reason: str, block: str | None = None, where: str | None = None) -> None:
+        self.reason, self.block, self.where = reason, block, where
+        super().__init__(f"{reason} (block {block!r}, {where})" if block else reason)
+
+
+def func_name(func: Callable) -> str:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property getter: its descriptor's name (`shape`, `T`, `data`, ...)
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+class ComponentSlot(NamedTuple):
+    """A tensor derived from loop data that a component holds across steps (a scheduler's history)."""
+
+    path: tuple              # (component, attribute, index or key, ...)
+    value: torch.Tensor      # its value when last seen (the eager run's)
+
+
+class TensorUse(NamedTuple):
+    """Ids of the tensors the traced call used: in any torch op, in ops it evaluated eagerly (their values were
+    baked into the plan), and as constants of a step graph (the compiled code reads those very tensors)."""
+
+    used: set[int]
+    eager: set[int]
+    const: set[int]
+
+
+class SeedDraw(NamedTuple):
+    """A seed the traced call drew for the loop's random ops (``rng="counter"``): from which generator."""
+
+    key: tuple                          # rng.source_key: a generator object's id, or a device's default
+    generator: torch.Generator | None   # that generator (None: the device's default generator)
+    device: torch.device                # where its draws were made
+    value: torch.Tensor                 # the seed (0-d int64)
+
+
+@dataclass
+class StepTrace:
+    """One iteration: its graph, which slots fed it, what it left in the BlockState, and per-block effects."""
+
+    index: int
+    graph: fx.Graph
+    inputs: list[str]                      # slot names, in placeholder order
+    outputs: dict[str, fx.Node]            # slot name -> node holding its value at step end
+    constants: dict[str, torch.Tensor]     # get_attr target -> tensor
+    stable: dict[str, int]                 # get_attr target -> id of the constant tensor
+    versions: dict[str, int] = field(default_factory=dict)     # get_attr target -> its _version when used
+    reads: dict[str, set[str]] = field(default_factory=dict)   # block -> slots it read
+    writes: dict[str, set[str]] = field(default_factory=dict)  # block -> slots it wrote
+    block_ops: dict[str, int] = field(default_factory=dict)    # block -> recorded ops
+    kwargs: dict[str, Any] = field(default_factory=dict)       # the loop_step keyword arguments
+    # Before each block, and at "__end__": the BlockState (shallow), which of its slots hold tainted tensors
+    # (slot -> node), the tainted tensors the components hold (component slot -> where, value, node) and,
+    # when asked for, the components' Python state. Eager segments cut the step here.
+    slots_before: dict[str, dict[str, Any]] = field(default_factory=dict)
+    nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
+    held_before: dict[str, dict[str, tuple[tuple, torch.Tensor, fx.Node]]] = field(default_factory=dict)
+    # the Python state there (``Recording.state_now``: what was written so far and the non-module reads), and
+    # copies of the loop tensors there (slot -> tensor; taken in steps where eager segments may need them, so
+    # compiled segments are checked against them without calling any block again)
+    python_before: dict[str, dict] = field(default_factory=dict)
+    values_before: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # rng="counter": the seeds' placeholders in this step (seed name -> node, value), and before each block
+    # the draws the step had made per seed (the counts an eager block starts from)
+    seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
+    draws_before: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def value_before(self, key: str, slot: str) -> Any:
+        """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""
+        if slot in self.seeds:
+            return self.seeds[slot][1]
+        held = self.held_before[key].get(slot)
+        return held[1] if held is not None else self.slots_before[key][slot]
+
+
+@dataclass
+class LoopTrace:
+    """Everything one real run of the wrapper showed."""
+
+    steps: list[StepTrace]
+    initial_slots: dict[str, Any]          # BlockState right after get_block_state
+    initial_inputs_copy: dict[str, Any]    # the same, with data tensors cloned before the loop ran
+    final_slots: dict[str, Any]            # BlockState after the last step (the real, eager values)
+    tainted_final: set[str]                # slots whose final value came from the graph
+    inplace_slots: set[str]                # slots mutated in place (same object, new value)
+    schedule_inputs: list[str]             # loop_inputs: treated as schedule, never proxied
+    problems: list[Unsupported]
+    block_names: list[str]
+    component_slots: dict[str, ComponentSlot] = field(default_factory=dict)  # loop state held by components
+    final_components: dict[str, torch.Tensor] = field(default_factory=dict)  # of those, held after the loop
+    rng_before: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states when the loop started
+    seeds: dict[str, SeedDraw] = field(default_factory=dict)  # rng="counter": seed name -> where it came from
+    progress: bool = False  # the wrapper's __call__ opened its progress bar (compiled calls draw it then)
+    python: Recording | None = None  # the Python state the call read and wrote (recording.record)
+    usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
+    components: Any = None           # the components object the call was made with
+
+    def final_value(self, slot: str) -> Any:
+        """A slot's value after the eager loop (BlockState or component state; None if gone)."""
+        if slot in self.final_slots:
+            return self.final_slots[slot]
+        return self.final_components.get(slot)
