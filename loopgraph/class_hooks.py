@@ -54,15 +54,17 @@ def _getattribute_hook(original):
 def _getattr_hook(original):
     def __getattr__(self, name):
         rec = _recording()
-        if rec is None or (id(self), name, "resolved") in rec.handled or id(self) not in rec.objects:
+        if rec is None or id(self) not in rec.objects:
             return original(self, name)
-        rec.busy = True  # what __getattr__ itself reads (a module's __dict__) is not the user's read
+        handled = (id(self), name, "resolved") in rec.handled
+        rec.busy = True  # what __getattr__ itself reads (a module's __dict__) is not the user's read, logged or not
         value = ABSENT
         try:
             value = original(self, name)
         finally:
             rec.busy = False
-            _logged(rec, rec.on_resolved, self, name, value)
+            if not handled:
+                _logged(rec, rec.on_resolved, self, name, value)
         return value
 
     setattr(__getattr__, _HOOK, True)

@@ -773,6 +773,20 @@ def test_15_an_error_while_planning_returns_eagers_result_and_falls_back(monkeyp
         run_loop(strict, torch.ones(2), 3)
 
 
+def test_a_module_attribute_nothing_reads_does_not_re_plan():
+    """Only what the call read is guarded: a module's lookups through ``nn.Module.__getattr__`` (its parameters and
+    submodules) read the module's ``__dict__`` inside torch; that is not a read of the user's, so a note set on the
+    model between calls keeps the plan (it used to compare each module's whole ``__dict__``, on every call)."""
+    eager, compiled, fast = zoo_pair()
+    same_call(eager, compiled, fast)
+    for setup in (eager, compiled):
+        setup.components.denoiser.note = "fine-tuned"
+        setup.components.denoiser.blocks[0].attn.to_q.note = "fine-tuned"
+    same_call(eager, compiled, fast)
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 1
+    assert fast.last_plan.guards.endswith(" 6 one by one)")  # scheduler tables, t_embed weights: by value
+
+
 # -- the guards' own reports ---------------------------------------------------------------------------------------
 def test_explain_and_guard_check_say_why_a_call_re_plans():
     setup = build_loop("dit", steps=3, sample_size=8)
