@@ -1,0 +1,64 @@
+"""benchmarks/gpu/validate.sh: the GPU validation's stages, run on the CPU at tiny sizes (``--dry-run``) so that
+the script cannot rot while no GPU is around; one stage failing or running out of time never stops the next."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["env", "cuda-tests", "launches", "bench-default", "bench-compute"]
+
+
+def load_validate():
+    spec = importlib.util.spec_from_file_location("gpu_validate", ROOT / "benchmarks" / "gpu" / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_runs_every_stage_and_writes_the_record(tmp_path):
+    out = tmp_path / "gpu-validate"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "validate.sh"), str(out), "--dry-run"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dry_run"] and [s["stage"] for s in summary["stages"]] == STAGES
+    assert all(s["status"] == "ok" for s in summary["stages"]), proc.stdout[-4000:]
+    assert proc.returncode == 0
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and not env["cuda_available"]
+    launches = json.loads((out / "launches.json").read_text())
+    assert launches["plan"] == "whole loop on state buffers" and launches["compiled_calls"] == 3
+    assert launches["graph_launches"] == 0  # no CUDA on a dry run; on a GPU one launch per call is the target
+    for name, dtype in (("bench-default", "float32"), ("bench-compute", "bfloat16")):
+        bench = json.loads((out / name / "bench.json").read_text())
+        assert bench["config"]["dtype"] == dtype and bench["device_type"] == "cpu"
+        assert {r["method"] for r in bench["results"]} >= {"eager", "compile_loop"} and not bench["rejected"]
+        assert (out / name / "bench.png").exists()
+    assert "passed" in (out / "cuda-tests.log").read_text()
+
+
+def test_a_failing_or_slow_stage_does_not_stop_the_next(tmp_path, monkeypatch):
+    validate = load_validate()
+    py = sys.executable
+    monkeypatch.setattr(validate, "stages", lambda out, dry: [
+        ("fails", [py, "-c", "raise SystemExit(3)"], 30),
+        ("hangs", [py, "-c", "import time; time.sleep(60)"], 1),
+        ("works", [py, "-c", "print('fine')"], 30)])
+    assert validate.main([str(tmp_path), "--dry-run"]) == 1
+    stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert [(s["stage"], s["status"], s["returncode"]) for s in stages] == [
+        ("fails", "failed", 3), ("hangs", "timed out", None), ("works", "ok", 0)]
+    assert (tmp_path / "works.log").read_text() == "fine\n"
+
+
+def test_loopgraph_test_timeout_fails_a_test_that_runs_too_long(tmp_path):
+    (tmp_path / "test_slow.py").write_text("import time\n\ndef test_slow():\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                           str(tmp_path / "test_slow.py")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LOOPGRAPH_TEST_TIMEOUT": "1"})
+    assert proc.returncode == 1 and "TimeoutError: test ran past LOOPGRAPH_TEST_TIMEOUT=1 s" in proc.stdout
