@@ -62,3 +62,17 @@ def test_loopgraph_test_timeout_fails_a_test_that_runs_too_long(tmp_path):
                            str(tmp_path / "test_slow.py")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "LOOPGRAPH_TEST_TIMEOUT": "1"})
     assert proc.returncode == 1 and "TimeoutError: test ran past LOOPGRAPH_TEST_TIMEOUT=1 s" in proc.stdout
+
+
+def test_the_kernels_import_from_a_source_tree_with_nothing_installed():
+    """The GPU machines run the tree from PYTHONPATH: ``kernels/`` must still be ``loopgraph.kernels`` there (the
+    wheel and the editable install map it; a plain checkout does not)."""
+    code = ("import sys\n"
+            "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import loopgraph.kernels._common as common, loopgraph.kernel_pass\n"
+            "print(common.__file__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == str(ROOT / "kernels" / "_common.py")
