@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["env", "cuda-tests", "launches", "bench-default", "bench-compute"]
+STAGES = ["env", "cuda-tests", "bench-default", "launches", "bench-compute"]
 
 
 def load_validate():
