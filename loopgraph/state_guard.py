@@ -322,14 +322,6 @@ def _items(snap: ContainerSnap) -> list:
     return list(snap.items.values()) if isinstance(snap.items, dict) else list(snap.items)
 
 
-def _equal(current: list, expected: list) -> bool:
-    """``==`` of two lists in C (items by identity first); False where an item's own ``==`` cannot say."""
-    try:
-        return current == expected
-    except Exception:  # an object whose == does not give a truth value: the exact check decides
-        return False
-
-
 def _dicts_match(current: list, types: list, keys: list, values: list) -> bool:
     if list(map(type, current)) != types:
         return False
