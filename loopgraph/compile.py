@@ -192,6 +192,9 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
             compiled loop (and the CUDA graph), counter-based by the seed policy of ``loopgraph.rng``: one seed
             per generator per call, same distribution as eager, not the same values.
         max_plans: plans kept (least recently used out); an evicted one re-plans with one traced eager call.
+        batch_guidance: "auto" (default) | True | False: a model called once per guidance batch in a step runs
+            once on the batches concatenated (``loopgraph.batching``), where the batched call, traced, gives the
+            separate calls' results; True also warns about call sites left apart, False never batches.
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.

@@ -48,13 +48,16 @@ class CompileConfig:
     # Plans kept per compiled loop (most recently used first to stay): a sweep over guidance scales or prompts
     # of new shapes re-plans an evicted one with one traced eager call; its compiled code is kept apart.
     max_plans: int = 16
+    # One model call per step for all guidance batches (batching.py): "auto" batches the repeated calls whose
+    # batched call was verified while tracing; True also warns about those left apart; False never batches.
+    batch_guidance: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"compile_loop: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.mode is not None and self.backend != "inductor":
             raise ValueError(f"compile_loop: mode={self.mode!r} needs backend='inductor'")
-        for name in ("cuda_graphs", "fused_kernels"):
+        for name in ("cuda_graphs", "fused_kernels", "batch_guidance"):
             if getattr(self, name) not in (True, False, "auto"):
                 raise ValueError(f"compile_loop: {name} must be True, False or 'auto', got {getattr(self, name)!r}")
         if self.rng not in RNG_MODES:

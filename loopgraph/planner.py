@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .analysis import LoopPlan
+from .batching import CallSite, batch_calls
 from .backend import Backend, compile_key
 from .executables import (
     Context,
@@ -44,6 +45,7 @@ class Plan:
     loop: LoopPlan | None = None            # the whole loop's program (when it was planned whole)
     segments: list[Segment] | None = None   # eager segments: compiled segments and eager blocks
     sources: dict[str, tuple] = field(default_factory=dict)  # rng="counter": seed name -> its generator
+    batching: list[CallSite] = field(default_factory=list)   # models called more than once per step (batching.py)
 
 
 class Planner:
@@ -63,7 +65,8 @@ class Planner:
         be guarded, the call's result)."""
         config, stats = self.ctx.config, self.ctx.stats
         start = time.perf_counter()
-        trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng)
+        trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng,
+                                   batch=config.batch_guidance is not False)
         try:
             plan = Plan(trace=trace, guard=plan_guard(trace), executable=Eager(self.ctx),
                         problems=list(trace.problems), sources=seed_sources(trace))
@@ -75,6 +78,7 @@ class Planner:
             return None, result
         stats.plans += 1
         try:
+            plan.batching, plan.passes = self._batch(trace)
             if not plan.problems and trace.steps:
                 self._whole_loop(plan)
             elif plan.problems and eager_blocks(trace, plan.problems):
@@ -93,6 +97,24 @@ class Planner:
         stats.compiles, stats.compile_seconds = self.backend.counter.count, self.backend.counter.seconds
         return plan, result
 
+    def _batch(self, trace: LoopTrace) -> tuple[list[CallSite], list[PassRecord]]:
+        """The "batch calls" stage (batching.py): the step graphs rewritten before anything plans from them."""
+        if self.ctx.config.batch_guidance is False:
+            return [], []
+        start = time.perf_counter()
+        try:
+            sites, summary = batch_calls(trace)
+        except Exception as e:  # a bug: the plan runs eagerly ("please report this")
+            e.add_note("raised in loopgraph pass 'batch calls'")
+            raise
+        if self.ctx.config.batch_guidance is True:
+            for s in sites:
+                if s.other_steps:
+                    warnings.warn(f"compile_loop: {self.name}: {s.module} ({s.calls} calls per step in block "
+                                  f"{s.block!r}) is not batched in {len(s.other_steps)} step(s): {s.reason}",
+                                  stacklevel=4)
+        return sites, [PassRecord("batch calls", time.perf_counter() - start, summary)]
+
     def _whole_loop(self, plan: Plan) -> None:
         trace, config = plan.trace, self.ctx.config
         device = loop_device(trace)
@@ -101,7 +123,8 @@ class Planner:
             trace.final_components)
         given = PassInput(trace, needed, device, self.literals, self.lifts)
         try:
-            plan.loop, plan.passes = run_passes(given, passes_for(resolved.fused_kernels))
+            plan.loop, records = run_passes(given, passes_for(resolved.fused_kernels))
+            plan.passes = [*plan.passes, *records]
         except Unsupported as e:
             return self._fall_back(plan, e)
         loop = plan.loop

@@ -5,9 +5,10 @@ reported as an ``Unsupported`` problem of the block it ran in, with the user's f
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import traceback
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
@@ -111,6 +112,19 @@ class Recorder(TorchFunctionMode):
         self.step.inputs.append(name)
         self._storages.setdefault(_storage(tensor), []).append(node)
         return node
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[StepTrace]:
+        """Record into a scratch step instead of the current one (batching.py traces a batched call there): its own
+        graph, constants and taint, problems collected apart and never raised, no counter-based draws."""
+        saved = (self.step, self.taint, self._const_ids, self._storages, self.problems, self.strict, self.draws)
+        scratch = StepTrace(index=-1, graph=fx.Graph(), inputs=[], outputs={}, constants={}, stable={})
+        self.step, self.taint, self._const_ids, self._storages, self.problems = scratch, {}, {}, {}, []
+        self.strict, self.draws = False, None
+        try:
+            yield scratch
+        finally:
+            self.step, self.taint, self._const_ids, self._storages, self.problems, self.strict, self.draws = saved
 
     def node_of(self, value: Any) -> fx.Node | None:
         hit = self.taint.get(id(value)) if isinstance(value, torch.Tensor) else None
@@ -262,7 +276,9 @@ class Recorder(TorchFunctionMode):
             if self.node_of(target) is None:
                 # Mutating a constant in place: work on a copy inside the graph (the constant stays as it is for
                 # the next step); the tensor now maps to that copy.
-                self.taint[id(target)] = (target, graph.call_function(torch.clone, (self._constant(target),)))
+                copy = graph.call_function(torch.clone, (self._constant(target),))
+                copy.meta["constant_copy"] = True  # eager changed the constant itself
+                self.taint[id(target)] = (target, copy)
         g_args, g_kwargs = pytree.tree_map(self._arg, (args, kwargs))
         if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
             node = graph.call_function(getattr, (g_args[0], func_name(func)))

@@ -84,6 +84,11 @@ class StepTrace:
     # the draws the step had made per seed (the counts an eager block starts from)
     seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
     draws_before: dict[str, dict[str, int]] = field(default_factory=dict)
+    # batching.py: the step's top-level calls of modules with parameters, the batched retraces of repeated
+    # ones (module id -> its ``BatchedCall``) and the repeated calls that cannot join a batch (with why)
+    calls: list = field(default_factory=list)
+    batched: dict[int, Any] = field(default_factory=dict)
+    unbatched: list[tuple[Any, str]] = field(default_factory=list)
 
     def value_before(self, key: str, slot: str) -> Any:
         """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""

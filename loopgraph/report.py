@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .analysis import LoopPlan, SlotInfo
+from .batching import CallSite, step_ranges, describe_sites
 from .config import LoopStats
 from .lower import module_ops
 from .passes import PassRecord
@@ -53,6 +54,7 @@ class PlanReport:
     guards: str
     seeds: dict[str, str]                  # rng="counter": seed name -> where its generator comes from
     traced_seeds: dict[str, torch.Tensor]  # the seeds the traced call drew (its inputs when it is checked)
+    batching: tuple[CallSite, ...] = ()    # models called more than once per step: batched, or why not
 
 
 def report(plan: Plan) -> PlanReport:
@@ -69,7 +71,7 @@ def report(plan: Plan) -> PlanReport:
         invariant_slots=tuple(loop.invariant_slots) if loop else (), variants=variants,
         runs=tuple(loop.runs) if loop else (), segments=segments, problems=problems, passes=tuple(plan.passes),
         guards=plan.guard.describe(), seeds={k: describe_source(s) for k, s in plan.sources.items()},
-        traced_seeds={name: seed.value for name, seed in plan.trace.seeds.items()})
+        traced_seeds={name: seed.value for name, seed in plan.trace.seeds.items()}, batching=tuple(plan.batching))
 
 
 def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
@@ -91,6 +93,8 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
             status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"
         lines.append(f"  {name} ({type(block).__name__}, {where}): {status}")
     lines += plan.executable.describe()
+    if r.batching:
+        lines += ["batched calls:", *describe_sites(list(r.batching))]
     if r.program is None:
         return lines
     lines.append("slots:")
@@ -101,7 +105,7 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
         lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {source}")
     lines.append(f"step graphs: {len(r.variants)} for {r.program.num_steps} steps")
     for k, v in enumerate(r.variants):
-        lines.append(f"  variant {k}: {v.ops} ops, steps {_ranges(list(v.steps))}")
+        lines.append(f"  variant {k}: {v.ops} ops, steps {step_ranges(list(v.steps))}")
     lines.append("runs: " + ", ".join(f"variant {v} for steps [{a}, {b})" for v, a, b in r.runs))
     lines.append("hoisted per-step tables:")
     for k, v in enumerate(r.variants):
@@ -111,12 +115,3 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
     lines.append(f"stats: compiles={stats.compiles} step_graphs={stats.step_graphs} plans={stats.plans} "
                  f"calls={stats.calls} plan_s={stats.plan_seconds:.2f} compile_s={stats.compile_seconds:.2f}")
     return lines
-
-
-def _ranges(steps: list[int]) -> str:
-    spans, start = [], steps[0]
-    for a, b in zip(steps, steps[1:] + [None]):
-        if b != a + 1:
-            spans.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ", ".join(spans)

@@ -16,12 +16,14 @@ Because the trace is a real eager run, the call that plans returns eager's own r
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
+from .batching import CallWatcher
 from .blocks import run_block
 from .components import component_objects, component_tensors
 from .recorder import Recorder
@@ -101,14 +103,16 @@ def _loop_tensors_in_containers(block_state, recorder: Recorder) -> list[str]:
             if isinstance(value, (list, tuple, dict)) and any(computed(t) for t in walk_tensors(value))]
 
 
-def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "eager") -> tuple[LoopTrace, Any]:
+def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "eager",
+               batch: bool = False) -> tuple[LoopTrace, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
     The Python state the call reads and writes is recorded too (``recording.record``: the plan's guards and
     what a compiled call replays), and before each block the components' Python state and, where eager segments
     may need them, copies of the loop tensors. ``rng="counter"`` draws the steps' random numbers by the seed
     policy of rng.py (recorded as graph ops) instead of from torch's generators. Returns the trace and the
-    wrapper's own return value ``(components, state)``.
+    wrapper's own return value ``(components, state)``. ``batch=True`` also records the steps' module calls and
+    traces repeated ones batched (batching.py).
 
     Holds ``recording.TRACE_LOCK``: one trace at a time per process.
     """
@@ -252,7 +256,8 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
         try:
             with record(_roots(wrapper, components)) as python, recorder:
                 python.hide(wrapper, *methods)
-                result = wrapper(components, state)
+                with CallWatcher(recorder, python) if batch else contextlib.nullcontext():
+                    result = wrapper(components, state)
                 with torch._C.DisableTorchFunction(), python.paused():
                     python.finish()
         finally:

@@ -1,0 +1,510 @@
+"""Batch the guidance passes: repeated calls of one model in a step become one call on the concatenated batch.
+
+Modular loops call the denoiser once per guidance batch (a guider's ``prepare_inputs``, the zoo's CFG, a block
+that calls ``components.net(...)`` twice). Two calls of the same module, running the same code on inputs of the
+same shapes (the batch dimension aside), neither reading the other's output, can run as one call on the inputs
+concatenated along dimension 0, its outputs split again: one larger forward instead of two small ones.
+
+While tracing, ``CallWatcher`` (torch's global forward hooks, on the tracing thread only) marks every top-level
+call of a module with parameters inside a step: the graph nodes it recorded (its *region*), its arguments and its
+outputs (``ModuleCall``). When a module is called again in the same step, the watcher checks that the calls can
+share a batch and, if so, runs the module once more, for real, on the concatenated arguments, recording that
+batched call into a scratch graph (``Recorder.scratch``): the batched region is traced at the batched shape, so
+no size baked into the graph needs rewriting. Its outputs, split, must equal the separate calls' (``verify``'s
+tolerance), or the calls stay apart. After the trace, ``batch_calls`` rewrites each step's graph: the calls'
+regions give way to the batched one. A call that cannot join a batch keeps its own region, and why is said in
+``CallSite.reason`` (``explain()``, ``last_plan.batching``).
+
+Batched matrix products are not bitwise equal to unbatched ones: results stay within ``matches_eager``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.nn.modules import module as nn_module
+from torch.utils import _pytree as pytree
+
+from .records import LoopTrace, StepTrace, TensorUse, func_name
+from .verify import matches_eager, max_error
+
+__all__ = ["ModuleCall", "BatchedCall", "CallSite", "CallWatcher", "batch_calls", "describe_sites"]
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    """One top-level call of a module with parameters in a traced step."""
+
+    module: torch.nn.Module
+    name: str                       # where the call found it ("components.denoiser"), for messages
+    block: str | None
+    nodes: list[fx.Node]            # the region: the step-graph nodes the call recorded, in order
+    paths: list[str]                # each argument leaf's place in (args, kwargs): "[1]['encoder_hidden_states']"
+    leaves: list[Any]               # the arguments, flattened
+    spec: Any                       # their tree structure
+    inputs: list[fx.Node | None]    # per leaf: its node when it is loop data
+    outputs: list[Any]              # the output's leaves (tensors copied when the call returned)
+    out_spec: Any
+    out_nodes: list[fx.Node | None]
+    issue: str | None = None        # why the call cannot share a batch, whatever the other calls
+
+    @property
+    def size(self) -> int:
+        """Its batch size: the first dimension of its first tensor argument with one."""
+        return next((v.shape[0] for v in self.leaves if isinstance(v, torch.Tensor) and v.dim()), 0)
+
+
+@dataclass(eq=False)
+class BatchedCall:
+    """Calls of one module that run as one: the batched call, traced into a scratch graph."""
+
+    calls: list[ModuleCall]
+    sizes: list[int]                 # each call's batch size (its rows of the batched call, in order)
+    concat: set[int]                 # argument leaves concatenated along dim 0 (the others are passed once)
+    graph: fx.Graph                  # the batched call's region; placeholder "arg{j}" for leaf j
+    constants: dict[str, torch.Tensor]
+    out_nodes: list[fx.Node]         # the batched output leaves' nodes in ``graph``
+    error: float                     # largest difference of its split outputs from the calls' own
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """A module called more than once per step in one block, over the whole loop: batched or why not."""
+
+    module: str
+    block: str | None
+    calls: int                       # calls per step (the most seen)
+    batched_steps: tuple[int, ...]
+    other_steps: tuple[int, ...]     # steps where the calls ran apart
+    reason: str | None               # why they ran apart (the first reason seen)
+
+
+def _region_code(step: StepTrace, call: ModuleCall) -> list[tuple]:
+    """The call's ops, comparable between calls: positions instead of nodes, parameters by identity, other
+    constants by shape and dtype (a timestep embedding made afresh per call)."""
+    index = {n: k for k, n in enumerate(call.nodes)}
+    leaf = {}
+    for j, n in enumerate(call.inputs):
+        if n is not None:
+            leaf.setdefault(n, j)
+
+    def enc(a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return ("op", index[a]) if a in index else ("arg", leaf.get(a, -1))
+        if isinstance(a, (list, tuple)):
+            return (type(a).__name__, tuple(enc(x) for x in a))
+        if isinstance(a, dict):
+            return ("dict", tuple((k, enc(v)) for k, v in a.items()))
+        return repr(a)
+
+    code = []
+    for n in call.nodes:
+        if n.op == "get_attr":
+            t = step.constants[n.target]
+            code.append(("param", id(t)) if isinstance(t, torch.nn.Parameter) else ("const", tuple(t.shape), t.dtype))
+        else:
+            code.append((n.op, func_name(n.target) if callable(n.target) else str(n.target),
+                         enc(n.args), enc(n.kwargs)))
+    return code
+
+
+def _issue(call: ModuleCall, wrote: list[str], problems: list) -> str | None:
+    """Why this call cannot share a batch with another, whatever it is (None: it may)."""
+    if problems:
+        return f"the call has a problem of its own ({problems[0].reason})"
+    if wrote:
+        return f"the call writes Python state ({wrote[0]}): a batched call would write it differently"
+    members = set(call.nodes)
+    known = {n for n in call.inputs if n is not None}
+    for n in call.nodes:
+        if n.meta.get("constant_copy"):
+            return "the call updates a tensor it does not own in place (a buffer)"
+        if n.op == "call_function" and func_name(n.target) == "counter_draw":
+            return "the call draws random numbers"
+        if n.meta.get("mutates") and n.args and isinstance(n.args[0], fx.Node) and n.args[0] not in members:
+            return "the call updates one of its arguments in place"
+        if any(a not in members and a not in known for a in n.all_input_nodes):
+            return "the call reads loop data that is not one of its arguments"
+    for k, n in enumerate(call.out_nodes):
+        if isinstance(call.outputs[k], torch.Tensor) and n not in members:
+            return f"output {k} of the call is not computed by it from loop data"
+    return None
+
+
+def _leaf_rules(group: list[ModuleCall]) -> set[int] | str:
+    """Which argument leaves are concatenated along dim 0 (the others are the same in every call), or why the
+    calls' arguments cannot be batched."""
+    first, sizes = group[0], [c.size for c in group]
+    if any(c.spec != first.spec for c in group):
+        return "the calls' arguments differ in structure"
+    if not all(sizes):
+        return "the calls have no batched tensor argument"
+    concat = set()
+    for j, value in enumerate(first.leaves):
+        values = [c.leaves[j] for c in group]
+        where = f"argument {first.paths[j] or j}"
+        if not isinstance(value, torch.Tensor):
+            try:
+                same = all(v is value or type(v) is type(value) and bool(v == value) for v in values)
+            except Exception:
+                same = False
+            if not same:
+                return f"{where} differs between the calls (not a tensor)"
+            continue
+        if any(not isinstance(v, torch.Tensor) for v in values):
+            return f"{where} is a tensor in one call only"
+        shared = all(v is value for v in values)
+        if shared and (value.dim() == 0 or value.shape[0] != sizes[0]):
+            continue  # the same tensor, not per batch row (a timestep, a table): passed once
+        if any(v.dim() == 0 or v.shape[0] != b or v.shape[1:] != value.shape[1:] or v.dtype != value.dtype
+               or v.device != value.device for v, b in zip(values, sizes)):
+            shapes = ", ".join(str(tuple(v.shape)) for v in values)
+            return f"{where} has shapes {shapes}: not the same apart from the batch dimension"
+        concat.add(j)
+    return concat
+
+
+def _depends(call: ModuleCall, group: list[ModuleCall]) -> bool:
+    """Whether any of the call's inputs is computed from an output (or any node) of the earlier calls."""
+    earlier = {n for c in group for n in c.nodes}
+    stack, seen = [n for n in call.inputs if n is not None], set()
+    while stack:
+        n = stack.pop()
+        if n in earlier:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+class CallWatcher:
+    """While tracing: each step's top-level module calls (``StepTrace.calls``) and the batched retraces of the
+    repeated ones (``StepTrace.batched`` / ``unbatched``). torch's global forward hooks, removed on exit; they
+    act on the tracing thread only."""
+
+    def __init__(self, recorder, python) -> None:
+        self.recorder, self.python = recorder, python
+        self.thread = threading.get_ident()
+        self.depth = 0
+        self.start: tuple | None = None
+        self.busy = False  # running a batched call: its module calls are not the loop's
+        self.handles: list = []
+
+    def __enter__(self) -> CallWatcher:
+        self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
+                        nn_module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _writes(self) -> int:
+        return sum(len(w.events) for w in self.python.writes.values())
+
+    def _pre(self, module, args) -> None:
+        rec = self.recorder
+        if self.busy or threading.get_ident() != self.thread or not rec.in_step or rec.step is None:
+            return None
+        self.depth += 1
+        if self.depth == 1:
+            graph = rec.step.graph
+            last = next(iter(reversed(graph.nodes)), None)
+            self.start = (rec.step, last, len(rec.problems), self._writes(), dict(self.python.writes))
+        return None
+
+    def _post(self, module, args, *rest) -> None:
+        if self.start is None or self.busy or threading.get_ident() != self.thread:
+            return None
+        self.depth -= 1
+        if self.depth:
+            return None
+        (step, last, problems, writes, written), self.start = self.start, None
+        if len(rest) != 2 or step is not self.recorder.step:  # it raised, or a step ended inside it
+            return None
+        with self.python.paused():
+            with torch._C.DisableTorchFunction():
+                if next(iter(module.parameters()), None) is None:
+                    return None
+                nodes = _nodes_after(step.graph, last)
+                if not nodes:
+                    return None  # not on loop data: evaluated eagerly, nothing to batch
+                call = self._call(module, nodes, args, *rest)
+                wrote = [w.path for key, w in self.python.writes.items() if key not in written
+                         or len(w.events) > len(written[key].events)] if self._writes() > writes else []
+                call.issue = _issue(call, wrote, self.recorder.problems[problems:])
+                step.calls.append(call)
+            if any(c.module is module for c in step.calls[:-1]):
+                self._join(step, call)
+        return None
+
+    def _call(self, module, nodes, args, kwargs, output) -> ModuleCall:
+        rec = self.recorder
+        flat, spec = pytree.tree_flatten_with_path((args, kwargs))
+        paths = [pytree.keystr(path[1:]) if len(path) > 1 else "" for path, _ in flat]
+        paths = [("args" if path and path[0] == pytree.SequenceKey(0) else "kwargs") + p
+                 for (path, _), p in zip(flat, paths)]
+        leaves = [v for _, v in flat]
+        outputs, out_spec = pytree.tree_flatten(output)
+        return ModuleCall(
+            module=module, name=self.python.paths.get(id(module), type(module).__name__), block=rec.block,
+            nodes=nodes, paths=paths, leaves=leaves, spec=spec,
+            inputs=[rec.node_of(v) for v in leaves],
+            outputs=[v.detach().clone() if isinstance(v, torch.Tensor) else v for v in outputs], out_spec=out_spec,
+            out_nodes=[rec.node_of(v) for v in outputs])
+
+    def _join(self, step: StepTrace, call: ModuleCall) -> None:
+        """Batch ``call`` with the earlier calls of its module in this step, if it can be."""
+        batch = step.batched.get(id(call.module))
+        group = batch.calls if batch is not None else [next(c for c in step.calls if c.module is call.module)]
+        reason = group[0].issue or call.issue
+        if reason is None and call.block != group[0].block:
+            reason = f"the calls are in different blocks ({group[0].block!r}, {call.block!r})"
+        if reason is None:
+            code, other = _region_code(step, group[0]), _region_code(step, call)
+            if code != other:
+                k = next((k for k, (a, b) in enumerate(zip(code, other)) if a != b), min(len(code), len(other)))
+                reason = (f"the calls ran different code (from op {k} of {len(code)}/{len(other)}: the model or "
+                          f"its arguments changed between them)")
+        if reason is None and _depends(call, group):
+            reason = "the call's input is computed from an earlier call's result"
+        rules = _leaf_rules([*group, call]) if reason is None else reason
+        if isinstance(rules, str):
+            step.unbatched.append((call, rules))
+            return
+        done = self._retrace([*group, call], rules)
+        if isinstance(done, str):
+            step.unbatched.append((call, done))
+        else:
+            step.batched[id(call.module)] = done
+
+    def _retrace(self, group: list[ModuleCall], concat: set[int]) -> BatchedCall | str:
+        """Run the module on the concatenated arguments, recorded into a scratch graph, and compare."""
+        rec, first = self.recorder, group[0]
+        sizes = [c.size for c in group]
+        leaves = list(first.leaves)
+        with torch._C.DisableTorchFunction():  # not the loop's ops
+            for j in concat:
+                leaves[j] = torch.cat([c.leaves[j] for c in group])
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.busy = True
+        try:
+            with rec.scratch() as scratch:
+                for j, value in enumerate(leaves):
+                    if j in concat or (isinstance(value, torch.Tensor) and first.inputs[j] is not None):
+                        node = scratch.graph.placeholder(f"arg{j}")
+                        rec.taint[id(value)] = (value, node)
+                args, kwargs = pytree.tree_unflatten(leaves, first.spec)
+                out = first.module(*args, **kwargs)
+                problems = list(rec.problems)
+                outputs, out_spec = pytree.tree_flatten(out)
+                out_nodes = [rec.node_of(v) for v in outputs]
+        except Exception as e:  # the module does not take the batched arguments
+            return f"the batched call raised {type(e).__name__}: {e}"
+        finally:
+            self.busy = False
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        if problems:
+            return f"the batched call has a problem ({problems[0].reason})"
+        if out_spec != first.out_spec:
+            return "the batched call's output has another structure"
+        total, error = sum(sizes), 0.0
+        for k, value in enumerate(outputs):
+            expected = [c.outputs[k] for c in group]
+            if not isinstance(value, torch.Tensor):
+                if any(value != e for e in expected):
+                    return f"output {k} of the batched call differs (not a tensor)"
+                continue
+            if out_nodes[k] is None or value.dim() == 0 or value.shape[0] != total:
+                return f"output {k} is not batch-separable (shape {tuple(value.shape)} for {total} rows)"
+            for part, want in zip(torch.split(value, sizes), expected):
+                if not matches_eager(part, want):
+                    return (f"the batched call's output {k} differs from the separate calls' (max abs error "
+                            f"{max_error(part, want):.3g})")
+                error = max(error, max_error(part, want))
+        return BatchedCall(calls=list(group), sizes=sizes, concat=concat, graph=scratch.graph,
+                           constants=scratch.constants, out_nodes=out_nodes, error=error)
+
+
+def _nodes_after(graph: fx.Graph, last: fx.Node | None) -> list[fx.Node]:
+    """The nodes appended to ``graph`` after ``last`` (None: all of them)."""
+    nodes, node = [], (last.next if last is not None else next(iter(graph.nodes), None))
+    while node is not None and node.op != "root":
+        nodes.append(node)
+        node = node.next
+    return nodes
+
+
+# -- after the trace: the rewrite -------------------------------------------------------------------------------
+def batch_calls(trace: LoopTrace) -> tuple[list[CallSite], str]:
+    """Rewrite every step's graph: each ``BatchedCall``'s calls become the batched call, its outputs split back
+    along dim 0. Returns the call sites (batched or why not) and a one-line summary."""
+    for step in trace.steps:
+        for key, batch in list(step.batched.items()):
+            reason = _splice(step, batch, trace.usage)
+            if reason is not None:
+                del step.batched[key]
+                step.unbatched.append((batch.calls[-1], reason))
+    sites = _sites(trace.steps)
+    batched = [s for s in sites if s.batched_steps]
+    if not sites:
+        return sites, "no model called more than once per step"
+    text = "; ".join(f"{s.module} x{s.calls} in {len(s.batched_steps)} step(s)" for s in batched) or "none"
+    apart = len(sites) - len(batched)
+    return sites, f"batched: {text}" + (f"; {apart} call site(s) left apart" if apart else "")
+
+
+def _sites(steps: list[StepTrace]) -> list[CallSite]:
+    found: dict[tuple, dict] = {}
+    for step in steps:
+        for batch in step.batched.values():
+            call = batch.calls[0]
+            site = found.setdefault((call.name, call.block), {"calls": 0, "batched": [], "other": [], "reason": None})
+            site["calls"] = max(site["calls"], len(batch.calls))
+            site["batched"].append(step.index)
+        for call, reason in step.unbatched:
+            site = found.setdefault((call.name, call.block), {"calls": 0, "batched": [], "other": [], "reason": None})
+            site["calls"] = max(site["calls"], sum(c.module is call.module for c in step.calls))
+            if step.index not in site["other"]:
+                site["other"].append(step.index)
+            site["reason"] = site["reason"] or reason
+    return [CallSite(name, block, s["calls"], tuple(s["batched"]), tuple(s["other"]), s["reason"])
+            for (name, block), s in found.items()]
+
+
+def step_ranges(steps: list[int]) -> str:
+    spans, start = [], steps[0]
+    for a, b in zip(steps, steps[1:] + [None]):
+        if b != a + 1:
+            spans.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(spans)
+
+
+def describe_sites(sites: list[CallSite]) -> list[str]:
+    """``explain()``'s lines on batched calls."""
+    lines = []
+    for s in sites:
+        where = f"{s.module} in block {s.block!r}"
+        if s.batched_steps:
+            steps = step_ranges(list(s.batched_steps))
+            lines.append(f"  {where}: {s.calls} calls per step as one batched call in steps {steps}")
+        if s.other_steps:
+            lines.append(f"  {where}: not batched in steps {step_ranges(list(s.other_steps))}: {s.reason}")
+    return lines
+
+
+class _Constants:
+    """Adds tensors to a step's constants (as the recorder does), each once."""
+
+    def __init__(self, step: StepTrace, usage: TensorUse | None) -> None:
+        self.step, self.usage = step, usage
+        self.names = {tid: name for name, tid in step.stable.items() if step.constants[name] is not None}
+
+    def node(self, graph: fx.Graph, tensor: torch.Tensor) -> fx.Node:
+        step = self.step
+        name = self.names.get(id(tensor))
+        if name is None or step.constants[name] is not tensor:
+            name = f"_c{len(step.constants)}"
+            while name in step.constants:
+                name += "_"
+            step.constants[name], step.stable[name] = tensor, id(tensor)
+            try:
+                step.versions[name] = tensor._version
+            except RuntimeError:  # an inference tensor: no version counter
+                step.versions[name] = 0
+            self.names[id(tensor)] = name
+            if self.usage is not None:
+                self.usage.const.add(id(tensor))
+        return graph.get_attr(name)
+
+
+def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str | None:
+    """Replace the calls' regions in ``step.graph`` by the batched call; None when done, else why not (and the
+    graph untouched)."""
+    graph, calls = step.graph, batch.calls
+    region = {n for c in calls for n in c.nodes}
+    outs = {n for c in calls for n in c.out_nodes if n is not None}
+    for n in region:
+        if n not in outs and any(u not in region for u in n.users):
+            return "a value computed inside the call is used outside it (not one of its outputs)"
+    refs = [*step.outputs.values(), *(n for d in step.nodes_before.values() for n in d.values()),
+            *(held[2] for d in step.held_before.values() for held in d.values())]
+    if any(n in region and n not in outs for n in refs):
+        return "a value computed inside the call is kept in the loop state (not one of its outputs)"
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    lo, hi = order[calls[0].nodes[0]], order[calls[-1].nodes[0]]
+    between = [n for n in graph.nodes if lo < order[n] < hi and n not in region]
+    if any(n.meta.get("mutates") for n in between):
+        return "an in-place op runs between the calls"
+    later: set[fx.Node] = set()  # ops between the calls on an earlier call's result: they move after the batch
+    for n in between:
+        if any(a in outs or a in later for a in n.all_input_nodes):
+            later.add(n)
+    if any(n in later for c in calls for n in c.inputs if n is not None):
+        return "the call's input is computed from an earlier call's result"
+
+    constants = _Constants(step, usage)
+    anchor, block = calls[-1].nodes[0], calls[0].block
+    first = calls[0]
+    env: dict[fx.Node, fx.Node] = {}
+    added: list[fx.Node] = []
+    replace: dict[fx.Node, fx.Node] = {}
+    with graph.inserting_before(anchor):
+        for n in batch.graph.nodes:
+            if n.op == "placeholder":
+                j = int(n.target[3:])
+                if j in batch.concat:
+                    parts = [c.inputs[j] if c.inputs[j] is not None else constants.node(graph, c.leaves[j])
+                             for c in calls]
+                    added += [p for p in parts if p.op == "get_attr"]
+                    env[n] = graph.call_function(torch.cat, (parts, 0))
+                    env[n].meta["dtype"] = first.leaves[j].dtype
+                    added.append(env[n])
+                else:
+                    env[n] = first.inputs[j]
+            elif n.op == "get_attr":
+                env[n] = constants.node(graph, batch.constants[n.target])
+                added.append(env[n])
+            elif n.op == "call_function":
+                env[n] = graph.call_function(n.target, fx.map_arg(n.args, env.__getitem__),
+                                             fx.map_arg(n.kwargs, env.__getitem__))
+                env[n].meta.update(n.meta)
+                added.append(env[n])
+        for k, out in enumerate(batch.out_nodes):
+            if out is None:
+                continue
+            offset = 0
+            for c, size in zip(calls, batch.sizes):
+                part = graph.call_function(torch.narrow, (env[out], 0, offset, size))
+                part.meta["dtype"] = env[out].meta.get("dtype")
+                added.append(part)
+                replace[c.out_nodes[k]] = part
+                offset += size
+    for n in added:
+        n.meta["block"] = block
+        n.meta["batched"] = True
+    for old, new in replace.items():
+        old.replace_all_uses_with(new)
+    step.outputs = {k: replace.get(n, n) for k, n in step.outputs.items()}
+    step.nodes_before = {key: {k: replace.get(n, n) for k, n in d.items()} for key, d in step.nodes_before.items()}
+    step.held_before = {key: {k: (path, v, replace.get(n, n)) for k, (path, v, n) in d.items()}
+                        for key, d in step.held_before.items()}
+    tail = added[-1]
+    for n in between:
+        if n in later:
+            tail.append(n)
+            tail = n
+    for n in sorted(region, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+    graph.lint()
+    step.block_ops[block] = step.block_ops.get(block, 0) + len(added) - len(region)
+    return None
