@@ -20,6 +20,7 @@ Batched matrix products are not bitwise equal to unbatched ones: results stay wi
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,8 @@ class ModuleCall:
     name: str                       # where the call found it ("components.denoiser"), for messages
     block: str | None
     nodes: list[fx.Node]            # the region: the step-graph nodes the call recorded, in order
-    paths: list[str]                # each argument leaf's place in (args, kwargs): "[1]['encoder_hidden_states']"
-    leaves: list[Any]               # the arguments, flattened
+    paths: list[str]                # each argument leaf's place: "['encoder_hidden_states']", "['added_cond'][0]"
+    leaves: list[Any]               # the arguments, by forward's parameter names (defaults applied), flattened
     spec: Any                       # their tree structure
     inputs: list[fx.Node | None]    # per leaf: its node when it is loop data
     outputs: list[Any]              # the output's leaves (tensors copied when the call returned)
@@ -146,7 +147,7 @@ def _leaf_rules(group: list[ModuleCall]) -> set[int] | str:
     concat = set()
     for j, value in enumerate(first.leaves):
         values = [c.leaves[j] for c in group]
-        where = f"argument {first.paths[j] or j}"
+        where = f"argument {first.paths[j]}"
         if not isinstance(value, torch.Tensor):
             try:
                 same = all(v is value or type(v) is type(value) and bool(v == value) for v in values)
@@ -166,6 +167,15 @@ def _leaf_rules(group: list[ModuleCall]) -> set[int] | str:
             return f"{where} has shapes {shapes}: not the same apart from the batch dimension"
         concat.add(j)
     return concat
+
+
+def _code_differs(step: StepTrace, first: ModuleCall, call: ModuleCall) -> str | None:
+    code, other = _region_code(step, first), _region_code(step, call)
+    if code == other:
+        return None
+    k = next((k for k, (a, b) in enumerate(zip(code, other)) if a != b), min(len(code), len(other)))
+    return (f"the calls ran different code (from op {k} of {len(code)}/{len(other)}: the model or how it was "
+            f"called changed between them)")
 
 
 def _depends(call: ModuleCall, group: list[ModuleCall]) -> bool:
@@ -245,10 +255,9 @@ class CallWatcher:
 
     def _call(self, module, nodes, args, kwargs, output) -> ModuleCall:
         rec = self.recorder
-        flat, spec = pytree.tree_flatten_with_path((args, kwargs))
-        paths = [pytree.keystr(path[1:]) if len(path) > 1 else "" for path, _ in flat]
-        paths = [("args" if path and path[0] == pytree.SequenceKey(0) else "kwargs") + p
-                 for (path, _), p in zip(flat, paths)]
+        arguments = _arguments(module, args, kwargs)
+        flat, spec = pytree.tree_flatten_with_path(arguments)
+        paths = [pytree.keystr(path) for path, _ in flat]
         leaves = [v for _, v in flat]
         outputs, out_spec = pytree.tree_flatten(output)
         return ModuleCall(
@@ -262,20 +271,15 @@ class CallWatcher:
         """Batch ``call`` with the earlier calls of its module in this step, if it can be."""
         batch = step.batched.get(id(call.module))
         group = batch.calls if batch is not None else [next(c for c in step.calls if c.module is call.module)]
-        reason = group[0].issue or call.issue
-        if reason is None and call.block != group[0].block:
-            reason = f"the calls are in different blocks ({group[0].block!r}, {call.block!r})"
-        if reason is None:
-            code, other = _region_code(step, group[0]), _region_code(step, call)
-            if code != other:
-                k = next((k for k, (a, b) in enumerate(zip(code, other)) if a != b), min(len(code), len(other)))
-                reason = (f"the calls ran different code (from op {k} of {len(code)}/{len(other)}: the model or "
-                          f"its arguments changed between them)")
-        if reason is None and _depends(call, group):
-            reason = "the call's input is computed from an earlier call's result"
-        rules = _leaf_rules([*group, call]) if reason is None else reason
-        if isinstance(rules, str):
-            step.unbatched.append((call, rules))
+        rules = _leaf_rules([*group, call])
+        reason = (group[0].issue or call.issue
+                  or (f"the calls are in different blocks ({group[0].block!r}, {call.block!r})"
+                      if call.block != group[0].block else None)
+                  or (rules if isinstance(rules, str) else None)
+                  or ("the call's input is computed from an earlier call's result" if _depends(call, group) else None)
+                  or _code_differs(step, group[0], call))
+        if reason is not None:
+            step.unbatched.append((call, reason))
             return
         done = self._retrace([*group, call], rules)
         if isinstance(done, str):
@@ -300,8 +304,7 @@ class CallWatcher:
                     if j in concat or (isinstance(value, torch.Tensor) and first.inputs[j] is not None):
                         node = scratch.graph.placeholder(f"arg{j}")
                         rec.taint[id(value)] = (value, node)
-                args, kwargs = pytree.tree_unflatten(leaves, first.spec)
-                out = first.module(*args, **kwargs)
+                out = _call_with(first.module, pytree.tree_unflatten(leaves, first.spec))
                 problems = list(rec.problems)
                 outputs, out_spec = pytree.tree_flatten(out)
                 out_nodes = [rec.node_of(v) for v in outputs]
@@ -332,6 +335,25 @@ class CallWatcher:
                 error = max(error, max_error(part, want))
         return BatchedCall(calls=list(group), sizes=sizes, concat=concat, graph=scratch.graph,
                            constants=scratch.constants, out_nodes=out_nodes, error=error)
+
+
+def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by ``forward``'s parameter names, defaults applied (``net(x, c)`` and
+    ``net(x, c, scale=1.0)`` are the same call when 1.0 is the default); ``{"*": args, "**": kwargs}`` when
+    ``forward`` has no signature to bind to."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return {"*": tuple(args), "**": dict(kwargs)}
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _call_with(module: torch.nn.Module, arguments: dict[str, Any]) -> Any:
+    if set(arguments) == {"*", "**"}:
+        return module(*arguments["*"], **arguments["**"])
+    bound = inspect.BoundArguments(inspect.signature(module.forward), arguments)
+    return module(*bound.args, **bound.kwargs)
 
 
 def _nodes_after(graph: fx.Graph, last: fx.Node | None) -> list[fx.Node]:
