@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available, else CPU)")
     bench.add_argument("--repeats", type=int, help="timed calls per method (default 30; --quick: 3)")
     bench.add_argument("--methods", type=lambda s: tuple(m for m in s.split(",") if m),
-                       help=f"comma-separated, from {','.join(METHODS)} (default: all but compile_wrapper)")
+                       help=f"comma-separated, from {','.join(METHODS)} (default: eager,compile_denoiser,compile_loop)")
     bench.add_argument("--scaling", type=_int_list, help="step counts of the scaling run (default 5,10,20,50)")
     bench.add_argument("--compile-timeout", type=float, help="seconds allowed for compile_wrapper's first call")
     bench.add_argument("--seed", type=int)
@@ -97,6 +97,9 @@ def _bench(args: argparse.Namespace) -> int:
                   f"{floor['ms_per_loop']:.2f} ms per loop")
     for line in targets(report):
         console.print(line)
+    for row in report["results"]:
+        if row.get("batched_calls"):
+            console.print(f"batched calls ({row['method']}): {row['batched_calls']}")
     paths = write_report(report, args.out or default_out())
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -24,9 +24,10 @@ LIFT_MAX_NUMEL = 1 << 16
 
 # Above this many ops in one compiled function, its C++ host code is built at -O1, apart from the kernels
 # (which keep -O3). g++ -O3 on SDXL's loop (1,462 ops: one ~7,700-line host function) ran for more than
-# 40 minutes; built apart it takes about a minute. Small loops keep one -O3 build: their host code runs
-# every step, and the default loop called 3-6% faster with it (timed by hand, not a recorded run).
-SEPARATE_HOST_BUILD_OPS = 1000
+# 40 minutes, and on its batched loop (742 ops, ~11,500 lines) for more than 8; built apart either takes about
+# a minute. Small loops keep one -O3 build: their host code runs every step, and the default loop (297 ops
+# batched, 567 not) called 3-6% faster with it (timed by hand, not a recorded run).
+SEPARATE_HOST_BUILD_OPS = 600
 
 # Compiled code kept per compiled loop: this many times ``max_plans`` (plans share code; an evicted plan's code
 # stays until it is the least recently used of this many).

@@ -83,6 +83,12 @@ def test_compiled_matches_diffusers_eager(name):
     no_fallback_warnings(caught)
     assert fast.stats.compiled_calls == 2 and fast.stats.plans == 1
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: the repeat compiled nothing
+    sites = fast.last_plan.batching  # the guider's two denoiser calls per step run as one batched call
+    if name == "flux":  # one call per step: nothing to batch
+        assert sites == ()
+    else:
+        (site,) = sites
+        assert site.calls == 2 and site.batched_steps == (0, 1, 2, 3, 4) and site.block == "denoiser"
 
 
 @needs_diffusers
