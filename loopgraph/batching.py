@@ -5,7 +5,7 @@ that calls ``components.net(...)`` twice). Two calls of the same module, running
 same shapes (the batch dimension aside), neither reading the other's output, can run as one call on the inputs
 concatenated along dimension 0, its outputs split again: one larger forward instead of two small ones.
 
-While tracing, ``CallWatcher`` (torch's global forward hooks, on the tracing thread only) marks every top-level
+While tracing, ``CallWatcher`` (a wrapper around ``nn.Module.__call__``, on the tracing thread) marks every top-level
 call of a module with parameters inside a step: the graph nodes it recorded (its *region*), its arguments and its
 outputs (``ModuleCall``). When a module is called again in the same step, the watcher checks that the calls can
 share a batch and, if so, runs the module once more, for real, on the concatenated arguments, recording that
@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.nn.modules import module as nn_module
 from torch.utils import _pytree as pytree
 
 from .records import LoopTrace, StepTrace, TensorUse, func_name
@@ -194,8 +193,11 @@ def _depends(call: ModuleCall, group: list[ModuleCall]) -> bool:
 
 class CallWatcher:
     """While tracing: each step's top-level module calls (``StepTrace.calls``) and the batched retraces of the
-    repeated ones (``StepTrace.batched`` / ``unbatched``). torch's global forward hooks, removed on exit; they
-    act on the tracing thread only."""
+    repeated ones (``StepTrace.batched`` / ``unbatched``).
+
+    It wraps ``torch.nn.Module.__call__`` for the duration (under the trace lock; other threads call through).
+    Not torch's global module hooks: with one registered, every module call takes torch's slow path, reading
+    hook dicts a plan's guard would then check, and calling a ``torch.compile``'d module warns."""
 
     def __init__(self, recorder, python) -> None:
         self.recorder, self.python = recorder, python
@@ -203,55 +205,66 @@ class CallWatcher:
         self.depth = 0
         self.start: tuple | None = None
         self.busy = False  # running a batched call: its module calls are not the loop's
-        self.handles: list = []
+        self.original: Any = None
 
     def __enter__(self) -> CallWatcher:
-        self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
-                        nn_module.register_module_forward_hook(self._post, with_kwargs=True, always_call=True)]
+        original = self.original = torch.nn.Module.__call__
+        watcher = self
+
+        def __call__(module, *args, **kwargs):
+            if watcher.busy or threading.get_ident() != watcher.thread or not watcher._pre():
+                return original(module, *args, **kwargs)
+            try:
+                out = original(module, *args, **kwargs)
+            except BaseException:
+                watcher.depth -= 1
+                if not watcher.depth:
+                    watcher.start = None
+                raise
+            watcher._post(module, args, kwargs, out)
+            return out
+
+        torch.nn.Module.__call__ = __call__
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        torch.nn.Module.__call__ = self.original
 
-    def _writes(self) -> int:
-        return sum(len(w.events) for w in self.python.writes.values())
+    def _writes(self) -> dict[tuple, int]:
+        return {key: len(w.events) for key, w in self.python.writes.items()}
 
-    def _pre(self, module, args) -> None:
+    def _pre(self) -> bool:
+        """A module call starts; False when it is not watched (outside a step)."""
         rec = self.recorder
-        if self.busy or threading.get_ident() != self.thread or not rec.in_step or rec.step is None:
-            return None
+        if not rec.in_step or rec.step is None:
+            return False
         self.depth += 1
         if self.depth == 1:
             graph = rec.step.graph
             last = next(iter(reversed(graph.nodes)), None)
-            self.start = (rec.step, last, len(rec.problems), self._writes(), dict(self.python.writes))
-        return None
+            self.start = (rec.step, last, len(rec.problems), self._writes())
+        return True
 
-    def _post(self, module, args, *rest) -> None:
-        if self.start is None or self.busy or threading.get_ident() != self.thread:
-            return None
+    def _post(self, module, args, kwargs, output) -> None:
         self.depth -= 1
-        if self.depth:
-            return None
-        (step, last, problems, writes, written), self.start = self.start, None
-        if len(rest) != 2 or step is not self.recorder.step:  # it raised, or a step ended inside it
-            return None
+        if self.depth or self.start is None:
+            return
+        (step, last, problems, writes), self.start = self.start, None
+        if step is not self.recorder.step:  # a step ended inside the call
+            return
         with self.python.paused():
             with torch._C.DisableTorchFunction():
                 if next(iter(module.parameters()), None) is None:
-                    return None
+                    return
                 nodes = _nodes_after(step.graph, last)
                 if not nodes:
-                    return None  # not on loop data: evaluated eagerly, nothing to batch
-                call = self._call(module, nodes, args, *rest)
-                wrote = [w.path for key, w in self.python.writes.items() if key not in written
-                         or len(w.events) > len(written[key].events)] if self._writes() > writes else []
+                    return  # not on loop data: evaluated eagerly, nothing to batch
+                call = self._call(module, nodes, args, kwargs, output)
+                wrote = [w.path for key, w in self.python.writes.items() if len(w.events) > writes.get(key, 0)]
                 call.issue = _issue(call, wrote, self.recorder.problems[problems:])
                 step.calls.append(call)
             if any(c.module is module for c in step.calls[:-1]):
                 self._join(step, call)
-        return None
 
     def _call(self, module, nodes, args, kwargs, output) -> ModuleCall:
         rec = self.recorder
@@ -520,6 +533,8 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
     step.nodes_before = {key: {k: replace.get(n, n) for k, n in d.items()} for key, d in step.nodes_before.items()}
     step.held_before = {key: {k: (path, v, replace.get(n, n)) for k, (path, v, n) in d.items()}
                         for key, d in step.held_before.items()}
+    for c in step.calls:  # another module's calls may read these outputs (and be batched next)
+        c.inputs = [replace.get(n, n) for n in c.inputs]
     tail = added[-1]
     for n in between:
         if n in later:

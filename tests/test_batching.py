@@ -170,6 +170,47 @@ def test_the_batched_step_graph_has_one_model_region_where_it_had_two():
     assert "batch calls" in [p.name for p in batched.last_plan.passes]
 
 
+class TwoModels(ModularPipelineBlocks):
+    """Per condition, a model and then a second model on its result: both pairs are batched."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("cond"), InputParam("uncond")]
+
+    def __call__(self, components, block_state, i: int):
+        t = torch.tensor(0.5)
+        preds = []
+        for context in (block_state.cond, block_state.uncond):
+            first = components.net(block_state.x, t, context)
+            preds.append(components.refiner(first, t, context))
+        block_state.x = block_state.x - 0.1 * (preds[1] + 2.0 * (preds[0] - preds[1]))
+        return components, block_state
+
+
+def test_two_models_called_per_condition_are_both_batched():
+    loop = Loop.from_blocks_dict({"denoise": TwoModels()})
+    comps = types.SimpleNamespace(net=Net(), refiner=Net())
+    comps.refiner.conv.weight.data.mul_(-0.5)
+
+    def go(fn):
+        g = torch.Generator().manual_seed(1)
+        state = PipelineState()
+        for name, shape in (("x", (2, 4, 6, 6)), ("cond", (2, 5, 8)), ("uncond", (2, 5, 8))):
+            state.set(name, torch.randn(*shape, generator=g))
+        state.set("num_steps", 3)
+        return fn(comps, state)[1].get("x")
+
+    expected = go(loop)
+    fast = compile_loop(loop, backend="eager")
+    assert torch.equal(go(fast), expected) and matches_eager(go(fast), expected)
+    assert fast.stats.compiled_calls == 1
+    assert {(s.module, s.batched_steps) for s in fast.last_plan.batching} == {
+        ("components['net']", (0, 1, 2)), ("components['refiner']", (0, 1, 2))}
+    (variant,) = fast.last_plan.variants
+    assert param_uses(variant.graph, comps.net.conv.weight) == 1
+    assert param_uses(variant.graph, comps.refiner.conv.weight) == 1
+
+
 # -- what stays apart, and why ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode, kwargs, reason", [
     ("ok", dict(uncond_len=7), "argument ['context'] has shapes (2, 5, 8), (2, 7, 8): not the same apart from the batch"),

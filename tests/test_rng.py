@@ -16,8 +16,9 @@ from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_
 from loopgraph.bench import count_python_calls
 from loopgraph.rng import SEED_HIGH, counter_draw, draw_spec, eager_loop, philox4x32
 from loopgraph.zoo.loops import build_loop
+from loopgraph.verify import matches_eager
 
-from .test_compile_loop import TOL, Loop, Scale
+from .test_compile_loop import Loop, Scale
 
 
 class Noise(ModularPipelineBlocks):
@@ -125,7 +126,7 @@ def test_counter_rng_compiles_a_stochastic_loop_whole_and_matches_the_eager_loop
     for seed in (0, 0, 1, 2, 1):
         expected = eagerly(loop, x, 5, seed, generator)
         got, _ = run(fast, x, 5, seed, generator)
-        assert torch.allclose(got, expected, **TOL), seed
+        assert matches_eager(got, expected), seed
         results.setdefault(seed, got)
         assert torch.equal(got, results[seed])  # the same generator state: the same noise
     assert not torch.allclose(results[0], results[1])  # another seed: other noise
@@ -159,7 +160,7 @@ def test_a_list_of_generators_gives_one_seed_each_from_this_calls_list():
     for seeds in ((0, 1), (0, 1), (1, 0), (2, 2)):
         expected = eager_loop(loop, None, state(seeds))[1].get("x")
         got = fast(None, state(seeds))[1].get("x")
-        assert torch.allclose(got, expected, **TOL), seeds
+        assert matches_eager(got, expected), seeds
         if seeds == (2, 2):  # both items drew from generators in the same state: the same noise
             assert torch.allclose(got[0], got[1])
     assert fast.stats.plans == 1 and fast.stats.compiled_calls == 3
@@ -228,7 +229,7 @@ def test_an_eager_block_draws_by_the_policy_between_compiled_segments():
         x = torch.full((6,), start)
         expected = eagerly(loop, x, 4, seed)
         got, _ = quiet(run, fast, x, 4, seed)
-        assert torch.allclose(got, expected, **TOL), (seed, start)
+        assert matches_eager(got, expected), (seed, start)
     assert fast.stats.eager_blocks == 1 and fast.stats.segment_calls > 0 and fast.stats.plans == 1
     assert "eager clamp" in fast.explain()
 
@@ -342,7 +343,7 @@ def test_inductor_counter_rng_loop_compiles_once_and_runs_no_python_per_step():
         for seed in (0, 1):
             expected = eagerly(loop, x, n, seed, generator=True)
             got, _ = run(fast, x, n, seed, generator=True)
-            assert torch.allclose(got, expected, **TOL), (n, seed)
+            assert matches_eager(got, expected), (n, seed)
         torch.manual_seed(0)
         state = new_state(x, n, torch.Generator().manual_seed(0))
         calls[n] = count_python_calls(lambda: fast(None, state))
