@@ -184,6 +184,7 @@ class _Method:
     scaling: dict[int, list[float]] = field(default_factory=dict)
     peak_mem_bytes: int | None = None
     failure: str | None = None
+    batched_calls: str | None = None
 
     def call(self) -> tuple[torch.Tensor, float]:
         """One timed call from a fresh state; counts what it compiled."""
@@ -387,6 +388,7 @@ def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
                 for _ in range(config.warmup):
                     method.output, _ = method.call()
                     progress.advance(task)
+            method.batched_calls = _batched_calls(setup)  # the plan at the benchmarked N
         except Exception as error:  # a method that cannot run is reported, not fatal
             method.failure = f"{type(error).__name__}: {error}"
     if methods["eager"].failure:
@@ -461,7 +463,7 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
             "python_calls_per_step": ((m.python_calls[high] - m.python_calls[low]) / (high - low)
                                       if low in m.python_calls else None),
             "peak_mem_bytes": m.peak_mem_bytes,
-            "batched_calls": _batched_calls(m.setup),
+            "batched_calls": m.batched_calls,
         }
         results.append(row)
         for steps, times in m.scaling.items():
@@ -485,8 +487,9 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
 
 def _batched_calls(setup) -> str | None:
     """What a compiled loop batched (``CallSite``s), in a few words: "components.denoiser x2 in 20/20 steps"."""
-    plan = getattr(getattr(setup, "compiled", None), "last_plan", None)
-    if plan is None:
+    fast = getattr(setup, "compiled", None)
+    plan = getattr(fast, "last_plan", None)
+    if plan is None or fast.config.batch_guidance is False:
         return None
     steps = plan.program.num_steps if plan.program else 0
     parts = [f"{s.module} x{s.calls} in {len(s.batched_steps)}/{steps} steps" for s in plan.batching if s.batched_steps]

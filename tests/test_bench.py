@@ -49,6 +49,10 @@ def test_bench_quick_writes_json_csv_png_with_the_schema(quick_run):
     assert [r["method"] for r in table] == list(rows) and set(RESULT_KEYS) <= set(table[0])
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "compile_loop" in stdout and "wrote" in stdout
+    # the guided steps' two denoiser calls ran as one (--quick: CFG in all 4 steps)
+    assert rows["compile_loop"]["batched_calls"] == "components.denoiser x2 in 4/4 steps"
+    assert rows["eager"]["batched_calls"] is None
+    assert "batched calls (compile_loop): components.denoiser x2 in 4/4 steps" in stdout
 
 
 def test_a_method_that_disagrees_with_eager_is_not_reported():
