@@ -2,8 +2,8 @@
 
 Equality with eager first (the zoo presets with guidance on, off and windowed; a user block calling the model
 twice; the diffusers loops), then the structure (one model region per step where there were two), every case
-that must stay apart with its reason, the options, and composition with eager segments, rng="counter" and the
-kernel pass.
+that must stay apart with its reason, the options, and composition with eager segments and rng="counter" (the
+kernel pass: tests/test_kernel_pass.py, on the batched default loop).
 """
 
 import types
@@ -22,20 +22,22 @@ from .test_compile_loop import Loop
 class Net(torch.nn.Module):
     """A small conditional conv net: latents [B, 4, 6, 6], context [B, L, 8]."""
 
-    def __init__(self, sum_batch: bool = False):
+    def __init__(self, sum_batch: bool = False, mix_batch: bool = False):
         super().__init__()
         torch.manual_seed(0)
         self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
         self.ctx = torch.nn.Linear(8, 4)
         self.extra = torch.nn.Conv2d(4, 4, 1)
         self.skip = False
-        self.sum_batch = sum_batch
+        self.sum_batch, self.mix_batch = sum_batch, mix_batch
 
     def forward(self, x, t, context, scale: float = 1.0):
         h = torch.nn.functional.silu(self.conv(x)) * (1 + t)
         h = h + self.ctx(context).mean(1)[:, :, None, None] * scale
         if not self.skip:  # skip-layer guidance: the model changed between the calls
             h = h + self.extra(h)
+        if self.mix_batch:  # rows depend on the other rows of the batch: batching would change them
+            h = h - h.mean(0, keepdim=True)
         return h.sum(0, keepdim=True) if self.sum_batch else h
 
 
@@ -240,6 +242,15 @@ def test_an_output_that_is_not_batch_separable_stays_apart():
     assert site.batched_steps == () and "output 0 is not batch-separable (shape (1, 4, 6, 6) for 4 rows)" in site.reason
 
 
+def test_a_batched_call_whose_outputs_differ_from_the_separate_calls_stays_apart():
+    loop, net = two_call_loop(), Net(mix_batch=True)
+    expected = run(loop, net)
+    fast = compile_loop(loop, backend="eager")
+    assert torch.equal(run(fast, net), expected) and matches_eager(run(fast, net), expected)
+    (site,) = fast.last_plan.batching
+    assert site.batched_steps == () and "the batched call's output 0 differs from the separate calls'" in site.reason
+
+
 def test_batch_guidance_true_warns_about_call_sites_left_apart():
     loop, net = two_call_loop("literal"), Net()
     fast = compile_loop(loop, backend="eager", batch_guidance=True)
@@ -270,16 +281,3 @@ def test_batched_calls_compose_with_counter_rng():
     again = run(fast, net, seed=3)
     assert matches_eager(again, first) and fast.stats.compiled_calls == 1
     assert fast.last_plan.kind != "eager segments" and fast.last_plan.batching[0].batched_steps == (0, 1, 2, 3)
-
-
-def test_batched_calls_compose_with_the_kernel_pass():
-    from .test_kernel_pass import kernel_calls
-
-    setup = build_loop("dit", steps=5, sample_size=8, guidance_window=(0.0, 0.6))
-    expected = setup.run()
-    fast = compile_loop(setup.wrapper, backend="eager", fused_kernels=True)
-    fast(setup.components, setup.new_state())
-    _, state = fast(setup.components, setup.new_state())
-    assert matches_eager(state.get("latents"), expected) and fast.stats.compiled_calls == 1
-    assert [len(kernel_calls(v.graph)) for v in fast.last_plan.variants] == [1, 1, 0]
-    assert fast.last_plan.batching[0].batched_steps == (0, 1, 2)

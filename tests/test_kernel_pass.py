@@ -135,6 +135,7 @@ def test_kernel_pass_in_compile_loop_matches_eager():
     assert fast.stats.compiled_calls == 1  # the second call ran the compiled loop (no fallback to eager)
     variants = fast.last_plan.variants
     assert [len(kernel_calls(v.graph)) for v in variants] == [1, 1, 0]  # step 0, guided, unguided
+    assert fast.last_plan.batching[0].batched_steps == (0, 1, 2)  # on the batched denoiser call's outputs
 
 
 def test_kernel_pass_is_off_on_cpu_by_default():
