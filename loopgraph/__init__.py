@@ -18,6 +18,7 @@ from pathlib import Path
 from .compile import CompileConfig, CompiledLoop, compile_loop
 from .blocks import AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks, SequentialPipelineBlocks
 from .pipeline import ModularPipeline
+from .whole_pipeline import compile_pipeline, compiled_loops, explain
 from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
 
 
@@ -53,6 +54,9 @@ __all__ = [
     "compile_loop",
     "CompiledLoop",
     "CompileConfig",
+    "compile_pipeline",
+    "compiled_loops",
+    "explain",
     # state and declarations
     "PipelineState",
     "BlockState",

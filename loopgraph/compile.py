@@ -19,6 +19,7 @@ that owns each (docs/how-compile-loop-works.md, "Architecture"):
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 import time
 import warnings
@@ -34,6 +35,8 @@ from .planner import Planner
 from .records import Unsupported
 from .report import PlanReport, explain_lines, report
 from .verify import matches_eager, max_error, tolerance
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["CompileConfig", "CompiledLoop", "LoopStats", "compile_loop", "matches_eager", "max_error", "tolerance"]
 
@@ -55,11 +58,14 @@ class CompiledLoop(ModularPipelineBlocks):
         self._plans = PlanCache(config.max_plans, config.static_shapes, f"{type(wrapper).__name__}")
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
         self._replans: list[str] = []  # why each of the latest consecutive calls re-planned
+        self.path: str | None = None   # where compile_pipeline found the wrapper ("denoise.denoise"), for logs
 
     def __deepcopy__(self, memo):
         # ModularPipeline / init_pipeline deep-copy their blocks: the copy gets the wrapper's copy and its own
         # (empty) plan cache; locks and compiled code are not copyable state.
-        return CompiledLoop(copy.deepcopy(self.wrapper, memo), self.config)
+        fast = CompiledLoop(copy.deepcopy(self.wrapper, memo), self.config)
+        fast.path = self.path
+        return fast
 
     # -- the wrapper's interface ---------------------------------------------------------------------------
     @property
@@ -96,7 +102,12 @@ class CompiledLoop(ModularPipelineBlocks):
             self.stats.guard_seconds += time.perf_counter() - start
             if plan is None:
                 self._note_replan()
+                name = self.path or type(self.wrapper).__name__
+                logger.info("compile_loop: %s: tracing (one eager call) and planning%s", name,
+                            "" if self.stats.plans else ", compiling")
                 plan, result = self._planner.plan(components, state)
+                logger.info("compile_loop: %s: planned in %.1f s (%s)", name, time.perf_counter() - start,
+                            plan.executable.kind if plan is not None else "not guarded: runs eagerly")
                 if plan is not None:
                     self._plans.add(plan)
                 return result

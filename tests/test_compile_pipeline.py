@@ -1,0 +1,121 @@
+"""``compile_pipeline``: every loop wrapper nested in a pipeline's blocks compiled in place, in one line.
+
+Equality with the eager pipeline first, then what is found (every branch, diffusers' preset block trees), that it
+is idempotent, the no-loop warning, the log lines and ``loopgraph.explain``.
+"""
+
+import copy
+import importlib.util
+import logging
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+
+import loopgraph
+from loopgraph import AutoPipelineBlocks, CompiledLoop, SequentialPipelineBlocks, compile_pipeline, compiled_loops
+from loopgraph.verify import matches_eager
+from loopgraph.zoo.loops import DenoiseLoop, LoopBeforeDenoiser, build_loop
+
+needs_diffusers = pytest.mark.skipif(importlib.util.find_spec("diffusers") is None,
+                                     reason="diffusers is not installed (pip install loopgraph[diffusers])")
+
+
+class Branches(AutoPipelineBlocks):
+    """Two loops, one per branch: a call takes one of them, compile_pipeline compiles both."""
+
+    block_classes = [DenoiseLoop, DenoiseLoop]
+    block_names = ["masked", "plain"]
+    block_trigger_inputs = ["mask", None]
+
+
+def zoo_pipeline(steps=3):
+    setup = build_loop("unet", steps=steps, sample_size=8)
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"denoise": copy.deepcopy(setup.wrapper)})
+    pipe = blocks.init_pipeline()
+    pipe.update_components(**setup.components.components)
+    return setup, pipe
+
+
+def run(setup, pipe, steps=3):
+    setup.components.scheduler.set_timesteps(steps)
+    pipe.update_components(scheduler=setup.components.scheduler)
+    return pipe(latents=setup.inputs["latents"], prompt_embeds=setup.inputs["prompt_embeds"],
+                negative_prompt_embeds=setup.inputs["negative_prompt_embeds"],
+                timesteps=setup.components.scheduler.timesteps, num_inference_steps=steps, output="latents")
+
+
+def test_a_compiled_pipeline_equals_the_eager_pipeline_and_runs_its_loop_compiled():
+    setup, pipe = zoo_pipeline()
+    expected = run(setup, pipe)
+    assert compile_pipeline(pipe, backend="eager") is pipe
+    dynamo_utils.counters.clear()
+    for _ in range(3):
+        assert matches_eager(run(setup, pipe), expected)
+    (site,) = compiled_loops(pipe)
+    assert site.path == "denoise" and site.kind == "loop" and isinstance(site.compiled, CompiledLoop)
+    assert pipe._blocks.sub_blocks["denoise"] is site.compiled  # in the live tree, not a copy
+    assert site.compiled.stats.compiled_calls == 2  # the first call traced, the others ran compiled
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: compiled once
+
+
+def test_every_branch_is_compiled_and_compiling_again_changes_nothing():
+    blocks = SequentialPipelineBlocks.from_blocks_dict(
+        {"prepare": LoopBeforeDenoiser(), "branch": Branches(), "denoise": DenoiseLoop()})
+    compile_pipeline(blocks, backend="eager")
+    sites = compiled_loops(blocks)
+    assert [s.path for s in sites] == ["branch.masked", "branch.plain", "denoise"]
+    loops = [s.compiled for s in sites]
+    compile_pipeline(blocks, backend="eager")
+    assert [s.compiled for s in compiled_loops(blocks)] == loops  # the same objects: nothing compiled twice
+    assert isinstance(blocks.sub_blocks["prepare"], LoopBeforeDenoiser)  # leaf blocks are left alone
+
+
+def test_no_loop_warns_naming_what_it_searched():
+    blocks = SequentialPipelineBlocks.from_blocks_dict({"prepare": LoopBeforeDenoiser()})
+    with pytest.warns(UserWarning, match=r"no loop wrapper found in SequentialPipelineBlocks; searched <root> "
+                                         r"\(SequentialPipelineBlocks\)"):
+        compile_pipeline(blocks)
+    assert compiled_loops(blocks) == []
+    with pytest.raises(TypeError, match="is a loop wrapper itself.*use compile_loop"):
+        compile_pipeline(DenoiseLoop())
+    with pytest.raises(TypeError, match="expects a ModularPipeline or pipeline blocks"):
+        compile_pipeline(torch.nn.Linear(2, 2))
+
+
+def test_first_call_logs_when_tracing_starts_and_ends_and_explain_lists_the_loops(caplog):
+    setup, pipe = zoo_pipeline()
+    compile_pipeline(pipe, backend="eager")
+    assert "denoise: DenoiseLoop -> not called yet" in loopgraph.explain(pipe)
+    with caplog.at_level(logging.INFO, logger="loopgraph"):
+        run(setup, pipe)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("loopgraph")]
+    assert any(m.startswith("compile_loop: denoise: tracing (one eager call) and planning, compiling") for m in messages)
+    assert any(m.startswith("compile_loop: denoise: planned in ") and "whole loop on state buffers" in m
+               for m in messages)
+    run(setup, pipe)
+    assert "denoise: DenoiseLoop -> whole loop on state buffers; calls=2 compiled_calls=1" in loopgraph.explain(pipe)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("preset, loops", [
+    ("StableDiffusionXLAutoBlocks", ["denoise.denoise.controlnet_denoise.inpaint_controlnet_denoise",
+                                     "denoise.denoise.controlnet_denoise.controlnet_denoise",
+                                     "denoise.denoise.inpaint_denoise", "denoise.denoise.denoise"]),
+    ("FluxAutoBlocks", ["denoise.denoise"]),
+    ("WanBlocks", ["denoise.denoise"]),
+    ("QwenImageAutoBlocks", ["denoise.text2image.denoise", "denoise.inpaint.denoise", "denoise.img2img.denoise",
+                             "denoise.controlnet_text2image.controlnet_denoise",
+                             "denoise.controlnet_inpaint.controlnet_denoise",
+                             "denoise.controlnet_img2img.controlnet_denoise"]),
+])
+def test_every_loop_of_diffusers_preset_blocks_is_found(preset, loops):
+    import diffusers.modular_pipelines as modular
+
+    blocks = getattr(modular, preset)()
+    compile_pipeline(blocks, backend="eager")
+    sites = compiled_loops(blocks)
+    assert [s.path for s in sites] == loops
+    assert all(isinstance(s.compiled.wrapper, modular.LoopSequentialPipelineBlocks) for s in sites)
+    compile_pipeline(blocks, backend="eager")
+    assert [s.compiled for s in compiled_loops(blocks)] == [s.compiled for s in sites]
