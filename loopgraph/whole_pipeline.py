@@ -70,7 +70,8 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
     Args:
         pipe_or_blocks: a ``ModularPipeline`` (loopgraph's or diffusers') or a block tree (a container of blocks).
         encoders: also compile the pipeline's text encoders (components named ``text_encoder*``) with
-            ``torch.compile``, in place (``module.compile()``). Off by default.
+            ``torch.compile``, in place (``module.compile(backend=...)``, ``backend`` as for the loops). Off by
+            default.
         decoder: also compile the VAE's decoder (``components.vae.decoder``), in place. Off by default.
         **options: ``compile_loop``'s options (``backend``, ``batch_guidance``, ...), for every loop.
 
@@ -107,11 +108,11 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
                       f"set_block_state)", stacklevel=2)
     components = pipe_or_blocks if root is not pipe_or_blocks else None
     if components is not None and (encoders or decoder):
-        _compile_components(components, encoders, decoder)
+        _compile_components(components, encoders, decoder, options.get("backend", "inductor"))
     return pipe_or_blocks
 
 
-def _compile_components(pipe: Any, encoders: bool, decoder: bool) -> None:
+def _compile_components(pipe: Any, encoders: bool, decoder: bool, backend: str) -> None:
     compiled = vars(pipe).setdefault("_loopgraph_compiled", {})
     names = [n for n in getattr(pipe, "components", {}) if encoders and n.startswith("text_encoder")]
     targets = [(f"components.{n}", "encoder", getattr(pipe, n, None)) for n in names]
@@ -120,7 +121,7 @@ def _compile_components(pipe: Any, encoders: bool, decoder: bool) -> None:
         targets.append(("components.vae.decoder", "decoder", getattr(vae, "decoder", None)))
     for path, kind, module in targets:
         if isinstance(module, torch.nn.Module) and path not in compiled:
-            module.compile()  # in place: the pipeline keeps the same module object
+            module.compile(backend=backend)  # in place: the pipeline keeps the same module object
             compiled[path] = CompiledSite(path, kind, module)
 
 

@@ -119,3 +119,39 @@ def test_every_loop_of_diffusers_preset_blocks_is_found(preset, loops):
     assert all(isinstance(s.compiled.wrapper, modular.LoopSequentialPipelineBlocks) for s in sites)
     compile_pipeline(blocks, backend="eager")
     assert [s.compiled for s in compiled_loops(blocks)] == [s.compiled for s in sites]
+
+
+# -- whole diffusers pipelines: prompt -> text encoders -> timesteps -> latents -> denoise -> VAE decode ----------
+@needs_diffusers
+@pytest.mark.parametrize("name, loop", [("sdxl", "denoise.denoise.denoise"), ("flux", "denoise.denoise")])
+def test_a_whole_diffusers_pipeline_decodes_eagers_images(name, loop, tmp_path):
+    from loopgraph.zoo.diffusers_pipelines import build_diffusers_pipeline
+
+    setup = build_diffusers_pipeline(name, folder=tmp_path)
+    expected = setup.run()
+    assert expected.shape == (1, 3, 32, 32)
+    compile_pipeline(setup.pipe, backend="eager")
+    dynamo_utils.counters.clear()
+    for _ in range(3):
+        assert matches_eager(setup.run(), expected)
+    ran = {s.path: s.compiled for s in compiled_loops(setup.pipe) if s.compiled.stats.calls}
+    assert list(ran) == [loop] and ran[loop].stats.compiled_calls == 2  # the second and third calls ran compiled
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1  # Dynamo's own count: the loop compiled once
+    assert f"{loop}: " in loopgraph.explain(setup.pipe)
+
+
+@needs_diffusers
+def test_encoders_and_decoder_are_compiled_in_place_when_asked(tmp_path):
+    from loopgraph.zoo.diffusers_pipelines import build_diffusers_pipeline
+
+    setup = build_diffusers_pipeline("sdxl", folder=tmp_path)
+    expected = setup.run()
+    encoder, vae = setup.pipe.text_encoder, setup.pipe.vae
+    compile_pipeline(setup.pipe, backend="eager", encoders=True, decoder=True)
+    assert matches_eager(setup.run(), expected) and matches_eager(setup.run(), expected)
+    assert setup.pipe.text_encoder is encoder and setup.pipe.vae is vae  # compiled in place
+    assert encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is not None
+    kinds = {s.path: s.kind for s in compiled_loops(setup.pipe)}
+    assert kinds["components.text_encoder"] == kinds["components.text_encoder_2"] == "encoder"
+    assert kinds["components.vae.decoder"] == "decoder"
+    assert "components.vae.decoder: Decoder (decoder, torch.compile in place)" in loopgraph.explain(setup.pipe)
