@@ -18,6 +18,7 @@ def test_doc_examples_run(page, capsys):
     for code in blocks:
         # compiling for real is covered by tests/test_compile_loop.py; keep the docs run short
         code = re.sub(r"compile_loop\(setup\.wrapper(?=[,)])", "compile_loop(setup.wrapper, backend='eager'", code)
+        code = re.sub(r"compile_pipeline\(setup\.pipe(?=[,)])", "compile_pipeline(setup.pipe, backend='eager'", code)
         exec(compile(code, str(page), "exec"), namespace)
 
 
