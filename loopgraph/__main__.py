@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="time eager vs compile_denoiser vs compile_loop on one loop (the default command)",
         description="Runs every method on identical inputs, checks each against eager, then times them "
                     "interleaved. Writes bench.json, bench.csv and bench.png into --out.")
+    bench.add_argument("--loop", metavar="MODULE:FUNCTION",
+                       help="benchmark your own loop: a function returning (wrapper, components, make_state[, output "
+                            "name]); make_state(steps) makes a fresh state (instead of --preset)")
     bench.add_argument("--preset", default="dit",
                        help="zoo preset (dit, dit-ddim, unet, unet-ddim) or a diffusers loop (sdxl, flux, wan, "
                             "qwenimage; needs loopgraph[diffusers]); default: dit")
@@ -71,17 +74,20 @@ def _bench(args: argparse.Namespace) -> int:
               "(`make run` installs it)", file=sys.stderr)
         return 2
 
-    from .bench import BenchConfig, default_out, render_table, run_bench, targets, with_overrides, write_report
+    from .bench import (BenchConfig, default_out, floor_line, render_table, run_bench, targets, user_loop,
+                        with_overrides, write_report)
 
     base = BenchConfig.quick() if args.quick else BenchConfig()
     try:
         config = with_overrides(
-            base, preset=args.preset, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
+            base, preset=args.preset, loop=args.loop, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
             dtype=args.dtype, device=args.device, repeats=args.repeats, methods=args.methods,
             scaling=args.scaling, compile_timeout=args.compile_timeout, seed=args.seed,
             model=dict(args.model) or None)
         if args.quick and args.scaling is None and args.steps is not None:
             config = with_overrides(config, scaling=(max(config.steps // 2, 1), config.steps))
+        if config.loop is not None:
+            user_loop(config.loop, config.steps)  # a module or function that is not there: said now, in one line
     except (TypeError, ValueError) as error:
         print(f"loopgraph bench: {error}", file=sys.stderr)
         return 2
@@ -93,8 +99,7 @@ def _bench(args: argparse.Namespace) -> int:
     for rejected in report["rejected"]:
         console.print(f"[red]not reported: {rejected['method']}: {rejected['reason']}[/red]")
     floor = report["floor"]
-    console.print(f"floor: bare {floor['denoiser']} denoiser, {floor['calls_per_loop']} calls per loop, "
-                  f"{floor['ms_per_loop']:.2f} ms per loop")
+    console.print(floor_line(floor))
     for line in targets(report):
         console.print(line)
     for row in report["results"]:

@@ -28,6 +28,8 @@ Measurements:
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import csv
 import ctypes
 import json
@@ -46,7 +48,7 @@ import torch
 
 from .compile import compile_loop, matches_eager, max_error, tolerance
 
-__all__ = ["BenchConfig", "METHODS", "run_bench", "write_report"]
+__all__ = ["BenchConfig", "METHODS", "UserLoop", "run_bench", "run_loop", "user_loop", "write_report"]
 
 METHODS = ("eager", "compile_denoiser", "compile_loop", "compile_loop_unbatched", "compile_wrapper")
 DEFAULT_METHODS = ("eager", "compile_denoiser", "compile_loop")
@@ -71,6 +73,7 @@ class BenchConfig:
     compile_timeout: float = 300.0
     seed: int = 0
     model: dict[str, Any] = field(default_factory=dict)  # denoiser config overrides, e.g. hidden_dim=128
+    loop: str | None = None  # "package.module:function": the user's own loop (see ``user_loop``), not a preset
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
@@ -103,9 +106,54 @@ class BenchConfig:
 # --- the loop and the methods -------------------------------------------------------------------------------
 
 
+@dataclass
+class UserLoop:
+    """The user's own loop, benchmarked like a preset: ``make_state(steps)`` (or ``make_state()``) makes a fresh
+    state for each call; ``output`` names the state value every method is checked by (the latents)."""
+
+    wrapper: Any
+    components: Any
+    make_state: Callable
+    output: str = "latents"
+    steps: int = 20
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        params = inspect.signature(self.make_state).parameters.values()
+        self.takes_steps = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                               for p in params)
+        state = self.new_state()
+        tensors = [v for v in getattr(state, "values", {}).values() if isinstance(v, torch.Tensor)]
+        if tensors:
+            self.device = tensors[0].device
+
+    def new_state(self):
+        return self.make_state(self.steps) if self.takes_steps else self.make_state()
+
+
+def user_loop(spec: str, steps: int) -> UserLoop:
+    """Import ``package.module:function`` and call it: it returns ``(wrapper, components, make_state)``, optionally
+    with the output's name as a fourth item (default "latents"); ``make_state(steps)`` makes a fresh state."""
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise ValueError(f"bench: --loop wants package.module:function, got {spec!r}")
+    try:
+        made = getattr(importlib.import_module(module_name), function)()
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"bench: cannot load --loop {spec!r}: {error}") from error
+    if not isinstance(made, (tuple, list)) or len(made) not in (3, 4):
+        raise ValueError(f"bench: {spec} must return (wrapper, components, make_state[, output name]), got "
+                         f"{type(made).__name__}")
+    return UserLoop(*made[:3], **({"output": made[3]} if len(made) == 4 else {}), steps=steps)
+
+
 def build_setup(config: BenchConfig):
-    """A fresh copy of the benchmarked loop (zoo preset, or a diffusers loop when diffusers is installed)."""
+    """A fresh copy of the benchmarked loop (zoo preset, a diffusers loop when diffusers is installed, or the
+    user's ``--loop``)."""
     from .zoo.loops import PRESETS, build_loop
+
+    if config.loop is not None:
+        return user_loop(config.loop, config.steps)
 
     kwargs = dict(steps=config.steps, batch=config.batch, seed=config.seed, device=config.torch_device,
                   dtype=_DTYPES[config.dtype], **config.model)
@@ -134,26 +182,39 @@ def _denoiser_name(setup) -> str:
     raise ValueError(f"bench: no denoiser component (denoiser, unet or transformer) in {type(setup.wrapper).__name__}")
 
 
-def _latents(state) -> torch.Tensor:
-    return state.get("latents")
-
-
 def make_method(name: str, setup) -> Callable:
-    """``run(state) -> latents`` for one method, on its own ``setup``."""
+    """``run(state) -> output`` for one method (the latents; a user loop's ``output``). Methods may share one
+    ``setup``: compile_denoiser puts its compiled denoiser in only for its own calls. A compiled loop is
+    ``run.compiled``."""
+    output = getattr(setup, "output", "latents")
     if name == "eager":
-        return lambda state: _latents(setup.wrapper(setup.components, state)[1])
+        return lambda state: setup.wrapper(setup.components, state)[1].get(output)
     if name == "compile_denoiser":
         mode = "reduce-overhead" if setup.device.type == "cuda" else None
         denoiser = _denoiser_name(setup)
-        setattr(setup.components, denoiser, torch.compile(getattr(setup.components, denoiser), mode=mode))
-        return lambda state: _latents(setup.wrapper(setup.components, state)[1])
+        model = getattr(setup.components, denoiser)
+        compiled = setup.compiled_denoiser = torch.compile(model, mode=mode)
+
+        def run(state):
+            setattr(setup.components, denoiser, compiled)
+            try:
+                return setup.wrapper(setup.components, state)[1].get(output)
+            finally:
+                setattr(setup.components, denoiser, model)
+
+        return run
     if name in ("compile_loop", "compile_loop_unbatched"):  # unbatched: one model call per guidance batch
         fast = compile_loop(setup.wrapper, batch_guidance=name == "compile_loop")
         setup.compiled = fast
-        return lambda state: _latents(fast(setup.components, state)[1])
+
+        def run(state):
+            return fast(setup.components, state)[1].get(output)
+
+        run.compiled = fast
+        return run
     if name == "compile_wrapper":
         call = torch.compile(setup.wrapper.__call__)
-        return lambda state: _latents(call(setup.components, state)[1])
+        return lambda state: call(setup.components, state)[1].get(output)
     raise ValueError(f"bench: unknown method {name!r}; choose from {list(METHODS)}")
 
 
@@ -276,15 +337,17 @@ def _time_limit(seconds: float, what: str):
 def _denoiser_floor(eager: _Method, methods: dict[str, _Method]) -> dict[str, Any]:
     """Time the bare denoiser on the calls one loop makes; the compiled one when compile_denoiser ran."""
     calls: list[tuple[tuple, dict]] = []
-    model = getattr(eager.setup.components, _denoiser_name(eager.setup))
+    try:
+        model = getattr(eager.setup.components, _denoiser_name(eager.setup))
+    except ValueError:  # a user loop without a denoiser component: no floor to time
+        return {"denoiser": None, "calls_per_loop": 0, "ms_per_loop": None}
     handle = model.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
     try:
         eager.run(eager.setup.new_state())
     finally:
         handle.remove()
     compiled = methods.get("compile_denoiser")
-    bare = getattr(compiled.setup.components, _denoiser_name(compiled.setup)) if compiled and not compiled.failure \
-        else model
+    bare = getattr(compiled.setup, "compiled_denoiser", model) if compiled and not compiled.failure else model
     groups: dict[tuple, list] = {}
     for args, kwargs in calls:
         key = tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v).__name__
@@ -316,11 +379,12 @@ def _quantile(values: list[float], q: float) -> float:
 # --- the run ------------------------------------------------------------------------------------------------
 
 
-def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
+def run_bench(config: BenchConfig, progress=None, setups: Callable[[], Any] | None = None) -> dict[str, Any]:
     """Run every method of ``config`` side by side; returns the report written to ``bench.json``.
 
     ``progress``: a rich ``Progress`` (or anything with its ``add_task``/``update``/``advance``); by default
-    live bars on a terminal, one line per phase otherwise (a CI log).
+    live bars on a terminal, one line per phase otherwise (a CI log). ``setups``: makes each method's loop
+    (default ``build_setup(config)``; ``run_loop`` shares one).
     """
     torch.manual_seed(config.seed)
     own = progress is None
@@ -328,7 +392,7 @@ def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
         progress = _default_progress()
     started = datetime.now().astimezone()
     with progress if own else contextlib.nullcontext():
-        methods = _prepare(config, progress)
+        methods = _prepare(config, progress, setups or (lambda: build_setup(config)))
         eager = methods["eager"]
         _check(methods)
         live = [m for m in methods.values() if not m.failure]
@@ -340,8 +404,34 @@ def run_bench(config: BenchConfig, progress=None) -> dict[str, Any]:
         for m in live:
             m.peak_mem_bytes = peak_memory(lambda: m.run(m.setup.new_state()), m.setup.device)
             progress.advance(task)
-        _scale(config, [m for m in live if m.name != "compile_wrapper"], progress)
+        if getattr(eager.setup, "takes_steps", True):  # a user loop whose make_state takes no N: one N only
+            _scale(config, [m for m in live if m.name != "compile_wrapper"], progress)
     return _report(config, methods, floor, started)
+
+
+def run_loop(wrapper, components, make_state: Callable, *, methods: tuple[str, ...] = DEFAULT_METHODS,
+             steps: int = 20, output: str = "latents", out: str | Path | None = None, progress=None,
+             **options: Any) -> dict[str, Any]:
+    """Benchmark your own loop from Python, as ``loopgraph bench`` does the presets: every method checked against
+    eager on identical inputs, then timed interleaved; returns the report (``bench.json``'s content) and writes
+    ``bench.json``, ``bench.csv`` and ``bench.png`` into ``out`` when given.
+
+    ``make_state(steps)`` (or ``make_state()``, then no scaling with N) makes a fresh state for one call; ``output``
+    names the state value the methods are compared by. The methods share ``wrapper`` and ``components``
+    (compile_denoiser puts its compiled denoiser in only for its own calls). ``options``: other ``BenchConfig``
+    fields (``repeats``, ``scaling``, ...).
+
+    Example:
+        >>> report = run_loop(wrapper, components, make_state, methods=("eager", "compile_loop"), steps=20)
+        >>> {r["method"]: round(r["speedup_vs_eager"], 2) for r in report["results"]}
+    """
+    setup = UserLoop(wrapper, components, make_state, output=output, steps=steps)
+    config = BenchConfig(loop=f"{type(wrapper).__name__} (run_loop)", methods=methods, steps=steps,
+                         device=str(setup.device), **options)
+    report = run_bench(config, progress, setups=lambda: setup)
+    if out is not None:
+        write_report(report, Path(out))
+    return report
 
 
 def _default_progress():
@@ -373,12 +463,12 @@ class _PhaseLines(contextlib.nullcontext):
         pass
 
 
-def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
+def _prepare(config: BenchConfig, progress, setups: Callable[[], Any]) -> dict[str, _Method]:
     methods: dict[str, _Method] = {}
     task = progress.add_task("build, compile and warm up", total=len(config.methods) * config.warmup)
     for name in config.methods:
         progress.update(task, description=f"build, compile and warm up: {name}")
-        setup = build_setup(config)
+        setup = setups()
         method = _Method(name, setup, None)
         methods[name] = method
         try:
@@ -388,7 +478,7 @@ def _prepare(config: BenchConfig, progress) -> dict[str, _Method]:
                 for _ in range(config.warmup):
                     method.output, _ = method.call()
                     progress.advance(task)
-            method.batched_calls = _batched_calls(setup)  # the plan at the benchmarked N
+            method.batched_calls = _batched_calls(getattr(method.run, "compiled", None))  # at the benchmarked N
         except Exception as error:  # a method that cannot run is reported, not fatal
             method.failure = f"{type(error).__name__}: {error}"
     if methods["eager"].failure:
@@ -445,7 +535,7 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
             continue
         median = statistics.median(m.times)
         compile_s = max(sum(m.compile_wall) - len(m.compile_wall) * median, 0.0)
-        stats = getattr(getattr(m.setup, "compiled", None), "stats", None)
+        stats = getattr(getattr(m.run, "compiled", None), "stats", None)
         row = {
             "method": m.name,
             "steps": config.steps,
@@ -454,7 +544,8 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
             "p80_ms": _quantile(m.times, 0.8) * 1e3,
             "steps_per_s": config.steps / median,
             "ms_per_step": median * 1e3 / config.steps,
-            "overhead_per_step_us": (median * 1e3 - floor["ms_per_loop"]) / config.steps * 1e3,
+            "overhead_per_step_us": ((median * 1e3 - floor["ms_per_loop"]) / config.steps * 1e3
+                                     if floor["ms_per_loop"] is not None else None),
             "speedup_vs_eager": eager_median / median,
             "compile_s": compile_s,
             "plan_s": stats.plan_seconds if stats else None,
@@ -469,7 +560,7 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
         for steps, times in m.scaling.items():
             scaling.append({"method": m.name, "steps": steps, "median_ms": statistics.median(times) * 1e3,
                             "python_calls": m.python_calls[steps]})
-    device = config.torch_device
+    device = methods["eager"].setup.device  # the loop's own (a user loop's state decides it)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "device_type": device.type,
@@ -485,9 +576,8 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
     }
 
 
-def _batched_calls(setup) -> str | None:
+def _batched_calls(fast) -> str | None:
     """What a compiled loop batched (``CallSite``s), in a few words: "components.denoiser x2 in 20/20 steps"."""
-    fast = getattr(setup, "compiled", None)
     plan = getattr(fast, "last_plan", None)
     if plan is None or fast.config.batch_guidance is False:
         return None
@@ -495,6 +585,13 @@ def _batched_calls(setup) -> str | None:
     parts = [f"{s.module} x{s.calls} in {len(s.batched_steps)}/{steps} steps" for s in plan.batching if s.batched_steps]
     parts += [f"{s.module} apart: {s.reason}" for s in plan.batching if not s.batched_steps]
     return "; ".join(parts) or "none"
+
+
+def floor_line(floor: dict[str, Any]) -> str:
+    if floor["ms_per_loop"] is None:
+        return "Floor: none (no denoiser, unet or transformer component to time alone)"
+    return (f"Floor: the bare {floor['denoiser']} denoiser, {floor['calls_per_loop']} calls per loop, "
+            f"{floor['ms_per_loop']:.2f} ms per loop")
 
 
 def _cpu_name() -> str:
@@ -548,8 +645,8 @@ def render_table(report: dict[str, Any]):
     from rich.table import Table
 
     config = report["config"]
-    table = Table(title=f"loopgraph bench: {config['preset']}, {config['steps']} steps, batch {config['batch']}, "
-                        f"{config['dtype']}, {report['device']}")
+    what = config["loop"] or f"{config['preset']}, batch {config['batch']}, {config['dtype']}"
+    table = Table(title=f"loopgraph bench: {what}, {config['steps']} steps, {report['device']}")
     for _, header, _ in _COLUMNS:
         table.add_column(header, justify="left" if header == "method" else "right")
     for row in report["results"]:
@@ -572,8 +669,7 @@ def markdown_report(report: dict[str, Any], plot: str = "bench.png") -> str:
     lines = [f"- device: {report['device']} ({report['device_type']})", f"- versions: {versions}",
              f"- command: `{report['command']}`", f"- run: {report['started']} to {report['finished']}", "",
              markdown_table(report), "",
-             f"Floor: the bare {floor['denoiser']} denoiser, {floor['calls_per_loop']} calls per loop, "
-             f"{floor['ms_per_loop']:.2f} ms per loop.", ""]
+             floor_line(floor) + ".", ""]
     lines += [f"- {line}" for line in targets(report)]
     lines += [f"- batched calls ({r['method']}): {r['batched_calls']}" for r in report["results"]
               if r.get("batched_calls")]
@@ -605,8 +701,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4))
     names = [r["method"] for r in report["results"]]
     bars.bar(names, [r["ms_per_step"] for r in report["results"]], color="tab:blue")
-    floor = report["floor"]["ms_per_loop"] / report["config"]["steps"]
-    bars.axhline(floor, color="tab:red", linestyle="--", label=f"bare {report['floor']['denoiser']} denoiser")
+    if report["floor"]["ms_per_loop"] is not None:
+        floor = report["floor"]["ms_per_loop"] / report["config"]["steps"]
+        bars.axhline(floor, color="tab:red", linestyle="--", label=f"bare {report['floor']['denoiser']} denoiser")
     bars.set_ylabel("ms per step (median)")
     bars.set_title(f"per-step time, N={report['config']['steps']}")
     bars.legend()
@@ -618,7 +715,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     lines.set_ylabel("ms per call (median)")
     lines.set_title("scaling with N")
     lines.legend()
-    fig.suptitle(f"loopgraph bench: {report['config']['preset']} on {report['device']}")
+    fig.suptitle(f"loopgraph bench: {report['config']['loop'] or report['config']['preset']} on {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -117,3 +117,65 @@ def test_cli_reports_bad_options_without_a_traceback():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "unknown methods ['fast']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the user's own loop: `--loop package.module:function` and run_loop ------------------------------------------------
+USER_LOOP = '''
+from loopgraph.zoo.loops import build_loop
+
+
+def make():
+    setup = build_loop("dit", steps=4, sample_size=8)
+
+    def make_state(steps):
+        setup.steps = steps
+        return setup.new_state()
+
+    return setup.wrapper, setup.components, make_state
+'''
+
+
+def test_bench_loop_runs_the_users_own_loop_from_a_module(tmp_path):
+    (tmp_path / "my_loop.py").write_text(USER_LOOP)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--quick", "--loop", "my_loop:make",
+                           "--methods", "eager,compile_loop", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["loop"] == "my_loop:make" and report["rejected"] == []  # checked against eager
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == ["eager", "compile_loop"] and rows["compile_loop"]["compilations"] == 1
+    assert rows["compile_loop"]["python_calls_per_step"] == 0
+    assert (out / "bench.csv").exists() and (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "loopgraph bench: my_loop:make, 4 steps" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--loop", "no_such_module:make"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "cannot load --loop 'no_such_module:make'" in bad.stderr
+
+
+def test_run_loop_benchmarks_a_loop_from_python_with_every_method_checked(tmp_path):
+    from loopgraph.bench import run_loop
+
+    from .test_batching import Net, components, two_call_loop
+
+    loop, net = two_call_loop(), Net()
+
+    def make_state(steps):
+        from loopgraph import PipelineState
+
+        g = torch.Generator().manual_seed(1)
+        state = PipelineState()
+        for name, shape in (("x", (2, 4, 6, 6)), ("cond", (2, 5, 8)), ("uncond", (2, 5, 8))):
+            state.set(name, torch.randn(*shape, generator=g))
+        state.set("num_steps", steps)
+        return state
+
+    report = run_loop(loop, components(net), make_state, methods=("eager", "compile_loop_unbatched", "compile_loop"),
+                      steps=4, output="x", out=tmp_path, repeats=2, warmup=1, scaling=(2, 4), scaling_repeats=1)
+    rows = {r["method"]: r for r in report["results"]}
+    assert list(rows) == ["eager", "compile_loop_unbatched", "compile_loop"] and report["rejected"] == []
+    assert rows["compile_loop"]["batched_calls"] == "components['net'] x2 in 4/4 steps"
+    assert rows["compile_loop_unbatched"]["batched_calls"] is None
+    assert report["floor"]["ms_per_loop"] is None and rows["eager"]["overhead_per_step_us"] is None  # no denoiser
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").exists()

@@ -90,7 +90,8 @@ def test_first_call_logs_when_tracing_starts_and_ends_and_explain_lists_the_loop
     with caplog.at_level(logging.INFO, logger="loopgraph"):
         run(setup, pipe)
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("loopgraph")]
-    assert any(m.startswith("compile_loop: denoise: tracing (one eager call) and planning, compiling") for m in messages)
+    start = "compile_loop: denoise: tracing (one eager call) and planning, compiling"
+    assert any(m.startswith(start) for m in messages)
     assert any(m.startswith("compile_loop: denoise: planned in ") and "whole loop on state buffers" in m
                for m in messages)
     run(setup, pipe)
