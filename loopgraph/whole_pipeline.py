@@ -106,9 +106,12 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
         warnings.warn(f"compile_pipeline: no loop wrapper found in {type(pipe_or_blocks).__name__}; searched "
                       f"{', '.join(searched)} (a loop wrapper has sub_blocks, loop_step, get_block_state and "
                       f"set_block_state)", stacklevel=2)
-    components = pipe_or_blocks if root is not pipe_or_blocks else None
-    if components is not None and (encoders or decoder):
-        _compile_components(components, encoders, decoder, options.get("backend", "inductor"))
+    if encoders or decoder:
+        if root is pipe_or_blocks:  # blocks hold no components
+            warnings.warn("compile_pipeline: encoders=/decoder= compile a pipeline's components; these are blocks "
+                          "without components: pass the pipeline", stacklevel=2)
+        else:
+            _compile_components(pipe_or_blocks, encoders, decoder, options.get("backend", "inductor"))
     return pipe_or_blocks
 
 

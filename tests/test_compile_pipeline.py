@@ -77,6 +77,8 @@ def test_no_loop_warns_naming_what_it_searched():
                                          r"\(SequentialPipelineBlocks\)"):
         compile_pipeline(blocks)
     assert compiled_loops(blocks) == []
+    with pytest.warns(UserWarning, match="encoders=/decoder= compile a pipeline's components"):
+        compile_pipeline(SequentialPipelineBlocks.from_blocks_dict({"denoise": DenoiseLoop()}), encoders=True)
     with pytest.raises(TypeError, match="is a loop wrapper itself.*use compile_loop"):
         compile_pipeline(DenoiseLoop())
     with pytest.raises(TypeError, match="expects a ModularPipeline or pipeline blocks"):
