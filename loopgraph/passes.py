@@ -8,6 +8,9 @@ keeps a ``PassRecord``; a failure names its pass. Today's order:
     lift literals   lift the arithmetic floats that differ from the first plan of the same structure
     fuse kernels    guidance + scheduler updates as fused Triton kernels (kernel_pass.py; CUDA by default)
     place tables    the per-step tables on the loop's device, their row count N an unbacked size
+
+Before them, on the trace itself (so eager segments see it too), the planner runs "batch calls"
+(``batching.batch_calls``): repeated model calls of a step become one batched call; its record comes first.
 """
 
 from __future__ import annotations
