@@ -84,8 +84,8 @@ class CallSite:
 
 
 def _region_code(step: StepTrace, call: ModuleCall) -> list[tuple]:
-    """The call's ops, comparable between calls: positions instead of nodes, parameters by identity, other
-    constants by shape and dtype (a timestep embedding made afresh per call)."""
+    """The call's ops, comparable between calls: positions instead of nodes, the module's parameters and buffers
+    by identity, other constants by shape and dtype (a timestep embedding made afresh per call)."""
     index = {n: k for k, n in enumerate(call.nodes)}
     leaf = {}
     for j, n in enumerate(call.inputs):
@@ -102,10 +102,12 @@ def _region_code(step: StepTrace, call: ModuleCall) -> list[tuple]:
         return repr(a)
 
     code = []
+    owned = {id(b) for b in call.module.buffers()}
     for n in call.nodes:
         if n.op == "get_attr":
             t = step.constants[n.target]
-            code.append(("param", id(t)) if isinstance(t, torch.nn.Parameter) else ("const", tuple(t.shape), t.dtype))
+            by_identity = isinstance(t, torch.nn.Parameter) or id(t) in owned  # weights, buffers: which tensor
+            code.append(("tensor", id(t)) if by_identity else ("const", tuple(t.shape), t.dtype))
         else:
             code.append((n.op, func_name(n.target) if callable(n.target) else str(n.target),
                          enc(n.args), enc(n.kwargs)))
