@@ -68,7 +68,6 @@ class BatchedCall:
     graph: fx.Graph                  # the batched call's region; placeholder "arg{j}" for leaf j
     constants: dict[str, torch.Tensor]
     out_nodes: list[fx.Node]         # the batched output leaves' nodes in ``graph``
-    error: float                     # largest difference of its split outputs from the calls' own
 
 
 @dataclass(frozen=True)
@@ -310,11 +309,10 @@ class CallWatcher:
         with torch._C.DisableTorchFunction():  # not the loop's ops
             for j in concat:
                 leaves[j] = torch.cat([c.leaves[j] for c in group])
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
         self.busy = True
-        try:
-            with rec.scratch() as scratch:
+        try:  # the extra call draws nothing from eager's generators: fork_rng puts their states back
+            with torch.random.fork_rng(devices=devices), rec.scratch() as scratch:
                 for j, value in enumerate(leaves):
                     if j in concat or (isinstance(value, torch.Tensor) and first.inputs[j] is not None):
                         node = scratch.graph.placeholder(f"arg{j}")
@@ -327,14 +325,11 @@ class CallWatcher:
             return f"the batched call raised {type(e).__name__}: {e}"
         finally:
             self.busy = False
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
         if problems:
             return f"the batched call has a problem ({problems[0].reason})"
         if out_spec != first.out_spec:
             return "the batched call's output has another structure"
-        total, error = sum(sizes), 0.0
+        total = sum(sizes)
         for k, value in enumerate(outputs):
             expected = [c.outputs[k] for c in group]
             if not isinstance(value, torch.Tensor):
@@ -347,9 +342,8 @@ class CallWatcher:
                 if not matches_eager(part, want):
                     return (f"the batched call's output {k} differs from the separate calls' (max abs error "
                             f"{max_error(part, want):.3g})")
-                error = max(error, max_error(part, want))
         return BatchedCall(calls=list(group), sizes=sizes, concat=concat, graph=scratch.graph,
-                           constants=scratch.constants, out_nodes=out_nodes, error=error)
+                           constants=scratch.constants, out_nodes=out_nodes)
 
 
 def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -440,25 +434,17 @@ def describe_sites(sites: list[CallSite]) -> list[str]:
 
 
 class _Constants:
-    """Adds tensors to a step's constants (as the recorder does), each once."""
+    """Adds tensors to a step's constants (``StepTrace.add_constant``), each once, and to the constants a plan's
+    guard checks by identity (``TensorUse.const``)."""
 
     def __init__(self, step: StepTrace, usage: TensorUse | None) -> None:
         self.step, self.usage = step, usage
-        self.names = {tid: name for name, tid in step.stable.items() if step.constants[name] is not None}
+        self.names = {tid: name for name, tid in step.stable.items()}
 
     def node(self, graph: fx.Graph, tensor: torch.Tensor) -> fx.Node:
-        step = self.step
         name = self.names.get(id(tensor))
-        if name is None or step.constants[name] is not tensor:
-            name = f"_c{len(step.constants)}"
-            while name in step.constants:
-                name += "_"
-            step.constants[name], step.stable[name] = tensor, id(tensor)
-            try:
-                step.versions[name] = tensor._version
-            except RuntimeError:  # an inference tensor: no version counter
-                step.versions[name] = 0
-            self.names[id(tensor)] = name
+        if name is None or self.step.constants[name] is not tensor:
+            name = self.names[id(tensor)] = self.step.add_constant(tensor)
             if self.usage is not None:
                 self.usage.const.add(id(tensor))
         return graph.get_attr(name)
@@ -528,7 +514,6 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
                 offset += size
     for n in added:
         n.meta["block"] = block
-        n.meta["batched"] = True
     for old, new in replace.items():
         old.replace_all_uses_with(new)
     step.outputs = {k: replace.get(n, n) for k, n in step.outputs.items()}

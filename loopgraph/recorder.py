@@ -141,15 +141,8 @@ class Recorder(TorchFunctionMode):
         step = self.step
         name = self._const_ids.get(id(tensor))
         if name is None:
-            name = f"_c{len(step.constants)}"
-            self._const_ids[id(tensor)] = name
-            step.constants[name] = tensor
-            step.stable[name] = id(tensor)
+            name = self._const_ids[id(tensor)] = step.add_constant(tensor)
             self.const_ids.add(id(tensor))
-            try:
-                step.versions[name] = tensor._version
-            except RuntimeError:  # inference tensors have no version counter (and cannot be mutated)
-                step.versions[name] = 0
         return step.graph.get_attr(name)
 
     def _check_stale(self, value: Any) -> None:

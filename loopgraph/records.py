@@ -90,6 +90,19 @@ class StepTrace:
     batched: dict[int, Any] = field(default_factory=dict)
     unbatched: list[tuple[Any, str]] = field(default_factory=list)
 
+    def add_constant(self, tensor: torch.Tensor) -> str:
+        """Make ``tensor`` a constant of this step's graph: its get_attr target, with its id and its version now
+        (the recorder's constants, and those the "batch calls" stage adds)."""
+        name = f"_c{len(self.constants)}"
+        while name in self.constants:
+            name += "_"
+        self.constants[name], self.stable[name] = tensor, id(tensor)
+        try:
+            self.versions[name] = tensor._version
+        except RuntimeError:  # inference tensors have no version counter (and cannot be mutated)
+            self.versions[name] = 0
+        return name
+
     def value_before(self, key: str, slot: str) -> Any:
         """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""
         if slot in self.seeds:
