@@ -67,9 +67,17 @@ class Planner:
         start = time.perf_counter()
         trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng,
                                    batch=config.batch_guidance is not False)
+        batching, records, failure = [], [], None
+        try:  # before the guard: the constants the batched calls add are guarded like the others
+            batching, records = self._batch(trace)
+        except Exception as e:  # a bug: this plan runs eagerly (below, "please report this")
+            if config.strict:
+                raise
+            failure = e
         try:
             plan = Plan(trace=trace, guard=plan_guard(trace), executable=Eager(self.ctx),
-                        problems=list(trace.problems), sources=seed_sources(trace))
+                        problems=list(trace.problems), sources=seed_sources(trace), batching=batching,
+                        passes=records)
         except Exception as e:  # nothing to reuse: every call traces (and returns eager's result)
             if config.strict:
                 raise
@@ -78,7 +86,8 @@ class Planner:
             return None, result
         stats.plans += 1
         try:
-            plan.batching, plan.passes = self._batch(trace)
+            if failure is not None:
+                raise failure
             if not plan.problems and trace.steps:
                 self._whole_loop(plan)
             elif plan.problems and eager_blocks(trace, plan.problems):
@@ -104,7 +113,7 @@ class Planner:
         start = time.perf_counter()
         try:
             sites, summary = batch_calls(trace)
-        except Exception as e:  # a bug: the plan runs eagerly ("please report this")
+        except Exception as e:
             e.add_note("raised in loopgraph pass 'batch calls'")
             raise
         if self.ctx.config.batch_guidance is True:
