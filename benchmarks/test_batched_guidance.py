@@ -32,7 +32,8 @@ def test_batched_guidance(benchmark, device, loop, method):
     for _ in range(2):  # plans and compiles, then a warm call
         got = run(setup.new_state())
     assert matches_eager(got, expected)
-    batched = getattr(getattr(setup, "compiled", None), "last_plan", None)
+    batched = getattr(run, "compiled", None)  # compile_loop's CompiledLoop
+    batched = batched.last_plan if method != "eager" else None
     peak = peak_memory(lambda: run(setup.new_state()), torch.device(device))
     benchmark.group = f"batched guidance: {loop}, {LOOPS[loop]} steps"
     benchmark.extra_info.update(loop=loop, method=method, steps=LOOPS[loop], device=device, peak_mem_bytes=peak,

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-from .compile import compile_loop, matches_eager, max_error, tolerance
+from .compile import CompiledLoop, compile_loop, matches_eager, max_error, tolerance
 
 __all__ = ["BenchConfig", "METHODS", "UserLoop", "run_bench", "run_loop", "user_loop", "write_report"]
 
@@ -184,8 +184,8 @@ def _denoiser_name(setup) -> str:
 
 def make_method(name: str, setup) -> Callable:
     """``run(state) -> output`` for one method (the latents; a user loop's ``output``). Methods may share one
-    ``setup``: compile_denoiser puts its compiled denoiser in only for its own calls. A compiled loop is
-    ``run.compiled``."""
+    ``setup``: compile_denoiser puts its compiled denoiser in only for its own calls. What a method compiled
+    (the denoiser, the ``CompiledLoop``) is ``run.compiled``."""
     output = getattr(setup, "output", "latents")
     if name == "eager":
         return lambda state: setup.wrapper(setup.components, state)[1].get(output)
@@ -193,7 +193,7 @@ def make_method(name: str, setup) -> Callable:
         mode = "reduce-overhead" if setup.device.type == "cuda" else None
         denoiser = _denoiser_name(setup)
         model = getattr(setup.components, denoiser)
-        compiled = setup.compiled_denoiser = torch.compile(model, mode=mode)
+        compiled = torch.compile(model, mode=mode)
 
         def run(state):
             setattr(setup.components, denoiser, compiled)
@@ -202,10 +202,10 @@ def make_method(name: str, setup) -> Callable:
             finally:
                 setattr(setup.components, denoiser, model)
 
+        run.compiled = compiled
         return run
     if name in ("compile_loop", "compile_loop_unbatched"):  # unbatched: one model call per guidance batch
         fast = compile_loop(setup.wrapper, batch_guidance=name == "compile_loop")
-        setup.compiled = fast
 
         def run(state):
             return fast(setup.components, state)[1].get(output)
@@ -347,7 +347,7 @@ def _denoiser_floor(eager: _Method, methods: dict[str, _Method]) -> dict[str, An
     finally:
         handle.remove()
     compiled = methods.get("compile_denoiser")
-    bare = getattr(compiled.setup, "compiled_denoiser", model) if compiled and not compiled.failure else model
+    bare = compiled.run.compiled if compiled and not compiled.failure else model
     groups: dict[tuple, list] = {}
     for args, kwargs in calls:
         key = tuple((tuple(v.shape), v.dtype) if torch.is_tensor(v) else type(v).__name__
@@ -535,7 +535,8 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
             continue
         median = statistics.median(m.times)
         compile_s = max(sum(m.compile_wall) - len(m.compile_wall) * median, 0.0)
-        stats = getattr(getattr(m.run, "compiled", None), "stats", None)
+        fast = getattr(m.run, "compiled", None)
+        stats = fast.stats if isinstance(fast, CompiledLoop) else None
         row = {
             "method": m.name,
             "steps": config.steps,
@@ -578,7 +579,7 @@ def _report(config: BenchConfig, methods: dict[str, _Method], floor: dict, start
 
 def _batched_calls(fast) -> str | None:
     """What a compiled loop batched (``CallSite``s), in a few words: "components.denoiser x2 in 20/20 steps"."""
-    plan = getattr(fast, "last_plan", None)
+    plan = fast.last_plan if isinstance(fast, CompiledLoop) else None
     if plan is None or fast.config.batch_guidance is False:
         return None
     steps = plan.program.num_steps if plan.program else 0
