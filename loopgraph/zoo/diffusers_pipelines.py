@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import string
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +39,7 @@ class PipelineSetup:
     pipe: Any
     inputs: dict[str, Any]
     seed: int = 0
-    folder: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = None   # where its tokenizer files were written
 
     def run(self, **overrides: Any) -> torch.Tensor:
         kwargs = {**self.inputs, **overrides}
@@ -82,7 +81,7 @@ def _vae(seed: int, **config: Any):
         **config))
 
 
-def _sdxl(folder: Path, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _sdxl(folder: Path, seed: int) -> tuple[Any, dict[str, Any]]:
     from diffusers import ClassifierFreeGuidance, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
@@ -106,10 +105,10 @@ def _sdxl(folder: Path, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, timestep_spacing="leading"),
         guider=ClassifierFreeGuidance(guidance_scale=5.0), image_processor=VaeImageProcessor(vae_scale_factor=2))
-    return pipe, {"prompt": "a photo of a cat", "negative_prompt": "a dog", "num_inference_steps": 4}, {}
+    return pipe, {"prompt": "a photo of a cat", "negative_prompt": "a dog", "num_inference_steps": 4}
 
 
-def _flux(folder: Path, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _flux(folder: Path, seed: int) -> tuple[Any, dict[str, Any]]:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.modular_pipelines import FluxAutoBlocks
@@ -131,10 +130,10 @@ def _flux(folder: Path, seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]
         scheduler=FlowMatchEulerDiscreteScheduler(), image_processor=VaeImageProcessor(vae_scale_factor=4))
     inputs = {"prompt": "a photo of a cat", "num_inference_steps": 4, "height": 32, "width": 32,
               "max_sequence_length": 8}
-    return pipe, inputs, {}
+    return pipe, inputs
 
 
-DIFFUSERS_PIPELINES: dict[str, Callable[[Path, int], tuple[Any, dict[str, Any], dict[str, Any]]]] = {
+DIFFUSERS_PIPELINES: dict[str, Callable[[Path, int], tuple[Any, dict[str, Any]]]] = {
     "sdxl": _sdxl,
     "flux": _flux,
 }
@@ -147,5 +146,5 @@ def build_diffusers_pipeline(name: str, *, seed: int = 0, folder: str | Path | N
     if name not in DIFFUSERS_PIPELINES:
         raise ValueError(f"unknown diffusers pipeline {name!r}; known: {sorted(DIFFUSERS_PIPELINES)}")
     where = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix=f"loopgraph-{name}-"))
-    pipe, inputs, extra = DIFFUSERS_PIPELINES[name](where, seed)
-    return PipelineSetup(name=name, pipe=pipe, inputs=inputs, seed=seed, folder=where, extra=extra)
+    pipe, inputs = DIFFUSERS_PIPELINES[name](where, seed)
+    return PipelineSetup(name=name, pipe=pipe, inputs=inputs, seed=seed, folder=where)
