@@ -235,22 +235,17 @@ def test_calls_that_cannot_be_batched_stay_apart_with_their_reason(mode, kwargs,
     assert param_uses(variant.graph, net.conv.weight) == 2
 
 
-def test_an_output_that_is_not_batch_separable_stays_apart():
-    loop, net = two_call_loop(), Net(sum_batch=True)
+@pytest.mark.parametrize("model, reason", [
+    (dict(sum_batch=True), "output 0 is not batch-separable (shape (1, 4, 6, 6) for 4 rows)"),
+    (dict(mix_batch=True), "the batched call's output 0 differs from the separate calls'"),
+])
+def test_a_model_whose_batched_outputs_are_not_the_separate_calls_stays_apart(model, reason):
+    loop, net = two_call_loop(), Net(**model)
     expected = run(loop, net)
     fast = compile_loop(loop, backend="eager")
     assert torch.equal(run(fast, net), expected) and matches_eager(run(fast, net), expected)
     (site,) = fast.last_plan.batching
-    assert site.batched_steps == () and "output 0 is not batch-separable (shape (1, 4, 6, 6) for 4 rows)" in site.reason
-
-
-def test_a_batched_call_whose_outputs_differ_from_the_separate_calls_stays_apart():
-    loop, net = two_call_loop(), Net(mix_batch=True)
-    expected = run(loop, net)
-    fast = compile_loop(loop, backend="eager")
-    assert torch.equal(run(fast, net), expected) and matches_eager(run(fast, net), expected)
-    (site,) = fast.last_plan.batching
-    assert site.batched_steps == () and "the batched call's output 0 differs from the separate calls'" in site.reason
+    assert site.batched_steps == () and reason in site.reason
 
 
 def test_batch_guidance_true_warns_about_call_sites_left_apart():
