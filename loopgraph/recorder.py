@@ -162,7 +162,7 @@ class Recorder(TorchFunctionMode):
     # -- the mode -------------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        flat, _ = pytree.tree_flatten((args, kwargs))
+        flat = _leaves((args, kwargs), [])
         self.used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
         tainted = any(self.node_of(v) is not None for v in flat)
         name = func_name(func)
@@ -272,7 +272,7 @@ class Recorder(TorchFunctionMode):
                 copy = graph.call_function(torch.clone, (self._constant(target),))
                 copy.meta["constant_copy"] = True  # eager changed the constant itself
                 self.taint[id(target)] = (target, copy)
-        g_args, g_kwargs = pytree.tree_map(self._arg, (args, kwargs))
+        g_args, g_kwargs = _map(self._arg, args), _map(self._arg, kwargs)
         if getattr(func, "__name__", "") == "__get__":  # property read that returned a tensor (.T, .mT, ...)
             node = graph.call_function(getattr, (g_args[0], func_name(func)))
         else:
@@ -288,6 +288,33 @@ class Recorder(TorchFunctionMode):
             for k, item in enumerate(out):
                 if isinstance(item, torch.Tensor):
                     self.taint[id(item)] = (item, graph.call_function(operator.getitem, (node, k)))
+
+
+def _leaves(value: Any, into: list) -> list:
+    """The leaves of an op's arguments: ``pytree.tree_leaves`` for the containers ops take (tuples, lists, dicts),
+    without its generic dispatch (it ran for every op traced, most of the tracer's time)."""
+    if type(value) in (tuple, list):
+        for v in value:
+            _leaves(v, into)
+    elif type(value) is dict:
+        for v in value.values():
+            _leaves(v, into)
+    elif isinstance(value, (tuple, list, dict)):  # a named tuple, a subclass: pytree knows how to open it
+        into.extend(pytree.tree_leaves(value))
+    else:
+        into.append(value)
+    return into
+
+
+def _map(fn, value: Any) -> Any:
+    """``pytree.tree_map(fn, value)`` for an op's arguments (see ``_leaves``)."""
+    if type(value) in (tuple, list):
+        return type(value)(_map(fn, v) for v in value)
+    if type(value) is dict:
+        return {k: _map(fn, v) for k, v in value.items()}
+    if isinstance(value, (tuple, list, dict)):
+        return pytree.tree_map(fn, value)
+    return fn(value)
 
 
 def _storage(t: torch.Tensor) -> tuple:
