@@ -1,4 +1,5 @@
-"""``loopgraph`` command line: ``loopgraph bench`` (the default) measures denoising throughput."""
+"""``loopgraph`` command line: ``loopgraph bench`` (the default) measures denoising throughput; ``loopgraph cache``
+lists or clears the persistent cache of compiled loops."""
 
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int)
     bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<timestamp>)")
     bench.add_argument("--quick", action="store_true", help="CI-sized run: 4 steps, 3 repeats")
+    cache = commands.add_parser(
+        "cache", help="list or clear the persistent cache of compiled loops",
+        description="The compiled loops compile_loop stored ($LOOPGRAPH_CACHE_DIR, else the user cache directory): "
+                    "each entry's key, size, last use and what it is.")
+    cache.add_argument("action", choices=["list", "clear"], nargs="?", default="list")
+    cache.add_argument("--dir", type=Path, help="the cache folder (default: where compile_loop keeps it)")
     return parser
 
 
@@ -63,7 +70,33 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "bench")
     args = _parser().parse_args(argv)
+    if args.command == "cache":
+        return _cache(args)
     return _bench(args)
+
+
+def _cache(args: argparse.Namespace) -> int:
+    import time
+
+    from .cache import CacheStore, cache_root
+
+    root = args.dir or cache_root(True)
+    if root is None:
+        print("the persistent cache is off (LOOPGRAPH_CACHE_DIR is set to an empty string); --dir names a folder")
+        return 0
+    store = CacheStore(root)
+    if args.action == "clear":
+        print(f"removed {store.clear()} entries from {root}")
+        return 0
+    entries = sorted(store.entries(), key=lambda e: e.last_used, reverse=True)
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        print(f"{e.key}  {e.bytes / 2**20:7.1f} MB  used {used}  torch {e.meta.get('torch', '?')}  "
+              f"{e.meta.get('what', '')}")
+    total = sum(e.bytes for e in entries)
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total / 2**20:.1f} MB in {root} "
+          f"(bound {store.max_bytes / 2**20:.0f} MB: LOOPGRAPH_CACHE_MAX_MB)")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
-"""The one place loopgraph calls ``torch.compile``: scoped Inductor options, the compile counter, the key of
-compiled code and the (bounded) cache of it."""
+"""The one place loopgraph compiles: ``torch.compile`` with scoped Inductor options, or the persistent cache's
+AOTInductor packages (artifacts.py); the compile counter, the key of compiled code and the (bounded) in-process
+cache of it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from typing import Any, Callable
 import torch
 
 from .analysis import LoopPlan
+from .artifacts import Artifact, SegmentProgram, StepProgram, WholeLoopProgram
+from .cache import open_store
 from .config import CODE_CACHE_FACTOR, SEPARATE_HOST_BUILD_OPS, CompileConfig
+from .lower import lower, module_ops, named_function, run_step, op_count
 
 __all__ = ["Backend", "CompileCounter", "compile_key"]
 
@@ -21,6 +25,7 @@ class CompileCounter:
     def __init__(self) -> None:
         self.count = 0
         self.seconds = 0.0
+        self.loaded = 0   # compiled code loaded from the persistent cache instead
 
 
 class Backend:
@@ -33,6 +38,37 @@ class Backend:
         self.code: OrderedDict[Any, Callable] = OrderedDict()
         self.bound = CODE_CACHE_FACTOR * config.max_plans
         self._pool = None
+        # the persistent cache (cache.py): Inductor's code only (the other backends are for debugging)
+        self.store = open_store(config.cache) if config.backend == "inductor" else None
+        self.label = ""   # the loop's name in log lines and cache entries (set by CompiledLoop)
+
+    # -- what a plan runs ------------------------------------------------------------------------------------
+    def whole_loop(self, loop: LoopPlan, device: torch.device) -> Callable:
+        """The lowered loop, ``(buffers, invariants, tables, ends, start) -> None`` (lower.lower)."""
+        ops = op_count(loop)
+        return self._stored(WholeLoopProgram(loop), device, lambda: self.compile(lower(loop), device, ops))
+
+    def step(self, module: torch.fx.GraphModule, whole_tables: bool, device: torch.device, ops: int) -> Callable:
+        """One step at a device counter, ``(carried, invariants, tables, i) -> outputs`` (cudagraph.py)."""
+        def in_process():
+            def loop_step(carried, invariants, tables, i):
+                return run_step(module, whole_tables, carried, invariants, tables, i)
+
+            return self.compile(named_function(loop_step, "loop_step"), device, ops)
+
+        return self._stored(StepProgram(module, whole_tables), device, in_process)
+
+    def segment_step(self, module: torch.fx.GraphModule, device: torch.device) -> Callable:
+        """A compiled segment's step graph, ``(*inputs, *rows) -> outputs`` (segments.py)."""
+        return self._stored(SegmentProgram(module), device, lambda: self.compile(module, device, module_ops(module)))
+
+    def _stored(self, program, device: torch.device, in_process: Callable[[], Callable]) -> Callable:
+        if self.store is None:
+            return in_process()
+        from torch._inductor import list_mode_options
+
+        options = list_mode_options(self.config.mode) if self.config.mode else {}
+        return Artifact(program, self.store, options, device, self.counter, in_process, self.label)
 
     def compile(self, fn: Callable, device: torch.device, ops: int = 0) -> Callable:
         """``fn`` compiled (lazily, on its first call). ``ops`` is the number of ops ``fn`` runs over all its
@@ -71,6 +107,7 @@ class Backend:
                 counter.seconds += time.perf_counter() - start
             return out
 
+        call.origin = "compiled in this process (torch.compile; the persistent cache is off)"
         return call
 
     def cached(self, key: tuple) -> Callable | None:

@@ -102,7 +102,7 @@ class CompiledLoop(ModularPipelineBlocks):
             self.stats.guard_seconds += time.perf_counter() - start
             if plan is None:
                 self._note_replan()
-                name = self.path or type(self.wrapper).__name__
+                name = self._planner.backend.label = self.path or type(self.wrapper).__name__
                 logger.info("compile_loop: %s: tracing (one eager call) and planning%s", name,
                             "" if self.stats.plans else ", compiling")
                 plan, result = self._planner.plan(components, state)
@@ -125,6 +125,7 @@ class CompiledLoop(ModularPipelineBlocks):
             finally:
                 counter = self._planner.backend.counter
                 self.stats.compiles, self.stats.compile_seconds = counter.count, counter.seconds
+                self.stats.loaded = counter.loaded
 
     def guard_check(self, components, state) -> str | None:
         """Would a call with ``components`` and ``state`` reuse a plan? None if so, else why each plan does not fit
@@ -206,6 +207,10 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
         batch_guidance: "auto" (default) | True | False: a model called once per guidance batch in a step runs
             once on the batches concatenated (``loopgraph.batching``), where the batched call, traced, gives the
             separate calls' results; True also warns about call sites left apart, False never batches.
+        cache: True (default) | False | a folder: the persistent cache of compiled loops (``loopgraph.cache``), so
+            that a new process loads the compiled loop instead of compiling it (its first call still traces: one
+            eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns it off), else the user cache
+            directory (``~/.cache/loopgraph``); False: compiled in this process only. Inductor only.
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.

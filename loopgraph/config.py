@@ -8,6 +8,7 @@ device by ``CompileConfig.resolve``. The engine's fixed limits are the constants
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,6 +53,9 @@ class CompileConfig:
     # One model call per step for all guidance batches (batching.py): "auto" batches the repeated calls whose
     # batched call was verified while tracing; True also warns about those left apart; False never batches.
     batch_guidance: bool | str = "auto"
+    # The persistent cache of compiled loops (cache.py, artifacts.py): True: $LOOPGRAPH_CACHE_DIR (an empty string:
+    # off), else the user cache directory; a folder; False: compile in this process only (torch.compile).
+    cache: bool | str | os.PathLike = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -63,6 +67,8 @@ class CompileConfig:
                 raise ValueError(f"compile_loop: {name} must be True, False or 'auto', got {getattr(self, name)!r}")
         if self.rng not in RNG_MODES:
             raise ValueError(f"compile_loop: rng must be one of {RNG_MODES}, got {self.rng!r}")
+        if not isinstance(self.cache, (bool, str, os.PathLike)) or isinstance(self.cache, str) and not self.cache:
+            raise ValueError(f"compile_loop: cache must be True, False or a folder, got {self.cache!r}")
         if not isinstance(self.max_plans, int) or self.max_plans < 1:
             raise ValueError(f"compile_loop: max_plans must be a positive int, got {self.max_plans!r}")
 
@@ -99,4 +105,5 @@ class LoopStats:
     plans: int = 0
     plan_seconds: float = 0.0
     compile_seconds: float = 0.0
+    loaded: int = 0            # compiled code loaded from the persistent cache instead of compiled (cache.py)
     guard_seconds: float = 0.0  # checking the plans' guards, over all calls (the cost of never a wrong plan)

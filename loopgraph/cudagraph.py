@@ -21,25 +21,18 @@ from typing import Callable
 import torch
 
 from .analysis import LoopPlan
-from .lower import named_function, run_step
 
 __all__ = ["WholeLoopGraph"]
-
-
-def _step_function(module: torch.nn.Module, whole_tables: bool) -> Callable:
-    def loop_step(carried: list[torch.Tensor], invariants: list[torch.Tensor], tables: list[torch.Tensor],
-                  i: torch.Tensor) -> list[torch.Tensor]:
-        return run_step(module, whole_tables, carried, invariants, tables, i)
-
-    return named_function(loop_step, "loop_step")
 
 
 class WholeLoopGraph:
     """Callable like the lowered loop: ``(state, invariants, tables, ends, start) -> state``."""
 
-    def __init__(self, plan: LoopPlan, compile_step: Callable[[Callable], Callable], pool):
+    def __init__(self, plan: LoopPlan, compile_step: Callable[[torch.fx.GraphModule, bool], Callable], pool):
+        """``compile_step(module, whole_tables)``: a variant's step as ``(carried, invariants, tables, i) -> outputs``
+        (backend.Backend.step)."""
         self.pattern = [v for v, _, _ in plan.runs]
-        self.steps = [compile_step(_step_function(v.module, v.whole_tables)) for v in plan.variants]
+        self.steps = [compile_step(v.module, v.whole_tables) for v in plan.variants]
         self.pool = pool
         self.graphs: dict[tuple, tuple] = {}
         self.failed: str | None = None

@@ -7,7 +7,8 @@
 
 Each has ``kind`` (what ``explain()`` and ``last_plan`` say), ``verify()`` (run on the traced call's inputs and
 compare with the eager result it produced; raises on a difference), ``run(components, state, block_state)``
-(one call, written back as eager would) and ``describe()`` (lines for ``explain()``).
+(one call, written back as eager would), ``describe()`` (lines for ``explain()``) and ``code()`` (its compiled
+functions, each with an ``origin``: loaded from the persistent cache or compiled).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .state import BlockState
 from .verify import check_slots
 
 __all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
-           "drawing", "eager_call", "loop_device", "progress"]
+           "drawing", "eager_call", "loop_device", "origin", "progress"]
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Executable(Protocol):
     def run(self, components, state, block_state: BlockState) -> tuple[Any, Any]: ...
 
     def describe(self) -> list[str]: ...
+
+    def code(self) -> list[Callable]: ...
 
 
 class CallFailed(Exception):
@@ -70,6 +73,9 @@ class Eager:
         return eager_call(self.ctx, components, state)
 
     def describe(self) -> list[str]:
+        return []
+
+    def code(self) -> list[Callable]:
         return []
 
 
@@ -131,7 +137,11 @@ class WholeLoop:
                           dict(zip(self.loop.state_slots, outputs)))
 
     def describe(self) -> list[str]:
-        return [f"state buffers (preallocated, updated in place): {', '.join(self.loop.state_slots)}"]
+        return [f"state buffers (preallocated, updated in place): {', '.join(self.loop.state_slots)}",
+                f"compiled code: {origin(self.compiled)}"]
+
+    def code(self) -> list[Callable]:
+        return [self.compiled]
 
 
 class WholeLoopCudaGraph(WholeLoop):
@@ -144,9 +154,19 @@ class WholeLoopCudaGraph(WholeLoop):
         return self.compiled(state, invariants, self.tables, self.ends, start)
 
     def describe(self) -> list[str]:
+        steps = [f"compiled step {v}: {origin(step)}" for v, step in enumerate(self.compiled.steps)]
         if self.compiled.failed:
-            return [f"CUDA graph: not captured ({self.compiled.failed}); compiled steps run one by one"]
-        return [f"CUDA graph: one per N, {len(self.compiled.graphs)} captured"]
+            return [f"CUDA graph: not captured ({self.compiled.failed}); compiled steps run one by one", *steps]
+        return [f"CUDA graph: one per N, {len(self.compiled.graphs)} captured", *steps]
+
+    def code(self) -> list[Callable]:
+        return list(self.compiled.steps)
+
+
+def origin(fn) -> str:
+    """Where compiled code came from: loaded from the persistent cache, compiled and stored, or compiled in this
+    process (backend.py, artifacts.py)."""
+    return getattr(fn, "origin", None) or "not compiled yet (on its first call)"
 
 
 def progress(wrapper, trace: LoopTrace, block_state: BlockState):

@@ -18,7 +18,7 @@ from torch._higher_order_ops.while_loop import while_loop
 
 from .analysis import LoopPlan
 
-__all__ = ["row", "run_step", "named_function", "lower", "op_count", "module_ops"]
+__all__ = ["row", "run_step", "named_function", "lower", "lower_lifted", "op_count", "module_ops"]
 
 
 def row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -28,12 +28,12 @@ def row(table: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
 
 
 def run_step(module: torch.fx.GraphModule, whole_tables: bool, carried, invariants, tables,
-             i: torch.Tensor) -> list[torch.Tensor]:
+             i: torch.Tensor, constants=()) -> list[torch.Tensor]:
     """One step of a variant (its ``module``) at step counter ``i``: its table rows (or, when the kernel pass
     made it take ``whole_tables``, the tables themselves and the counter) after the carried state and the
-    invariants."""
+    invariants; a module whose constants were lifted into inputs (artifacts.py) takes them first."""
     rows = [*tables, i] if whole_tables else [row(t, i) for t in tables]
-    return list(module(*carried, *invariants, *rows))
+    return list(module(*constants, *carried, *invariants, *rows))
 
 
 _names = itertools.count(1)
@@ -79,29 +79,42 @@ def lower(plan: LoopPlan) -> Callable:
     buffers' values and writes its final state back into them in place. ``tables[v]`` are variant v's lifted
     tables; ``ends[r]`` is run r's end step (an int64 tensor).
     """
-    pattern = [v for v, _, _ in plan.runs]
-    modules = [v.module for v in plan.variants]
-    whole_tables = [v.whole_tables for v in plan.variants]
-    repeated = [_repeated_outputs(v.module) for v in plan.variants]
+    run = lower_lifted(plan, [v.module for v in plan.variants])
+    none = [()] * len(plan.variants)
 
     def whole_loop(buffers: list[torch.Tensor], invariants: list[torch.Tensor],
                    tables: list[list[torch.Tensor]], ends: torch.Tensor, start: torch.Tensor):
-        i, state = start, list(buffers)
+        for buffer, final in zip(buffers, run(buffers, invariants, tables, ends, start, none)):
+            buffer.copy_(final)
+
+    return named_function(whole_loop, "whole_loop")
+
+
+def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule]) -> Callable:
+    """The whole loop over the variants' step ``modules`` as a function ``(state, invariants, tables, ends, start,
+    constants) -> final state``: ``constants[v]`` go first into variant v's module (empty unless its constants
+    were lifted into inputs, artifacts.py). Nothing is written in place."""
+    pattern = [v for v, _, _ in plan.runs]
+    whole_tables = [v.whole_tables for v in plan.variants]
+    repeated = [_repeated_outputs(m) for m in modules]
+
+    def run(state, invariants, tables, ends, start, constants) -> list[torch.Tensor]:
+        i, state = start, list(state)
         for r, v in enumerate(pattern):
             def cond(i, *carried, end=ends[r]):
                 return i < end
 
-            def body(i, *carried, step=modules[v], whole=whole_tables[v], vt=tables[v], repeated=repeated[v]):
-                out = run_step(step, whole, carried, invariants, vt, i)
+            def body(i, *carried, step=modules[v], whole=whole_tables[v], vt=tables[v], repeated=repeated[v],
+                     consts=constants[v]):
+                out = run_step(step, whole, carried, invariants, vt, i, consts)
                 for k in repeated:  # one value for two slots (inputs that are one tensor, `y = x`)
                     out[k] = _distinct_copy(out[k])
                 return (i + 1, *[_carried_like(c, o) for c, o in zip(carried, out)])
 
             i, *state = while_loop(cond, body, (i, *state))
-        for buffer, final in zip(buffers, state):
-            buffer.copy_(final)
+        return state
 
-    return named_function(whole_loop, "whole_loop")
+    return run
 
 
 def op_count(plan: LoopPlan) -> int:

@@ -24,7 +24,7 @@ from .executables import (
     loop_device,
 )
 from .guards import PlanGuard, plan_guard, stable_guard
-from .lower import lower, module_ops, op_count
+from .lower import op_count
 from .partition import Segment, eager_blocks, plan_segments, restores
 from .passes import PassInput, PassRecord, passes_for, run_passes
 from .rng import seed_sources
@@ -103,7 +103,8 @@ class Planner:
                                          + ("" if isinstance(e, Unsupported) else "; please report this"))]
             self._fall_back(plan, e)
         stats.plan_seconds += time.perf_counter() - start
-        stats.compiles, stats.compile_seconds = self.backend.counter.count, self.backend.counter.seconds
+        counter = self.backend.counter
+        stats.compiles, stats.compile_seconds, stats.loaded = counter.count, counter.seconds, counter.loaded
         return plan, result
 
     def _batch(self, trace: LoopTrace) -> tuple[list[CallSite], list[PassRecord]]:
@@ -157,12 +158,13 @@ class Planner:
 
     def _compile_whole_loop(self, loop: LoopPlan, device, cuda_graphs: bool):
         """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""
-        ops = op_count(loop)
         if cuda_graphs:
             from .cudagraph import WholeLoopGraph
 
-            return WholeLoopGraph(loop, lambda fn: self.backend.compile(fn, device, ops), self.backend.graph_pool())
-        return self.backend.compile(lower(loop), device, ops)
+            ops = op_count(loop)
+            return WholeLoopGraph(loop, lambda module, whole: self.backend.step(module, whole, device, ops),
+                                  self.backend.graph_pool())
+        return self.backend.whole_loop(loop, device)
 
     def _segments(self, plan: Plan) -> None:
         trace, config, stats = plan.trace, self.ctx.config, self.ctx.stats
@@ -176,7 +178,7 @@ class Planner:
         fns = []
         for seg in plan.segments:
             variants = seg.plan.variants if seg.plan is not None else []
-            fns.append([self.backend.compile(v.module, device, module_ops(v.module)) for v in variants])
+            fns.append([self.backend.segment_step(v.module, device) for v in variants])
             stats.step_graphs += len(variants)
         executable = EagerSegments(self.ctx, trace, plan.segments, fns, plan.sources, set(plan.guard.inputs.data),
                                    stable_guard(trace, plan.guard), restores(trace, eager))

@@ -10,6 +10,7 @@ import torch
 from .analysis import LoopPlan, SlotInfo
 from .batching import CallSite, step_ranges, describe_sites
 from .config import LoopStats
+from .executables import origin
 from .lower import module_ops
 from .passes import PassRecord
 from .planner import Plan
@@ -55,6 +56,8 @@ class PlanReport:
     seeds: dict[str, str]                  # rng="counter": seed name -> where its generator comes from
     traced_seeds: dict[str, torch.Tensor]  # the seeds the traced call drew (its inputs when it is checked)
     batching: tuple[CallSite, ...] = ()    # models called more than once per step: batched, or why not
+    code: tuple[str, ...] = ()             # where each compiled function came from: "loaded from <file> ...",
+                                           # "compiled in 41.2 s (AOTInductor), stored as <file>", ...
 
 
 def report(plan: Plan) -> PlanReport:
@@ -71,7 +74,8 @@ def report(plan: Plan) -> PlanReport:
         invariant_slots=tuple(loop.invariant_slots) if loop else (), variants=variants,
         runs=tuple(loop.runs) if loop else (), segments=segments, problems=problems, passes=tuple(plan.passes),
         guards=plan.guard.describe(), seeds={k: describe_source(s) for k, s in plan.sources.items()},
-        traced_seeds={name: seed.value for name, seed in plan.trace.seeds.items()}, batching=tuple(plan.batching))
+        traced_seeds={name: seed.value for name, seed in plan.trace.seeds.items()}, batching=tuple(plan.batching),
+        code=tuple(origin(fn) for fn in plan.executable.code()))
 
 
 def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
@@ -112,6 +116,6 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
         for name, shape, dtype in v.tables:
             lines.append(f"  variant {k} {name}: {shape} {str(dtype).replace('torch.', '')}")
     lines.append("passes: " + "; ".join(f"{p.name} ({p.seconds * 1e3:.0f} ms): {p.summary}" for p in r.passes))
-    lines.append(f"stats: compiles={stats.compiles} step_graphs={stats.step_graphs} plans={stats.plans} "
-                 f"calls={stats.calls} plan_s={stats.plan_seconds:.2f} compile_s={stats.compile_seconds:.2f}")
+    lines.append(f"stats: compiles={stats.compiles} loaded={stats.loaded} step_graphs={stats.step_graphs} "
+                 f"plans={stats.plans} calls={stats.calls} plan_s={stats.plan_seconds:.2f} compile_s={stats.compile_seconds:.2f}")
     return lines

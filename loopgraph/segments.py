@@ -16,7 +16,7 @@ from .components import (
     set_attribute,
     value_of,
 )
-from .executables import Context, drawing, write_back
+from .executables import Context, drawing, origin, write_back
 from .guards import tensor_spec
 from .partition import Segment, segment_end
 from .records import LoopTrace
@@ -48,7 +48,12 @@ class EagerSegments:
     def describe(self) -> list[str]:
         return ["segments per step: " + " | ".join(
             f"eager {seg.blocks[0]}" if seg.eager else
-            f"compiled {'+'.join(seg.blocks)} ({len(seg.plan.variants)} step graphs)" for seg in self.segments)]
+            f"compiled {'+'.join(seg.blocks)} ({len(seg.plan.variants)} step graphs)" for seg in self.segments),
+            *(f"compiled code of {'+'.join(seg.blocks)} step graph {v}: {origin(fn)}"
+              for seg, fns in zip(self.segments, self.fns) for v, fn in enumerate(fns))]
+
+    def code(self) -> list[Callable]:
+        return [fn for fns in self.fns for fn in fns]
 
     def verify(self) -> None:
         """Each compiled segment, run on the loop tensors the traced call had where it starts, against the ones it

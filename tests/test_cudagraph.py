@@ -7,6 +7,7 @@ from torch.utils._pytree import tree_leaves as pytree_leaves
 
 from loopgraph import compile_loop
 from loopgraph.cudagraph import WholeLoopGraph
+from loopgraph.lower import run_step
 from loopgraph.zoo.loops import build_loop
 from loopgraph.verify import matches_eager
 
@@ -22,8 +23,12 @@ def traced(setup, **options):
     fast(setup.components, state)
     plan = fast.last_plan
     inputs.update(plan.traced_seeds)
-    graph = WholeLoopGraph(plan.program, compile_step=lambda f: f, pool=None)
+    graph = WholeLoopGraph(plan.program, compile_step=uncompiled_step, pool=None)
     return fast, plan, inputs, state, graph
+
+
+def uncompiled_step(module, whole_tables):
+    return lambda carried, invariants, tables, i: run_step(module, whole_tables, carried, invariants, tables, i)
 
 
 def unrolled_args(plan, inputs):

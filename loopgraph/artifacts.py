@@ -1,0 +1,331 @@
+"""Compiled code that outlives the process: AOTInductor packages in the persistent cache (cache.py).
+
+Inductor's own caches do not cover the whole loop: its FX-graph cache refuses any graph holding a ``while_loop``,
+and even a cached graph is traced again by Dynamo in every process. So the compiled code is made here as an
+AOTInductor package instead: the program is exported (``torch.export``, tables' length N dynamic) and compiled by
+``aoti_compile_and_package`` into one file, loaded by ``aoti_load_package`` (milliseconds) in a later process.
+Measured: docs/benchmarks/cpu-cold-start.
+
+Weights are not in the package. A step graph's constants (the model's parameters and buffers, the scheduler's
+tensors) are *lifted*: they become leading inputs of the exported program, and every call passes the step
+graphs' own tensors, so the code reads the live parameters (an in-place update is seen, as with torch.compile)
+and one package serves any weights of the same shapes.
+
+Three programs are stored, one per way a plan runs:
+
+    WholeLoopProgram   the lowered loop (lower.lower_lifted): every step, while_loops, a C++ loop on CPU
+    StepProgram        one step at a device counter, for the whole-loop CUDA graph (cudagraph.py)
+    SegmentProgram     one compiled segment's step graph, between eager blocks (segments.py)
+
+``Artifact`` is the callable a plan runs: on its first call (and on inputs of other specs) it makes the key,
+loads the package or builds and stores it, then calls it. The key covers what the code depends on: the lifted
+graphs' code, the specs (shape, strides, dtype, device) of every input and which inputs are one tensor, the
+compile options, and this process's torch / triton / Python versions, loopgraph's source, the CPU's vector ISA or
+the GPU's architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import logging
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from .analysis import LoopPlan
+from .cache import FORMAT, CacheStore
+from .lower import lower_lifted, run_step
+
+logger = logging.getLogger("loopgraph.compile")
+
+__all__ = ["Artifact", "WholeLoopProgram", "StepProgram", "SegmentProgram", "lift_constants", "environment"]
+
+
+def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
+    """A copy of ``gm`` whose tensor attributes (parameters, buffers) are its leading inputs, one per distinct
+    tensor, and their attribute names in ``gm`` in that order. Raises ``TypeError`` on an attribute that is not a
+    tensor (it could not be passed in)."""
+    graph = copy.deepcopy(gm.graph)
+    first = next(iter(graph.nodes))
+    names: list[str] = []
+    inputs: dict[int, fx.Node] = {}
+    for node in [n for n in graph.nodes if n.op == "get_attr"]:
+        value = _attr(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"step graph attribute {node.target!r} is a {type(value).__name__}, not a tensor")
+        if id(value) not in inputs:
+            with graph.inserting_before(first):
+                inputs[id(value)] = graph.placeholder(f"constant_{len(names)}")
+            names.append(node.target)
+        node.replace_all_uses_with(inputs[id(value)])
+        graph.erase_node(node)
+    return fx.GraphModule(torch.nn.Module(), graph), names
+
+
+def _attr(module: torch.nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class _Lifted:
+    """A step graph with its constants lifted: the lifted module, and how to read the constants' live values."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.source = module
+        self.module, self.names = lift_constants(module)
+        self.code = self.module.code
+
+    def constants(self) -> list[torch.Tensor]:
+        return [_attr(self.source, name) for name in self.names]
+
+
+class WholeLoopProgram(torch.nn.Module):
+    """The lowered loop as ``forward(*flat) -> final state``, flat = every variant's constants, the state, the
+    invariants, every variant's tables, ends, start. Called like lower.lower's function: ``(buffers, invariants,
+    tables, ends, start)``, the final state written into ``buffers``."""
+
+    kind = "whole loop"
+
+    def __init__(self, plan: LoopPlan) -> None:
+        super().__init__()
+        self.steps = [_Lifted(v.module) for v in plan.variants]
+        self.run = lower_lifted(plan, [s.module for s in self.steps])
+        self.code = [s.code for s in self.steps] + [repr([v for v, _, _ in plan.runs]),
+                                                    repr([v.whole_tables for v in plan.variants])]
+        self.describe = f"whole loop: {len(plan.variants)} step graph(s), runs {[v for v, _, _ in plan.runs]}"
+        self._counts: tuple = ()
+
+    def flatten(self, buffers, invariants, tables, ends, start) -> tuple[list[torch.Tensor], list[int]]:
+        """The flat inputs, and which of them are tables (their length N is dynamic)."""
+        constants = [c for s in self.steps for c in s.constants()]
+        self._counts = (len(buffers), len(invariants), [len(vt) for vt in tables], [len(s.names) for s in self.steps])
+        flat = [*constants, *buffers, *invariants, *(t for vt in tables for t in vt), ends, start]
+        first = len(constants) + len(buffers) + len(invariants)
+        return flat, list(range(first, first + sum(map(len, tables))))
+
+    def forward(self, *flat):
+        n_state, n_inv, n_tables, n_consts = self._counts
+        flat = list(flat)
+        constants = [_take(flat, n) for n in n_consts]
+        state, invariants = _take(flat, n_state), _take(flat, n_inv)
+        tables = [_take(flat, n) for n in n_tables]
+        ends, start = flat
+        return tuple(self.run(state, invariants, tables, ends, start, constants))
+
+    def finish(self, args, outputs):
+        for buffer, final in zip(args[0], outputs):
+            buffer.copy_(final)
+
+
+class StepProgram(torch.nn.Module):
+    """One step of a variant at a device counter, ``(carried, invariants, tables, i) -> outputs``: the whole-loop
+    CUDA graph's step (cudagraph.py)."""
+
+    kind = "step"
+
+    def __init__(self, module: fx.GraphModule, whole_tables: bool) -> None:
+        super().__init__()
+        self.step, self.whole_tables = _Lifted(module), whole_tables
+        self.code = [self.step.code, repr(whole_tables)]
+        self.describe = "one step graph"
+        self._counts: tuple = ()
+
+    def flatten(self, carried, invariants, tables, i):
+        constants = self.step.constants()
+        self._counts = (len(constants), len(carried), len(invariants), len(tables))
+        first = len(constants) + len(carried) + len(invariants)
+        return [*constants, *carried, *invariants, *tables, i], list(range(first, first + len(tables)))
+
+    def forward(self, *flat):
+        n_consts, n_carried, n_inv, n_tables = self._counts
+        flat = list(flat)
+        constants, carried, invariants, tables = (_take(flat, n) for n in (n_consts, n_carried, n_inv, n_tables))
+        return tuple(run_step(self.step.module, self.whole_tables, carried, invariants, tables, flat[0], constants))
+
+    def finish(self, args, outputs):
+        return list(outputs)
+
+
+class SegmentProgram(torch.nn.Module):
+    """A compiled segment's step graph, ``(*inputs, *table rows) -> outputs`` (segments.py)."""
+
+    kind = "segment step"
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__()
+        self.step = _Lifted(module)
+        self.code = [self.step.code]
+        self.describe = "one segment step graph"
+
+    def flatten(self, *args):
+        return [*self.step.constants(), *args], []
+
+    def forward(self, *flat):
+        return tuple(self.step.module(*flat))
+
+    def finish(self, args, outputs):
+        return outputs
+
+
+def _take(flat: list, n: int) -> list:
+    taken = flat[:n]
+    del flat[:n]
+    return taken
+
+
+class Artifact:
+    """A program's compiled code from the persistent cache: loaded, or built and stored, on its first call (and
+    on inputs of new specs). ``fallback()`` makes the in-process torch.compile route, used when the program
+    cannot be exported or packaged (with a warning saying why). ``origin`` says where the code came from."""
+
+    def __init__(self, program, store: CacheStore, options: dict, device: torch.device, counter,
+                 fallback: Callable[[], Callable], label: str = "") -> None:
+        self.program, self.store, self.options, self.device = program, store, options, device
+        self.counter, self.fallback, self.label = counter, fallback, label
+        self.loaded: dict[tuple, Any] = {}       # input specs -> the loaded package
+        self.origin: str | None = None          # "loaded from ..." / "compiled in ... s, stored as ..."
+        self.compiled: Callable | None = None   # the in-process route, once the package route failed
+        self.loads = self.builds = 0
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            return self.compiled(*args)
+        flat, tables = self.program.flatten(*args)
+        specs = _specs(flat, tables)
+        runner = self.loaded.get(specs)
+        if runner is None:
+            runner = self._find(flat, tables, specs)
+            if runner is None:
+                return self.compiled(*args)
+            self.loaded[specs] = runner
+        return self.program.finish(args, runner(*flat))
+
+    def _find(self, flat: list[torch.Tensor], tables: list[int], specs: tuple):
+        env = environment(self.device)
+        key = _key(self.program, specs, self.options, env)
+        found = self.store.get(key, env)
+        name = self.label or self.program.kind
+        if found is not None:
+            start = time.perf_counter()
+            try:
+                runner = _load(found[0])
+            except Exception as e:  # noqa: BLE001 — an entry this torch cannot load: built again
+                warnings.warn(f"loopgraph cache: could not load {found[0]} ({type(e).__name__}: {e}); removed, "
+                              f"it is built again", stacklevel=5)
+                self.store.remove(key)
+            else:
+                self.loads += 1
+                self.counter.loaded += 1
+                self.origin = f"loaded from {found[0]} ({time.perf_counter() - start:.2f} s)"
+                logger.info("compile_loop: %s: %s", name, self.origin)
+                return runner
+        logger.info("compile_loop: %s: compiling the %s (AOTInductor) into %s", name, self.program.describe,
+                    self.store.root)
+        start = time.perf_counter()
+        self.counter.count += 1
+        try:
+            path, _ = self.store.put(key, functools.partial(self._build, flat, tables),
+                                     {**env, "what": f"{name}: {self.program.describe}"})
+            runner = _load(path)
+        except Exception as e:  # noqa: BLE001 — not exportable or packageable: compiled in this process instead
+            self.counter.count -= 1  # the in-process compilation counts itself
+            warnings.warn(f"compile_loop: {name}: the compiled {self.program.kind} cannot be stored in the persistent "
+                          f"cache ({type(e).__name__}: {e}); compiled in this process only (cache=False skips "
+                          f"trying)", stacklevel=5)
+            self.compiled = self.fallback()
+            self.origin = f"compiled in this process (not storable: {type(e).__name__})"
+            return None
+        seconds = time.perf_counter() - start
+        self.counter.seconds += seconds
+        self.builds += 1
+        self.origin = f"compiled in {seconds:.1f} s (AOTInductor), stored as {path}"
+        logger.info("compile_loop: %s: %s", name, self.origin)
+        return runner
+
+    def _build(self, flat: list[torch.Tensor], tables: list[int], path: Path) -> None:
+        steps = torch.export.Dim("steps", min=2)
+        dynamic = [{0: steps} if k in tables and flat[k].shape[0] >= 2 else None for k in range(len(flat))]
+        with torch.no_grad():
+            exported = torch.export.export(self.program, tuple(flat), dynamic_shapes=(tuple(dynamic),), strict=False)
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
+                                                     inductor_configs=dict(self.options))
+
+
+def _load(path: Path) -> Callable:
+    """A package's compiled code as ``(*flat inputs) -> outputs``. The loader itself, not
+    ``torch._inductor.aoti_load_package``: importing ``torch._inductor`` imports Dynamo (~1.8 s on this CPU, most of
+    a warm start's budget), and the inputs are flat tensors already (no pytree specs to apply)."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+    return lambda *flat: loader.boxed_run(list(flat))
+
+
+def _specs(flat: list[torch.Tensor], tables: list[int]) -> tuple:
+    """What the compiled code depends on in its inputs: each one's spec (a table's length N aside, when it is
+    exported dynamic) and which inputs are one tensor."""
+    tables_set = set(tables)
+    first: dict[int, int] = {}
+    specs = []
+    for k, t in enumerate(flat):
+        shape = tuple(t.shape)
+        if k in tables_set and shape[0] >= 2:
+            shape = ("N", *shape[1:])
+        specs.append((shape, t.stride()[1:] if k in tables_set else t.stride(), t.dtype, t.device.type,
+                      first.setdefault(id(t), k)))
+    return tuple(specs)
+
+
+def _key(program, specs: tuple, options: dict, env: dict) -> str:
+    text = repr((FORMAT, program.kind, program.code, specs, sorted(options.items()), sorted(env.items())))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def _loopgraph_source() -> str:
+    """A digest of loopgraph's own source (the package and its kernels): code built by another loopgraph misses."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for folder in (root, root.parent / "kernels"):
+        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_fingerprint(device_type: str, index: int | None) -> str:
+    """The GPU's architecture, or the CPU's: ATen's vector capability and a digest of the CPU's feature flags
+    (code built for AVX-512 must not load where there is none). Cheap: Inductor's own ISA probe compiles."""
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(index or 0)
+        return f"cuda sm_{props.major}{props.minor} {props.name}"
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return (f"{device_type} {platform.machine()} {torch.backends.cpu.get_cpu_capability()} "
+            f"flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}")
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """What, besides the program, the compiled code depends on: checked again when an entry is loaded."""
+    return {"torch": torch.__version__, "triton": _triton(), "python": ".".join(map(str, sys.version_info[:3])),
+            "loopgraph": _loopgraph_source(), "device": _device_fingerprint(device.type, device.index)}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("triton")
+    except Exception:  # noqa: BLE001 — not installed
+        return "none"

@@ -1,0 +1,319 @@
+"""The persistent cache of compiled loops (loopgraph.cache: the files; loopgraph.artifacts: AOTInductor packages).
+
+The suite runs with the cache off (conftest.py); these tests turn it on with folders of their own. Processes:
+two compile one entry at once, a new process loads it (no Inductor compilation, counted by torch's machinery in
+tests/cache_worker.py) for other N and other weights and inputs, a corrupted entry is rebuilt. In process: each
+program (whole loop, CUDA-graph step, eager segment) equals eager; weights are read live; the key; the store.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from loopgraph import compile_loop
+from loopgraph.artifacts import WholeLoopProgram, _key, _specs, environment, lift_constants
+from loopgraph.cache import CacheStore, cache_root
+from loopgraph.verify import matches_eager
+from loopgraph.zoo.loops import build_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_loop(steps: int = 4, seed: int = 0, preset: str = "dit", **options):
+    """A zoo loop small enough that its AOTInductor package builds in seconds."""
+    model = {"hidden_dim": 32, "depth": 1} if preset.startswith("dit") else {}
+    return build_loop(preset, steps=steps, seed=seed, sample_size=8, **model, **options)
+
+
+def worker(cache: Path, steps: str, *extra: str, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "LOOPGRAPH_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "cache_worker.py"), str(out), steps, *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, out: Path) -> tuple[dict, dict, str]:
+    stdout, stderr = process.communicate(timeout=900)
+    assert process.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout.strip().splitlines()[-1])
+    results = torch.load(out)
+    for n, (compiled, eager) in results.items():
+        assert matches_eager(compiled, eager), f"N={n}: the compiled loop differs from eager"
+    return report, results, stderr
+
+
+@pytest.fixture(scope="module")
+def populated(tmp_path_factory):
+    """Two processes compile the same loop into an empty cache at the same time: both finish, equal to eager,
+    and leave one whole entry."""
+    cache = tmp_path_factory.mktemp("cache")
+    outs = [cache.parent / f"a{k}.pt" for k in range(2)]
+    processes = [worker(cache, "4", out=out) for out in outs]
+    reports = [finish(p, out)[0] for p, out in zip(processes, outs)]
+    return cache, reports
+
+
+def test_two_processes_compiling_one_entry_at_once_leave_one_whole_entry(populated):
+    cache, reports = populated
+    assert [r["compiles"] + r["loaded"] for r in reports] == [1, 1]
+    assert sum(r["compiles"] for r in reports) >= 1
+    store = CacheStore(cache)
+    (entry,) = store.entries()
+    assert store.get(entry.key, environment(torch.device("cpu"))) is not None  # checksum and versions hold
+
+
+def test_a_new_process_loads_the_loop_and_compiles_nothing_for_other_n_and_other_weights(populated, tmp_path):
+    cache, _ = populated
+    out = tmp_path / "b.pt"
+    report, results, _ = finish(worker(cache, "4,7", "--seed", "1", out=out), out)
+    assert report["inductor_graphs"] == 0 and report["cpp_builds"] == 0  # no Inductor compilation, no C++ build
+    assert report["exports"] == 0 and report["dynamo_graphs"] == 0
+    assert report["compiles"] == 0 and report["loaded"] >= 1
+    assert report["origin"].startswith("loaded from " + str(cache))
+    assert "loaded from" in report["explain"]
+    assert set(results) == {4, 7}
+
+
+def test_a_corrupted_entry_is_rebuilt_with_a_warning(populated, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(populated[0], cache)
+    (entry,) = CacheStore(cache).entries()
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+    out = tmp_path / "c.pt"
+    report, _, stderr = finish(worker(cache, "4", out=out), out)
+    assert "does not match its checksum" in stderr
+    assert report["compiles"] == 1 and report["loaded"] == 0 and report["inductor_graphs"] >= 1
+    (rebuilt,) = CacheStore(cache).entries()
+    assert CacheStore(cache).get(rebuilt.key, environment(torch.device("cpu"))) is not None
+
+
+# -- in process: each program through the cache equals eager ---------------------------------------------------
+def _compiled(setup, cache, **options):
+    fast = compile_loop(setup.wrapper, cache=cache, **options)
+    fast(setup.components, setup.new_state())  # traces; the package is built (and checked) here
+    return fast
+
+
+def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path):
+    import dataclasses
+
+    setup = small_loop(6, preset="dit-ddim")
+    scheduler = setup.components.scheduler
+    scheduler.config = dataclasses.replace(scheduler.config, eta=1.0)  # stochastic: draws noise every step
+    fast = _compiled(setup, tmp_path, rng="counter")
+    plan = fast.last_plan
+    assert len(plan.runs) == 2 and plan.seeds and fast.stats.compiles == 1
+    assert plan.code[0].startswith("compiled in") and "stored as" in fast.explain()
+    traced = plan.executable.execute({**setup.new_state().values, **plan.traced_seeds})
+    assert matches_eager(traced[plan.state_slots.index("latents")], plan.executable.trace.final_value("latents"))
+    # a second compiled loop in this process loads the package: compiles nothing
+    again = compile_loop(setup.wrapper, cache=tmp_path, rng="counter")
+    again(setup.components, setup.new_state())
+    assert again.stats.loaded == 1 and again.stats.compiles == 0 and again.last_plan.code[0].startswith("loaded")
+
+
+def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(populated[0], cache)
+    setup = small_loop(4)
+    fast = compile_loop(setup.wrapper, cache=cache)
+    fast(setup.components, setup.new_state())
+    assert fast.stats.loaded == 1 and fast.stats.compiles == 0  # the entry another process stored
+    with torch.no_grad():
+        for p in setup.components.denoiser.parameters():
+            p.mul_(1.05)  # a LoRA merge, a fine-tuning step: in place, same tensors
+    expected = setup.run()
+    fast(setup.components, setup.new_state())  # the guard saw the weights change: one traced call
+    _, state = fast(setup.components, setup.new_state())
+    assert fast.stats.compiled_calls == 1 and fast.stats.compiles == 0 and fast.stats.loaded == 1  # no new code
+    assert matches_eager(state.get("latents"), expected)
+
+
+def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eager(tmp_path):
+    from tests.test_eager_segments import RescaleLatents, rescale_loop
+    from loopgraph.backend import Backend
+    from loopgraph.config import CompileConfig
+    from loopgraph.lower import run_step
+
+    setup = rescale_loop("dit")
+    RescaleLatents.threshold = 1.0
+    fast = compile_loop(setup.wrapper, cache=tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "block 'rescale' runs eagerly": the point of this loop
+        fast(setup.components, setup.new_state())
+    assert fast.last_plan.kind == "eager segments"
+    assert fast.last_plan.code and all(c.startswith("compiled in") for c in fast.last_plan.code)
+    _, state = fast(setup.components, setup.new_state())
+    assert matches_eager(state.get("latents"), setup.run())
+
+    # the CUDA graph's step (backend.step: one step at a device counter), run on CPU: equal to the step graph's
+    setup = small_loop(4)
+    loop = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    inputs = dict(state.values)
+    loop(setup.components, state)
+    program = loop.last_plan.program
+    variant = program.variants[-1]
+    step = Backend(CompileConfig(cache=tmp_path)).step(variant.module, variant.whole_tables, torch.device("cpu"), 0)
+    args = ([inputs[n] for n in program.state_slots], [inputs[n] for n in program.invariant_slots], variant.tables,
+            torch.tensor(variant.steps[0]))
+    got, expected = step(*args), run_step(variant.module, variant.whole_tables, *args)
+    assert step.origin.startswith("compiled in") and len(got) == len(expected)
+    assert all(matches_eager(g, e) for g, e in zip(got, expected))
+
+
+# -- the key ------------------------------------------------------------------------------------------------------
+def test_the_key_covers_versions_device_options_and_specs_and_not_n_or_weights():
+    setup = small_loop(4)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    inputs = dict(state.values)
+    fast(setup.components, state)
+    loop = fast.last_plan.program
+    program = WholeLoopProgram(loop)
+    args = ([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
+            [v.tables for v in loop.variants], fast.last_plan.executable.ends, torch.zeros((), dtype=torch.int64))
+    env = environment(torch.device("cpu"))
+
+    def key(args=args, options=None, **changed):
+        flat, tables = program.flatten(*args)
+        return _key(program, _specs(flat, tables), options or {}, {**env, **changed})
+
+    base = key()
+    assert base == key()
+    for changed in ({"torch": "9.9.9"}, {"triton": "0.1"}, {"python": "3.99.0"}, {"loopgraph": "other"},
+                    {"device": "cpu x86_64 DEFAULT flags:0"}):
+        assert key(**changed) != base, changed
+    assert key(options={"max_autotune": True}) != base
+    longer = [[torch.cat([t, t[:3]]) for t in vt] for vt in args[2]]  # another N: the same code
+    assert key((*args[:2], longer, *args[3:])) == base
+    heavier = [[c * 2 for c in vt] for vt in args[2]]
+    assert key((*args[:2], heavier, *args[3:])) == base  # values are not in the key
+    half = [[t.half() if t.is_floating_point() else t for t in vt] for vt in args[2]]
+    if any(t.is_floating_point() for vt in args[2] for t in vt):
+        assert key((*args[:2], half, *args[3:])) != base
+    wide = [torch.cat([t, t], dim=-1) for t in args[0]]
+    assert key((wide, *args[1:])) != base  # another latent shape
+    shared = [args[1][0], args[1][0], *args[1][2:]]
+    if len(args[1]) >= 2 and args[1][0].shape == args[1][1].shape:
+        assert key((args[0], shared, *args[2:])) != base  # two inputs that are one tensor
+
+
+def test_lifted_constants_are_inputs_one_per_tensor():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(3, 3))
+            self.register_buffer("b", torch.randn(3))
+
+        def forward(self, x):  # the weight read twice
+            return torch.nn.functional.linear(torch.nn.functional.linear(x, self.w, self.b), self.w)
+
+    gm = torch.fx.symbolic_trace(Twice())
+    lifted, names = lift_constants(gm)
+    assert len(names) == 2 and not list(lifted.parameters()) and not list(lifted.buffers())
+    x = torch.randn(2, 3)
+    assert torch.equal(lifted(*[getattr(gm, n) for n in names], x), gm(x))
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+def _put(store, key, payload=b"x" * 100, **meta):
+    return store.put(key, lambda path: path.write_bytes(payload), {"torch": "1", **meta})
+
+
+def test_store_round_trip_checksum_foreign_entry_and_listing(tmp_path):
+    store = CacheStore(tmp_path)
+    path, meta = _put(store, "k1")
+    assert store.get("k1", {"torch": "1"})[0] == path and meta["bytes"] == 100
+    assert [e.key for e in store.entries()] == ["k1"]
+    with pytest.warns(UserWarning, match="built with torch='1', this process has '2'"):
+        assert store.get("k1", {"torch": "2"}) is None  # foreign: removed
+    assert store.entries() == []
+    path, _ = _put(store, "k2")
+    path.write_bytes(b"y" * 100)
+    with pytest.warns(UserWarning, match="does not match its checksum"):
+        assert store.get("k2", {"torch": "1"}) is None
+    (tmp_path / "k3.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="metadata is unreadable"):
+        assert store.get("k3", {}) is None
+    assert store.get("missing", {}) is None
+
+
+def test_store_keeps_its_size_bound_least_recently_used_out(tmp_path):
+    store = CacheStore(tmp_path, max_bytes=250)
+    for k in ("a", "b"):
+        _put(store, k)
+        time.sleep(0.02)
+    store.get("a", {})  # used: b is now the least recently used
+    time.sleep(0.02)
+    _put(store, "c")
+    assert sorted(e.key for e in store.entries()) == ["a", "c"]
+    big = CacheStore(tmp_path, max_bytes=10)
+    _put(big, "d", payload=b"z" * 50)  # bigger than the bound: kept alone (the entry just written stays)
+    assert [e.key for e in big.entries()] == ["d"]
+
+
+def test_store_writers_at_once_leave_a_whole_entry(tmp_path):
+    store = CacheStore(tmp_path)
+    errors = []
+
+    def write(k):
+        try:
+            for _ in range(20):
+                _put(store, "same", payload=bytes([k]) * 1000)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    path, meta = store.get("same", {"torch": "1"})
+    assert path.read_bytes() in {bytes([k]) * 1000 for k in range(4)}
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_where_the_cache_lives(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOOPGRAPH_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_root(True) == tmp_path / "env"
+    assert cache_root(str(tmp_path / "given")) == tmp_path / "given"
+    assert cache_root(False) is None
+    monkeypatch.setenv("LOOPGRAPH_CACHE_DIR", "")
+    assert cache_root(True) is None
+    monkeypatch.delenv("LOOPGRAPH_CACHE_DIR")
+    assert cache_root(True).name == "loopgraph"
+    with pytest.raises(ValueError, match="cache must be"):
+        compile_loop(small_loop(2).wrapper, cache=3)
+
+
+def test_cache_false_compiles_in_process_and_says_so():
+    setup = small_loop(2)
+    fast = compile_loop(setup.wrapper, cache="/nonexistent/never-written", backend="eager")
+    fast(setup.components, setup.new_state())  # debugging backends are not stored
+    assert not Path("/nonexistent/never-written").exists()
+    assert "compiled in this process" in fast.explain()
+
+
+def test_cache_command_lists_and_clears(tmp_path, capsys):
+    from loopgraph.__main__ import main
+
+    store = CacheStore(tmp_path)
+    _put(store, "k1", what="DenoiseLoop: whole loop")
+    assert main(["cache", "list", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "k1" in out and "DenoiseLoop: whole loop" in out and "1 entr" in out
+    assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
+    assert "removed 1" in capsys.readouterr().out
+    assert store.entries() == []
