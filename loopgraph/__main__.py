@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int)
     bench.add_argument("--out", type=Path, help="output folder (default: bench-results/<timestamp>)")
     bench.add_argument("--quick", action="store_true", help="CI-sized run: 4 steps, 3 repeats")
+    bench.add_argument("--cold-start", action="store_true",
+                       help="also time each method's first result in fresh processes: a machine that never ran the "
+                            "loop, then a restart (compile_loop loading from its persistent cache); minutes more")
     cache = commands.add_parser(
         "cache", help="list or clear the persistent cache of compiled loops",
         description="The compiled loops compile_loop stored ($LOOPGRAPH_CACHE_DIR, else the user cache directory): "
@@ -116,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
             base, preset=args.preset, loop=args.loop, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
             dtype=args.dtype, device=args.device, repeats=args.repeats, methods=args.methods,
             scaling=args.scaling, compile_timeout=args.compile_timeout, seed=args.seed,
-            model=dict(args.model) or None)
+            model=dict(args.model) or None, cold_start=args.cold_start or None)
         if args.quick and args.scaling is None and args.steps is not None:
             config = with_overrides(config, scaling=(max(config.steps // 2, 1), config.steps))
         if config.loop is not None:
@@ -138,6 +141,11 @@ def _bench(args: argparse.Namespace) -> int:
     for row in report["results"]:
         if row.get("batched_calls"):
             console.print(f"batched calls ({row['method']}): {row['batched_calls']}")
+    if report.get("cold_start"):
+        from .cold_start import markdown_table as cold_table
+
+        console.print("cold start (fresh processes; the second shares the first's caches):")
+        console.print(cold_table(report["cold_start"]), markup=False)
     paths = write_report(report, args.out or default_out())
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0

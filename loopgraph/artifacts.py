@@ -194,7 +194,6 @@ class Artifact:
         self.loaded: dict[tuple, Any] = {}       # input specs -> the loaded package
         self.origin: str | None = None          # "loaded from ..." / "compiled in ... s, stored as ..."
         self.compiled: Callable | None = None   # the in-process route, once the package route failed
-        self.loads = self.builds = 0
 
     def __call__(self, *args):
         if self.compiled is not None:
@@ -223,7 +222,6 @@ class Artifact:
                               f"it is built again", stacklevel=5)
                 self.store.remove(key)
             else:
-                self.loads += 1
                 self.counter.loaded += 1
                 self.origin = f"loaded from {found[0]} ({time.perf_counter() - start:.2f} s)"
                 logger.info("compile_loop: %s: %s", name, self.origin)
@@ -246,12 +244,13 @@ class Artifact:
             return None
         seconds = time.perf_counter() - start
         self.counter.seconds += seconds
-        self.builds += 1
         self.origin = f"compiled in {seconds:.1f} s (AOTInductor), stored as {path}"
         logger.info("compile_loop: %s: %s", name, self.origin)
         return runner
 
     def _build(self, flat: list[torch.Tensor], tables: list[int], path: Path) -> None:
+        import torch._inductor
+
         steps = torch.export.Dim("steps", min=2)
         dynamic = [{0: steps} if k in tables and flat[k].shape[0] >= 2 else None for k in range(len(flat))]
         with torch.no_grad():

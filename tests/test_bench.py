@@ -106,6 +106,7 @@ def test_cpu_peak_memory_sees_a_temporary_allocation():
     (dict(scaling=(5,)), "at least two step counts"),
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(steps=0), "must be >= 1"),
+    (dict(cold_start=True, loop="my_loop:make"), "--cold-start times the presets"),
 ])
 def test_bench_config_rejects_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -117,6 +118,18 @@ def test_cli_reports_bad_options_without_a_traceback():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "unknown methods ['fast']" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cold_start_runs_each_method_in_fresh_processes_and_reports_it(tmp_path):
+    """Eager only (compiling methods take minutes: recorded in docs/benchmarks/cpu-cold-start, not run here)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--quick", "--methods", "eager", "--cold-start",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads((out / "bench.json").read_text())["cold_start"]
+    assert row["method"] == "eager" and row["process"] == "first" and row["preset"] == "dit"
+    assert 0 < row["first_call_s"] < row["process_s"] and row["import_s"] > 0
+    assert "cold start (fresh processes" in proc.stdout and "| eager | first |" in proc.stdout
 
 
 # -- the user's own loop: `--loop package.module:function` and run_loop ------------------------------------------------

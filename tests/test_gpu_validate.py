@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["env", "cuda-tests", "bench-default", "launches", "bench-compute"]
+STAGES = ["env", "cuda-tests", "bench-default", "launches", "bench-compute", "cache"]
 
 
 def load_validate():
@@ -40,6 +40,9 @@ def test_dry_run_runs_every_stage_and_writes_the_record(tmp_path):
         assert {r["method"] for r in bench["results"]} >= {"eager", "compile_loop"} and not bench["rejected"]
         assert (out / name / "bench.png").exists()
     assert "passed" in (out / "cuda-tests.log").read_text()
+    cache = json.loads((out / "cache.json").read_text())
+    assert cache["ok"] and cache["first"]["compiles"] == 1 and cache["second"]["loaded"] == 1
+    assert cache["second"]["code"][0].startswith("loaded from")
 
 
 def test_a_failing_or_slow_stage_does_not_stop_the_next(tmp_path, monkeypatch):

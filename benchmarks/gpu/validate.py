@@ -9,6 +9,11 @@ next one runs, so one broken path does not cost the whole run:
     bench-default   ``loopgraph bench --device cuda`` on the default loop
     launches        CUDA graph launches and kernel launches in one warm compiled call (torch.profiler)
     bench-compute   ``loopgraph bench --device cuda`` on a compute-bound preset (a larger DiT at bf16)
+    cache           the persistent cache: one process compiles a small loop into an empty cache, a second one
+                    loads it (no compilation) and its compiled call equals eager (``cache.json``)
+
+The other stages run with the persistent cache off (``LOOPGRAPH_CACHE_DIR=""``): their budgets were sized for
+compiling in the process, and the cache stage is where its path is validated.
 
 Everything goes under the output folder: one log per stage, the benches' bench.json/csv/png, ``launches.json``,
 ``env.json`` and ``summary.json`` (each stage's status, seconds and exit code). ``--dry-run`` runs the same
@@ -77,11 +82,43 @@ print(json.dumps(found, indent=1))
 json.dump(found, open(out, "w"), indent=1)
 """
 
+CACHE = r"""
+import json, os, subprocess, sys, warnings
+device, out = sys.argv[1], sys.argv[2]
+if len(sys.argv) == 4:  # a child: compile_loop's first two calls in a fresh process
+    import torch
+    from loopgraph import compile_loop
+    from loopgraph.verify import matches_eager
+    from loopgraph.zoo.loops import build_loop
+    warnings.simplefilter("ignore")
+    setup = build_loop("dit", steps=4, sample_size=8, hidden_dim=32, depth=1, device=device)
+    fast = compile_loop(setup.wrapper)
+    fast(setup.components, setup.new_state())
+    _, state = fast(setup.components, setup.new_state())
+    print(json.dumps({"compiles": fast.stats.compiles, "loaded": fast.stats.loaded, "code": fast.last_plan.code,
+                      "kind": fast.last_plan.kind, "equal": matches_eager(state.get("latents"), setup.run())}))
+    sys.exit(0)
+env = dict(os.environ, LOOPGRAPH_CACHE_DIR=os.path.join(os.path.dirname(out), "loopgraph-cache"))
+found = {}
+for process in ("first", "second"):
+    child = subprocess.run([sys.executable, "-c", __CODE__, device, out, "child"], env=env, capture_output=True,
+                           text=True)
+    print(child.stderr[-3000:], file=sys.stderr)
+    found[process] = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else None
+ok = (found["first"] and found["second"] and found["first"]["equal"] and found["second"]["equal"]
+      and found["second"]["compiles"] == 0 and found["second"]["loaded"] >= 1)
+found["ok"] = bool(ok)
+print(json.dumps(found, indent=1))
+json.dump(found, open(out, "w"), indent=1)
+sys.exit(0 if ok else 1)
+"""
+CACHE = CACHE.replace("__CODE__", repr(CACHE))
+
 CUDA_TESTS = ["tests/test_cudagraph.py", "tests/test_kernels.py", "tests/test_kernel_pass.py", "tests/test_rng.py"]
 
 
 def stages(out: Path, dry: bool) -> list[tuple[str, list[str], int]]:
-    """(name, command, budget in seconds) per stage: 470 s in all, within 8 minutes on a GPU."""
+    """(name, command, budget in seconds) per stage: 530 s in all, within 9 minutes on a GPU."""
     py = sys.executable
     device = "cpu" if dry else "cuda"
     bench = [py, "-m", "loopgraph", "bench", "--device", device]
@@ -104,7 +141,8 @@ def stages(out: Path, dry: bool) -> list[tuple[str, list[str], int]]:
         ("cuda-tests", tests, 150),
         ("bench-default", default, 120),
         ("launches", [py, "-c", LAUNCHES, device, "4" if dry else "20", str(out / "launches.json")], 75),
-        ("bench-compute", compute, 110),
+        ("bench-compute", compute, 100),
+        ("cache", [py, "-c", CACHE, device, str(out / "cache.json")], 150 if dry else 70),  # CPU: a 2-core AOTI build
     ]
 
 
@@ -136,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-               LOOPGRAPH_TEST_TIMEOUT=os.environ.get("LOOPGRAPH_TEST_TIMEOUT", "120"), PYTHONUNBUFFERED="1")
+               LOOPGRAPH_TEST_TIMEOUT=os.environ.get("LOOPGRAPH_TEST_TIMEOUT", "120"), PYTHONUNBUFFERED="1",
+               LOOPGRAPH_CACHE_DIR="")  # the cache stage sets its own folder
     if args.dry_run:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
     chosen = set(args.only.split(",")) if args.only else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Validate every CUDA path of loopgraph in one call of the device machine (<= 8 minutes of wall time):
+# Validate every CUDA path of loopgraph in one call of the device machine (<= 9 minutes of wall time):
 #
 #   benchmarks/gpu/validate.sh [OUT_DIR] [--dry-run] [--only STAGE,...]
 #
