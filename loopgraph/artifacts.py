@@ -98,7 +98,7 @@ class WholeLoopProgram(torch.nn.Module):
     def __init__(self, plan: LoopPlan) -> None:
         super().__init__()
         self.steps = [_Lifted(v.module) for v in plan.variants]
-        self.run = lower_lifted(plan, [s.module for s in self.steps])
+        self.run = lower_lifted(plan, [s.module for s in self.steps], export=True)
         self.code = [s.code for s in self.steps] + [repr([v for v, _, _ in plan.runs]),
                                                     repr([v.whole_tables for v in plan.variants])]
         self.describe = f"whole loop: {len(plan.variants)} step graph(s), runs {[v for v, _, _ in plan.runs]}"

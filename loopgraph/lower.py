@@ -14,7 +14,7 @@ import types
 from typing import Callable
 
 import torch
-from torch._higher_order_ops.while_loop import while_loop
+from torch._higher_order_ops.while_loop import while_loop, while_loop_op
 
 from .analysis import LoopPlan
 
@@ -90,10 +90,14 @@ def lower(plan: LoopPlan) -> Callable:
     return named_function(whole_loop, "whole_loop")
 
 
-def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule]) -> Callable:
+def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule], export: bool = False) -> Callable:
     """The whole loop over the variants' step ``modules`` as a function ``(state, invariants, tables, ends, start,
     constants) -> final state``: ``constants[v]`` go first into variant v's module (empty unless its constants
-    were lifted into inputs, artifacts.py). Nothing is written in place."""
+    were lifted into inputs, artifacts.py). Nothing is written in place.
+
+    ``export``: for ``torch.export`` (artifacts.py), the while_loop operator is called directly with the loop's
+    other tensors as its explicit inputs. ``torch.while_loop`` outside ``torch.compile`` traces its body with
+    Dynamo first, which took most of an export (16 s of 40 on the default loop)."""
     pattern = [v for v, _, _ in plan.runs]
     whole_tables = [v.whole_tables for v in plan.variants]
     repeated = [_repeated_outputs(m) for m in modules]
@@ -101,17 +105,25 @@ def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule]) -> Callabl
     def run(state, invariants, tables, ends, start, constants) -> list[torch.Tensor]:
         i, state = start, list(state)
         for r, v in enumerate(pattern):
-            def cond(i, *carried, end=ends[r]):
-                return i < end
+            n, sizes = len(state), (len(invariants), len(tables[v]))
+            extra = (ends[r], *invariants, *tables[v], *constants[v])
 
-            def body(i, *carried, step=modules[v], whole=whole_tables[v], vt=tables[v], repeated=repeated[v],
-                     consts=constants[v]):
-                out = run_step(step, whole, carried, invariants, vt, i, consts)
+            def cond(i, *rest, n=n):
+                return i < rest[n]
+
+            def body(i, *rest, n=n, sizes=sizes, step=modules[v], whole=whole_tables[v], repeated=repeated[v]):
+                carried, inv = rest[:n], rest[n + 1:n + 1 + sizes[0]]
+                vt, consts = rest[n + 1 + sizes[0]:n + 1 + sum(sizes)], rest[n + 1 + sum(sizes):]
+                out = run_step(step, whole, carried, inv, vt, i, consts)
                 for k in repeated:  # one value for two slots (inputs that are one tensor, `y = x`)
                     out[k] = _distinct_copy(out[k])
                 return (i + 1, *[_carried_like(c, o) for c, o in zip(carried, out)])
 
-            i, *state = while_loop(cond, body, (i, *state))
+            if export:
+                i, *state = while_loop_op(cond, body, (i, *state), extra)
+            else:
+                i, *state = while_loop(lambda *c, cond=cond, extra=extra: cond(*c, *extra),
+                                       lambda *c, body=body, extra=extra: body(*c, *extra), (i, *state))
         return state
 
     return run
