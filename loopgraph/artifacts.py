@@ -20,8 +20,8 @@ Three programs are stored, one per way a plan runs:
 ``Artifact`` is the callable a plan runs: on its first call (and on inputs of other specs) it makes the key,
 loads the package or builds and stores it, then calls it. The key covers what the code depends on: the lifted
 graphs' code, the specs (shape, strides, dtype, device) of every input and which inputs are one tensor, the
-compile options, and this process's torch / triton / Python versions, loopgraph's source, the CPU's vector ISA or
-the GPU's architecture.
+compile options and Inductor's settings, and this process's torch / triton / Python versions, loopgraph's source,
+the CPU's vector ISA or the GPU's architecture.
 """
 
 from __future__ import annotations
@@ -315,9 +315,14 @@ def _device_fingerprint(device_type: str, index: int | None) -> str:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    """What, besides the program, the compiled code depends on: checked again when an entry is loaded."""
+    """What, besides the program, the compiled code depends on: checked again when an entry is loaded. The
+    Inductor settings are the process's (``torch._inductor.config``, which a user may change: ``freezing``,
+    ``cpp.simdlen``...), as Inductor's own FX-graph cache keys them."""
+    from torch._inductor import config as inductor_config
+
     return {"torch": torch.__version__, "triton": _triton(), "python": ".".join(map(str, sys.version_info[:3])),
-            "loopgraph": _loopgraph_source(), "device": _device_fingerprint(device.type, device.index)}
+            "loopgraph": _loopgraph_source(), "device": _device_fingerprint(device.type, device.index),
+            "inductor_config": inductor_config.get_hash().hex()}
 
 
 @functools.lru_cache(maxsize=None)

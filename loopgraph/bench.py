@@ -768,7 +768,8 @@ def targets(report: dict[str, Any]) -> list[str]:
         lines[0] += f" (target >= 10x: {'met' if mine['speedup_vs_eager'] >= 10 else 'MISSED'})"
         lines.append(f"compile_loop overhead per step over the bare denoiser: {mine['overhead_per_step_us']:.1f} µs "
                      "(target <= 2 µs)")
-    warm = [r for r in report.get("cold_start", ()) if r["method"] == "compile_loop" and r["process"] == "second"]
+    warm = [r for r in report.get("cold_start", ()) if r["method"] == "compile_loop" and r["process"] == "second"
+            and "error" not in r]
     if warm:
         first = warm[0]["first_call_s"]
         lines.append(f"compile_loop first call in a new process, cache warm: {first:.2f} s"

@@ -128,7 +128,7 @@ def test_cold_start_runs_each_method_in_fresh_processes_and_reports_it(tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads((out / "bench.json").read_text())["cold_start"]
     assert row["method"] == "eager" and row["process"] == "first" and row["preset"] == "dit"
-    assert 0 < row["first_call_s"] < row["process_s"] and row["import_s"] > 0
+    assert 0 < row["first_call_s"] < row["process_s"] and row["build_s"] > 0
     assert "cold start (fresh processes" in proc.stdout and "| eager | first |" in proc.stdout
 
 

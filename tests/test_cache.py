@@ -192,9 +192,13 @@ def test_the_key_covers_versions_device_options_and_specs_and_not_n_or_weights()
     base = key()
     assert base == key()
     for changed in ({"torch": "9.9.9"}, {"triton": "0.1"}, {"python": "3.99.0"}, {"loopgraph": "other"},
-                    {"device": "cpu x86_64 DEFAULT flags:0"}):
+                    {"device": "cpu x86_64 DEFAULT flags:0"}, {"inductor_config": "freezing"}):
         assert key(**changed) != base, changed
     assert key(options={"max_autotune": True}) != base
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(freezing=True):  # a user's global Inductor setting
+        assert environment(torch.device("cpu"))["inductor_config"] != env["inductor_config"]
     longer = [[torch.cat([t, t[:3]]) for t in vt] for vt in args[2]]  # another N: the same code
     assert key((*args[:2], longer, *args[3:])) == base
     heavier = [[c * 2 for c in vt] for vt in args[2]]
