@@ -10,6 +10,8 @@ first call) from the parent's side.
     eager                one process (nothing to compile or keep)
     compile_denoiser     the denoiser in torch.compile: the second process has Inductor's caches warm
     compile_loop         the second process loads the compiled loop from loopgraph's persistent cache
+    compile_loop_nocache compile_loop(cache=False): compiled in each process (Inductor's caches warm in the
+                         second, but its FX-graph cache refuses the loop's while_loop graph)
 
 Run as ``python -m loopgraph.cold_start PRESET STEPS METHOD`` it is the child process: it prints one JSON line.
 """
@@ -27,7 +29,7 @@ from typing import Callable
 
 __all__ = ["COLD_METHODS", "measure", "markdown_table"]
 
-COLD_METHODS = ("eager", "compile_denoiser", "compile_loop")
+COLD_METHODS = ("eager", "compile_denoiser", "compile_loop_nocache", "compile_loop")
 
 
 def _child(preset: str, steps: int, method: str) -> None:
