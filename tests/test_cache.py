@@ -97,6 +97,17 @@ def test_a_corrupted_entry_is_rebuilt_with_a_warning(populated, tmp_path):
     assert CacheStore(cache).get(rebuilt.key, environment(torch.device("cpu"))) is not None
 
 
+def test_another_torch_version_misses_and_leaves_the_entry_of_this_one(populated, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(populated[0], cache)
+    out = tmp_path / "d.pt"
+    report, _, _ = finish(worker(cache, "4", "--torch-version", "2.99.0", out=out), out)
+    assert report["compiles"] == 1 and report["loaded"] == 0 and report["inductor_graphs"] >= 1
+    assert sorted(e.meta["torch"] for e in CacheStore(cache).entries()) == sorted(["2.99.0", torch.__version__])
+    report, _, _ = finish(worker(cache, "4", out=out), out)  # this torch still finds its own
+    assert report["compiles"] == 0 and report["loaded"] == 1
+
+
 # -- in process: each program through the cache equals eager ---------------------------------------------------
 def _compiled(setup, cache, **options):
     fast = compile_loop(setup.wrapper, cache=cache, **options)
