@@ -117,5 +117,6 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
             lines.append(f"  variant {k} {name}: {shape} {str(dtype).replace('torch.', '')}")
     lines.append("passes: " + "; ".join(f"{p.name} ({p.seconds * 1e3:.0f} ms): {p.summary}" for p in r.passes))
     lines.append(f"stats: compiles={stats.compiles} loaded={stats.loaded} step_graphs={stats.step_graphs} "
-                 f"plans={stats.plans} calls={stats.calls} plan_s={stats.plan_seconds:.2f} compile_s={stats.compile_seconds:.2f}")
+                 f"plans={stats.plans} calls={stats.calls} plan_s={stats.plan_seconds:.2f} "
+                 f"compile_s={stats.compile_seconds:.2f}")
     return lines

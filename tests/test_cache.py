@@ -108,6 +108,16 @@ def test_another_torch_version_misses_and_leaves_the_entry_of_this_one(populated
     assert report["compiles"] == 0 and report["loaded"] == 1
 
 
+def traced_program():
+    """The small loop's program from one traced call (eager backend: nothing compiled), its inputs, its plan."""
+    setup = small_loop(4)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    state = setup.new_state()
+    inputs = dict(state.values)
+    fast(setup.components, state)
+    return fast.last_plan.program, inputs, fast.last_plan
+
+
 # -- in process: each program through the cache equals eager ---------------------------------------------------
 def _compiled(setup, cache, **options):
     fast = compile_loop(setup.wrapper, cache=cache, **options)
@@ -168,12 +178,7 @@ def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eage
     assert matches_eager(state.get("latents"), setup.run())
 
     # the CUDA graph's step (backend.step: one step at a device counter), run on CPU: equal to the step graph's
-    setup = small_loop(4)
-    loop = compile_loop(setup.wrapper, backend="eager")
-    state = setup.new_state()
-    inputs = dict(state.values)
-    loop(setup.components, state)
-    program = loop.last_plan.program
+    program, inputs, _ = traced_program()
     variant = program.variants[-1]
     step = Backend(CompileConfig(cache=tmp_path)).step(variant.module, variant.whole_tables, torch.device("cpu"), 0)
     args = ([inputs[n] for n in program.state_slots], [inputs[n] for n in program.invariant_slots], variant.tables,
@@ -185,15 +190,10 @@ def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eage
 
 # -- the key ------------------------------------------------------------------------------------------------------
 def test_the_key_covers_versions_device_options_and_specs_and_not_n_or_weights():
-    setup = small_loop(4)
-    fast = compile_loop(setup.wrapper, backend="eager")
-    state = setup.new_state()
-    inputs = dict(state.values)
-    fast(setup.components, state)
-    loop = fast.last_plan.program
+    loop, inputs, plan = traced_program()
     program = WholeLoopProgram(loop)
     args = ([inputs[n] for n in loop.state_slots], [inputs[n] for n in loop.invariant_slots],
-            [v.tables for v in loop.variants], fast.last_plan.executable.ends, torch.zeros((), dtype=torch.int64))
+            [v.tables for v in loop.variants], plan.executable.ends, torch.zeros((), dtype=torch.int64))
     env = environment(torch.device("cpu"))
 
     def key(args=args, options=None, **changed):
