@@ -3,7 +3,8 @@
 Inductor's own caches do not cover the whole loop: its FX-graph cache refuses any graph holding a ``while_loop``,
 and even a cached graph is traced again by Dynamo in every process. So the compiled code is made here as an
 AOTInductor package instead: the program is exported (``torch.export``, tables' length N dynamic) and compiled by
-``aoti_compile_and_package`` into one file, loaded by ``aoti_load_package`` (milliseconds) in a later process.
+``aoti_compile_and_package`` into one file, loaded by AOTInductor's package loader (milliseconds) in a later
+process.
 Measured: docs/benchmarks/cpu-cold-start.
 
 Weights are not in the package. A step graph's constants (the model's parameters and buffers, the scheduler's
@@ -216,7 +217,7 @@ class Artifact:
         if found is not None:
             start = time.perf_counter()
             try:
-                runner = _load(found[0])
+                runner = _load(found[0], self.device)
             except Exception as e:  # noqa: BLE001 — an entry this torch cannot load: built again
                 warnings.warn(f"loopgraph cache: could not load {found[0]} ({type(e).__name__}: {e}); removed, "
                               f"it is built again", stacklevel=5)
@@ -233,7 +234,7 @@ class Artifact:
         try:
             path, _ = self.store.put(key, functools.partial(self._build, flat, tables),
                                      {**env, "what": f"{name}: {self.program.describe}"})
-            runner = _load(path)
+            runner = _load(path, self.device)
         except Exception as e:  # noqa: BLE001 — not exportable or packageable: compiled in this process instead
             self.counter.count -= 1  # the in-process compilation counts itself
             warnings.warn(f"compile_loop: {name}: the compiled {self.program.kind} cannot be stored in the persistent "
@@ -259,11 +260,13 @@ class Artifact:
                                                      inductor_configs=dict(self.options))
 
 
-def _load(path: Path) -> Callable:
-    """A package's compiled code as ``(*flat inputs) -> outputs``. The loader itself, not
-    ``torch._inductor.aoti_load_package``: importing ``torch._inductor`` imports Dynamo (~1.8 s on this CPU, most of
-    a warm start's budget), and the inputs are flat tensors already (no pytree specs to apply)."""
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+def _load(path: Path, device: torch.device) -> Callable:
+    """A package's compiled code as ``(*flat inputs) -> outputs``, from AOTInductor's C++ loader itself:
+    ``torch._inductor.aoti_load_package`` first reads the whole archive in Python (``load_pt2``: 1.5 s for the
+    default loop's package on this CPU, most of a warm start's budget), and the inputs are flat tensors already (no
+    pytree specs to apply). On CUDA the runner skips its thread synchronisation (``run_single_threaded``, as
+    AOTInductor advises under CUDA graphs); calls of one compiled loop are serialised by its lock."""
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", device.type == "cuda", 1, -1)
     return lambda *flat: loader.boxed_run(list(flat))
 
 
