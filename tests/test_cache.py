@@ -161,12 +161,19 @@ def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path
 
 
 def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eager(tmp_path):
-    from tests.test_eager_segments import RescaleLatents, rescale_loop
+    from tests.test_eager_segments import RescaleLatents
     from loopgraph.backend import Backend
     from loopgraph.config import CompileConfig
     from loopgraph.lower import run_step
+    from loopgraph.zoo.loops import DenoiseLoop
 
-    setup = rescale_loop("dit")
+    class RescaleLoop(DenoiseLoop):  # a block with data-dependent Python: eager between compiled segments
+        block_classes = [*DenoiseLoop.block_classes, RescaleLatents]
+        block_names = [*DenoiseLoop.block_names, "rescale"]
+
+    setup = small_loop(6)
+    setup.wrapper = RescaleLoop()
+    setup.wrapper.set_progress_bar_config(disable=True)
     RescaleLatents.threshold = 1.0
     fast = compile_loop(setup.wrapper, cache=tmp_path)
     with warnings.catch_warnings():
