@@ -89,33 +89,30 @@ class _Lifted:
         return [_attr(self.source, name) for name in self.names]
 
 
-class WholeLoopProgram(torch.nn.Module):
-    """The lowered loop as ``forward(*flat) -> final state``, flat = every variant's constants, the state, the
-    invariants, every variant's tables, ends, start. Called like lower.lower's function: ``(buffers, invariants,
-    tables, ends, start)``, the final state written into ``buffers``."""
+class WholeLoopProgram:
+    """The lowered loop over flat inputs: every variant's constants, the state, the invariants, every variant's
+    tables, ends, start -> the final state. Called like lower.lower's function: ``(buffers, invariants, tables,
+    ends, start)``, the final state written into ``buffers``."""
 
     kind = "whole loop"
 
     def __init__(self, plan: LoopPlan) -> None:
-        super().__init__()
         self.steps = [_Lifted(v.module) for v in plan.variants]
         self.run = lower_lifted(plan, [s.module for s in self.steps], export=True)
         self.code = [s.code for s in self.steps] + [repr([v for v, _, _ in plan.runs]),
                                                     repr([v.whole_tables for v in plan.variants])]
         self.describe = f"whole loop: {len(plan.variants)} step graph(s), runs {[v for v, _, _ in plan.runs]}"
-        self._counts: tuple = ()
 
-    def flatten(self, buffers, invariants, tables, ends, start) -> tuple[list[torch.Tensor], list[int]]:
-        """The flat inputs, and which of them are tables (their length N is dynamic)."""
+    def flatten(self, buffers, invariants, tables, ends, start) -> tuple[list[torch.Tensor], list[int], tuple]:
+        """The flat inputs, which of them are tables (their length N is dynamic), and the sizes of their groups."""
         constants = [c for s in self.steps for c in s.constants()]
-        self._counts = (len(buffers), len(invariants), [len(vt) for vt in tables], [len(s.names) for s in self.steps])
+        counts = ([len(s.names) for s in self.steps], len(buffers), len(invariants), [len(vt) for vt in tables])
         flat = [*constants, *buffers, *invariants, *(t for vt in tables for t in vt), ends, start]
         first = len(constants) + len(buffers) + len(invariants)
-        return flat, list(range(first, first + sum(map(len, tables))))
+        return flat, list(range(first, first + sum(map(len, tables)))), counts
 
-    def forward(self, *flat):
-        n_state, n_inv, n_tables, n_consts = self._counts
-        flat = list(flat)
+    def run_flat(self, counts: tuple, flat: list) -> tuple:
+        n_consts, n_state, n_inv, n_tables = counts
         constants = [_take(flat, n) for n in n_consts]
         state, invariants = _take(flat, n_state), _take(flat, n_inv)
         tables = [_take(flat, n) for n in n_tables]
@@ -127,54 +124,60 @@ class WholeLoopProgram(torch.nn.Module):
             buffer.copy_(final)
 
 
-class StepProgram(torch.nn.Module):
+class StepProgram:
     """One step of a variant at a device counter, ``(carried, invariants, tables, i) -> outputs``: the whole-loop
     CUDA graph's step (cudagraph.py)."""
 
     kind = "step"
 
     def __init__(self, module: fx.GraphModule, whole_tables: bool) -> None:
-        super().__init__()
         self.step, self.whole_tables = _Lifted(module), whole_tables
         self.code = [self.step.code, repr(whole_tables)]
         self.describe = "one step graph"
-        self._counts: tuple = ()
 
     def flatten(self, carried, invariants, tables, i):
         constants = self.step.constants()
-        self._counts = (len(constants), len(carried), len(invariants), len(tables))
+        counts = (len(constants), len(carried), len(invariants), len(tables))
         first = len(constants) + len(carried) + len(invariants)
-        return [*constants, *carried, *invariants, *tables, i], list(range(first, first + len(tables)))
+        return [*constants, *carried, *invariants, *tables, i], list(range(first, first + len(tables))), counts
 
-    def forward(self, *flat):
-        n_consts, n_carried, n_inv, n_tables = self._counts
-        flat = list(flat)
-        constants, carried, invariants, tables = (_take(flat, n) for n in (n_consts, n_carried, n_inv, n_tables))
+    def run_flat(self, counts: tuple, flat: list) -> tuple:
+        constants, carried, invariants, tables = (_take(flat, n) for n in counts)
         return tuple(run_step(self.step.module, self.whole_tables, carried, invariants, tables, flat[0], constants))
 
     def finish(self, args, outputs):
         return list(outputs)
 
 
-class SegmentProgram(torch.nn.Module):
+class SegmentProgram:
     """A compiled segment's step graph, ``(*inputs, *table rows) -> outputs`` (segments.py)."""
 
     kind = "segment step"
 
     def __init__(self, module: fx.GraphModule) -> None:
-        super().__init__()
         self.step = _Lifted(module)
         self.code = [self.step.code]
         self.describe = "one segment step graph"
 
     def flatten(self, *args):
-        return [*self.step.constants(), *args], []
+        return [*self.step.constants(), *args], [], ()
 
-    def forward(self, *flat):
+    def run_flat(self, counts: tuple, flat: list) -> tuple:
         return tuple(self.step.module(*flat))
 
     def finish(self, args, outputs):
         return outputs
+
+
+class _Exported(torch.nn.Module):
+    """What ``torch.export`` takes: a program's ``run_flat`` over flat tensor inputs, their group sizes fixed."""
+
+    def __init__(self, program, counts: tuple) -> None:
+        super().__init__()
+        self.program, self.counts = program, counts
+
+    def forward(self, *flat):
+        return self.program.run_flat(self.counts, list(flat))
 
 
 def _take(flat: list, n: int) -> list:
@@ -199,17 +202,17 @@ class Artifact:
     def __call__(self, *args):
         if self.compiled is not None:
             return self.compiled(*args)
-        flat, tables = self.program.flatten(*args)
+        flat, tables, counts = self.program.flatten(*args)
         specs = _specs(flat, tables)
         runner = self.loaded.get(specs)
         if runner is None:
-            runner = self._find(flat, tables, specs)
+            runner = self._find(flat, tables, counts, specs)
             if runner is None:
                 return self.compiled(*args)
             self.loaded[specs] = runner
         return self.program.finish(args, runner(*flat))
 
-    def _find(self, flat: list[torch.Tensor], tables: list[int], specs: tuple):
+    def _find(self, flat: list[torch.Tensor], tables: list[int], counts: tuple, specs: tuple):
         env = environment(self.device)
         key = _key(self.program, specs, self.options, env)
         found = self.store.get(key, env)
@@ -232,7 +235,7 @@ class Artifact:
         start = time.perf_counter()
         self.counter.count += 1
         try:
-            path, _ = self.store.put(key, functools.partial(self._build, flat, tables),
+            path, _ = self.store.put(key, functools.partial(self._build, flat, tables, counts),
                                      {**env, "what": f"{name}: {self.program.describe}"})
             runner = _load(path, self.device)
         except Exception as e:  # noqa: BLE001 — not exportable or packageable: compiled in this process instead
@@ -249,13 +252,14 @@ class Artifact:
         logger.info("compile_loop: %s: %s", name, self.origin)
         return runner
 
-    def _build(self, flat: list[torch.Tensor], tables: list[int], path: Path) -> None:
+    def _build(self, flat: list[torch.Tensor], tables: list[int], counts: tuple, path: Path) -> None:
         import torch._inductor
 
         steps = torch.export.Dim("steps", min=2)
         dynamic = [{0: steps} if k in tables and flat[k].shape[0] >= 2 else None for k in range(len(flat))]
         with torch.no_grad():
-            exported = torch.export.export(self.program, tuple(flat), dynamic_shapes=(tuple(dynamic),), strict=False)
+            exported = torch.export.export(_Exported(self.program, counts), tuple(flat),
+                                           dynamic_shapes=(tuple(dynamic),), strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
                                                      inductor_configs=dict(self.options))
 

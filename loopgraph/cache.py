@@ -152,18 +152,16 @@ class CacheStore:
                 total -= entry.bytes
         named = {e.path.name for e in self.entries()}
         now = time.time()
-        for path in self.root.glob("*.pt2"):  # left by a crashed writer, or superseded by another process's write
+        for path in [*self.root.glob(".tmp-*"), *self.root.glob("*.pt2")]:
+            # a crashed writer's temporary file, or an artifact another process's write of its key superseded
             if path.name not in named and now - _mtime(path) > _STALE_SECONDS:
                 path.unlink(missing_ok=True)
         return removed
 
     def clear(self) -> int:
         """Remove every entry; returns how many there were."""
-        count = 0
-        for meta_path in self.root.glob("*.json"):
-            self.remove(meta_path.stem)
-            count += 1
-        for path in self.root.glob("*.pt2"):
+        count = len(self.entries())
+        for path in [*self.root.glob("*.pt2"), *self.root.glob("*.json")]:
             path.unlink(missing_ok=True)
         return count
 
@@ -171,6 +169,8 @@ class CacheStore:
         """Every entry with readable metadata (checksums are checked on use, not here)."""
         found = []
         for meta_path in self.root.glob("*.json") if self.root.is_dir() else ():
+            if meta_path.name.startswith("."):  # a metadata file being written
+                continue
             try:
                 meta = json.loads(meta_path.read_text())
                 path = self.root / meta["file"]

@@ -97,7 +97,7 @@ def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule], export: bo
 
     ``export``: for ``torch.export`` (artifacts.py), the while_loop operator is called directly with the loop's
     other tensors as its explicit inputs. ``torch.while_loop`` outside ``torch.compile`` traces its body with
-    Dynamo first, which took most of an export (16 s of 40 on the default loop)."""
+    Dynamo first: 16 s of the default loop's 48 s first call (export now 1.6 s)."""
     pattern = [v for v, _, _ in plan.runs]
     whole_tables = [v.whole_tables for v in plan.variants]
     repeated = [_repeated_outputs(m) for m in modules]

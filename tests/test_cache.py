@@ -204,7 +204,7 @@ def test_the_key_covers_versions_device_options_and_specs_and_not_n_or_weights()
     env = environment(torch.device("cpu"))
 
     def key(args=args, options=None, **changed):
-        flat, tables = program.flatten(*args)
+        flat, tables, _ = program.flatten(*args)
         return _key(program, _specs(flat, tables), options or {}, {**env, **changed})
 
     base = key()
