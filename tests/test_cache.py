@@ -118,6 +118,22 @@ def traced_program():
     return fast.last_plan.program, inputs, fast.last_plan
 
 
+@pytest.fixture
+def lowerings(monkeypatch):
+    """Inductor graph lowerings in this process (any Inductor compilation makes one), counted by wrapping torch's
+    ``GraphLowering``, independently of loopgraph's stats: ``lowerings()`` is the count so far."""
+    import torch._inductor.graph as inductor_graph
+
+    count, original = [0], inductor_graph.GraphLowering.__init__
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inductor_graph.GraphLowering, "__init__", counting)
+    return lambda: count[0]
+
+
 # -- in process: each program through the cache equals eager ---------------------------------------------------
 def _compiled(setup, cache, **options):
     fast = compile_loop(setup.wrapper, cache=cache, **options)
@@ -125,7 +141,7 @@ def _compiled(setup, cache, **options):
     return fast
 
 
-def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path):
+def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path, lowerings):
     import dataclasses
 
     setup = small_loop(6, preset="dit-ddim")
@@ -134,6 +150,8 @@ def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path):
     fast = _compiled(setup, tmp_path, rng="counter")
     plan = fast.last_plan
     assert len(plan.runs) == 2 and plan.seeds and fast.stats.compiles == 1
+    assert lowerings() >= 1
+    built = lowerings()
     assert plan.code[0].startswith("compiled in") and "stored as" in fast.explain()
     traced = plan.executable.execute({**setup.new_state().values, **plan.traced_seeds})
     assert matches_eager(traced[plan.state_slots.index("latents")], plan.executable.trace.final_value("latents"))
@@ -141,9 +159,10 @@ def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path):
     again = compile_loop(setup.wrapper, cache=tmp_path, rng="counter")
     again(setup.components, setup.new_state())
     assert again.stats.loaded == 1 and again.stats.compiles == 0 and again.last_plan.code[0].startswith("loaded")
+    assert lowerings() == built
 
 
-def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path):
+def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path, lowerings):
     cache = tmp_path / "cache"
     shutil.copytree(populated[0], cache)
     setup = small_loop(4)
@@ -157,6 +176,7 @@ def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path
     fast(setup.components, setup.new_state())  # the guard saw the weights change: one traced call
     _, state = fast(setup.components, setup.new_state())
     assert fast.stats.compiled_calls == 1 and fast.stats.compiles == 0 and fast.stats.loaded == 1  # no new code
+    assert lowerings() == 0  # Inductor never ran in this test
     assert matches_eager(state.get("latents"), expected)
 
 
