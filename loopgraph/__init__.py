@@ -11,6 +11,7 @@ The reference denoising loops (tiny DiT / UNet, schedulers, guidance) live in ``
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -24,21 +25,24 @@ from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputPara
 
 class _SourceTreeKernels(importlib.abc.MetaPathFinder):
     """Run from a source checkout (``PYTHONPATH=<repo>``, as on the GPU machines, with nothing installed), the
-    Triton kernels sit beside the package in ``kernels/``: this finds them as ``loopgraph.kernels``, where the
-    wheel and the editable install put them. Lazy: nothing imports Triton until the kernels are asked for."""
+    Triton kernels sit beside the package in ``kernels/``: this finds that folder as ``loopgraph.kernels``, where the
+    wheel and the editable install put it. The folder has no ``__init__.py`` (a namespace package), so that
+    ``import kernels`` from the repository root never shadows Hugging Face's ``kernels`` package. Lazy: nothing
+    imports Triton until a kernel module is asked for."""
 
-    def __init__(self, init: Path) -> None:
-        self.init = init
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
 
     def find_spec(self, name, path=None, target=None):
         if name != f"{__name__}.kernels":
             return None
-        folder = [str(self.init.parent)]
-        return importlib.util.spec_from_file_location(name, self.init, submodule_search_locations=folder)
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(self.folder)]
+        return spec
 
 
-_kernels = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-if importlib.util.find_spec(f"{__name__}.kernels") is None and _kernels.exists():
+_kernels = Path(__file__).resolve().parent.parent / "kernels"
+if importlib.util.find_spec(f"{__name__}.kernels") is None and _kernels.is_dir():
     sys.meta_path.append(_SourceTreeKernels(_kernels))
 
 __version__ = "0.1.0"

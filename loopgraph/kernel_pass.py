@@ -215,7 +215,8 @@ def fuse_guided_updates(gm: fx.GraphModule, tables: Sequence[torch.Tensor], *,
     matches = find_guided_updates(gm, tables, device=device)
     if not matches:
         return gm, False
-    import loopgraph.kernels  # noqa: F401  (registers torch.ops.loopgraph.*; imports Triton)
+    # each kernel module registers its torch.ops.loopgraph.* op when imported (and imports Triton)
+    from loopgraph.kernels import cfg_ddim, cfg_euler, cfg_flow_euler  # noqa: F401
 
     graph = fx.Graph()
     copied: dict[fx.Node, fx.Node] = {}

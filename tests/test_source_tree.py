@@ -1,0 +1,55 @@
+"""The source tree defines no top-level module that another distribution may own.
+
+Run from the repository root (pytest, ``python -m``, the GPU machines' ``PYTHONPATH=<repo>``), the root comes
+first on ``sys.path``: a top-level package there shadows an installed one of the same name. transformers 5.25
+depends on Hugging Face's ``kernels`` and imports it when peft loads it; a ``kernels/__init__.py`` in the tree
+stopped the suite at collection.
+"""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_tree_defines_no_top_level_module_but_loopgraph_and_tests():
+    defined = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()) + \
+        sorted(p.stem for p in ROOT.glob("*.py"))
+    assert defined == ["loopgraph", "tests"], (
+        f"top-level modules in the source tree: {defined}; any name but loopgraph (our distribution) and tests "
+        "shadows an installed package of that name when run from the repository root")
+
+
+def test_kernels_imported_from_the_repository_root_is_not_the_repositorys_folder():
+    """With transformers and peft imported (they import Hugging Face's ``kernels`` when it is installed), the name
+    ``kernels`` is the installed distribution's package, or at most an empty namespace portion that transformers
+    treats as absent: never our ``kernels/`` folder as a regular package."""
+    code = (
+        "import importlib.util, json, sys\n"
+        "import transformers, peft\n"
+        "from transformers.utils import import_utils\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "module = None\n"
+        "if spec is not None:\n"
+        "    import kernels as module\n"
+        "print(json.dumps({'found': spec is not None, 'file': getattr(module, '__file__', None),\n"
+        "                  'available': import_utils.is_kernels_available(), 'path0': sys.path[0]}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["path0"] == "", "python -c puts the working directory (the repository root) first on sys.path"
+    try:
+        installed = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        installed = None
+    if seen["file"] is not None:
+        assert Path(seen["file"]).resolve().parent != ROOT / "kernels", f"`import kernels` found the tree's folder"
+    if installed is not None:
+        location = Path(installed.locate_file("kernels")).resolve()
+        assert seen["file"] is not None and Path(seen["file"]).resolve().parent == location, seen
+    else:
+        assert not seen["available"], "transformers took a namespace portion of the tree for Hugging Face's kernels"
