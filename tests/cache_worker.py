@@ -18,6 +18,14 @@ import time
 import torch
 
 
+def small_loop(steps: int = 4, seed: int = 0, preset: str = "dit", **options):
+    """A zoo loop small enough that its AOTInductor package builds in seconds (tests/test_cache.py uses it too)."""
+    from loopgraph.zoo.loops import build_loop
+
+    model = {"hidden_dim": 32, "depth": 1} if preset.startswith("dit") else {}
+    return build_loop(preset, steps=steps, seed=seed, sample_size=8, **model, **options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -47,8 +55,6 @@ def main() -> None:
     counting(cpp_builder.CppBuilder, "build", "cpp_builds")
     counting(torch.export, "export", "exports")
 
-    sys.path.insert(0, ".")
-    from tests.test_cache import small_loop
     from loopgraph import compile_loop
 
     results, seconds = {}, []

@@ -39,3 +39,7 @@ def _per_test_timeout():
 # torch.compile's compilations, and a loop another test (or an earlier run) compiled would load instead.
 # tests/test_cache.py turns it on with folders of its own.
 os.environ["LOOPGRAPH_CACHE_DIR"] = ""
+
+# Background runs of the heaviest subprocess tests (tests/background.py): its hooks, imported to be seen here.
+from .background import (pytest_collection_finish, pytest_collection_modifyitems,  # noqa: E402,F401
+                         pytest_sessionfinish)

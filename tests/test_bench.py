@@ -12,14 +12,16 @@ import torch
 from loopgraph.bench import BenchConfig, _check, count_python_calls, _Method, peak_memory
 from loopgraph.compile import matches_eager
 
+from .background import background
+
 RESULT_KEYS = {"method": str, "median_ms": float, "p20_ms": float, "p80_ms": float, "steps_per_s": float,
                "compile_s": float, "compilations": int, "python_calls_per_step": float,
                "peak_mem_bytes": (int, type(None))}
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+@background
+def quick_run(tmp):
+    out = tmp / "bench"
     proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -148,12 +150,18 @@ def make():
 '''
 
 
-def test_bench_loop_runs_the_users_own_loop_from_a_module(tmp_path):
-    (tmp_path / "my_loop.py").write_text(USER_LOOP)
-    out = tmp_path / "out"
+@background
+def user_loop_run(tmp):
+    (tmp / "my_loop.py").write_text(USER_LOOP)
+    out = tmp / "out"
     proc = subprocess.run([sys.executable, "-m", "loopgraph", "bench", "--quick", "--loop", "my_loop:make",
                            "--methods", "eager,compile_loop", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=900, cwd=tmp)
+    return tmp, out, proc
+
+
+def test_bench_loop_runs_the_users_own_loop_from_a_module(user_loop_run):
+    tmp_path, out, proc = user_loop_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["config"]["loop"] == "my_loop:make" and report["rejected"] == []  # checked against eager

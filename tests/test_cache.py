@@ -23,15 +23,11 @@ from loopgraph import compile_loop
 from loopgraph.artifacts import WholeLoopProgram, _key, _specs, environment, lift_constants
 from loopgraph.cache import CacheStore, cache_root
 from loopgraph.verify import matches_eager
-from loopgraph.zoo.loops import build_loop
+
+from .background import background
+from .cache_worker import small_loop
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def small_loop(steps: int = 4, seed: int = 0, preset: str = "dit", **options):
-    """A zoo loop small enough that its AOTInductor package builds in seconds."""
-    model = {"hidden_dim": 32, "depth": 1} if preset.startswith("dit") else {}
-    return build_loop(preset, steps=steps, seed=seed, sample_size=8, **model, **options)
 
 
 def worker(cache: Path, steps: str, *extra: str, out: Path) -> subprocess.Popen:
@@ -50,15 +46,37 @@ def finish(process: subprocess.Popen, out: Path) -> tuple[dict, dict, str]:
     return report, results, stderr
 
 
-@pytest.fixture(scope="module")
-def populated(tmp_path_factory):
-    """Two processes compile the same loop into an empty cache at the same time: both finish, equal to eager,
-    and leave one whole entry."""
-    cache = tmp_path_factory.mktemp("cache")
-    outs = [cache.parent / f"a{k}.pt" for k in range(2)]
+@background
+def cache_processes(tmp):
+    """This module's processes that compile (the slow ones, run in the background): two compile one loop into an
+    empty cache at the same time; then a third rebuilds a corrupted copy of that cache, and a fourth, posing as
+    another torch version, adds its own entry to another copy (a fifth, this torch, still finds its own)."""
+    cache = tmp / "cache"
+    cache.mkdir()
+    outs = [tmp / f"a{k}.pt" for k in range(2)]
     processes = [worker(cache, "4", out=out) for out in outs]
-    reports = [finish(p, out)[0] for p, out in zip(processes, outs)]
-    return cache, reports
+    populated = [finish(p, out)[0] for p, out in zip(processes, outs)]
+
+    corrupted = tmp / "corrupted"
+    shutil.copytree(cache, corrupted)
+    (entry,) = CacheStore(corrupted).entries()
+    data = bytearray(entry.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.path.write_bytes(bytes(data))
+    report, _, stderr = finish(worker(corrupted, "4", out=tmp / "c.pt"), tmp / "c.pt")
+
+    other = tmp / "other"
+    shutil.copytree(cache, other)
+    other_torch = finish(worker(other, "4", "--torch-version", "2.99.0", out=tmp / "d.pt"), tmp / "d.pt")[0]
+    this_torch = finish(worker(other, "4", out=tmp / "d.pt"), tmp / "d.pt")[0]
+    return {"populated": (cache, populated), "corrupted": (corrupted, report, stderr),
+            "other": (other, other_torch, this_torch)}
+
+
+@pytest.fixture(scope="module")
+def populated(cache_processes):
+    """The cache two processes compiled one entry into at once, and their reports."""
+    return cache_processes["populated"]
 
 
 def test_two_processes_compiling_one_entry_at_once_leave_one_whole_entry(populated):
@@ -82,30 +100,19 @@ def test_a_new_process_loads_the_loop_and_compiles_nothing_for_other_n_and_other
     assert set(results) == {4, 7}
 
 
-def test_a_corrupted_entry_is_rebuilt_with_a_warning(populated, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(populated[0], cache)
-    (entry,) = CacheStore(cache).entries()
-    data = bytearray(entry.path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    entry.path.write_bytes(bytes(data))
-    out = tmp_path / "c.pt"
-    report, _, stderr = finish(worker(cache, "4", out=out), out)
+def test_a_corrupted_entry_is_rebuilt_with_a_warning(cache_processes):
+    cache, report, stderr = cache_processes["corrupted"]
     assert "does not match its checksum" in stderr
     assert report["compiles"] == 1 and report["loaded"] == 0 and report["inductor_graphs"] >= 1
     (rebuilt,) = CacheStore(cache).entries()
     assert CacheStore(cache).get(rebuilt.key, environment(torch.device("cpu"))) is not None
 
 
-def test_another_torch_version_misses_and_leaves_the_entry_of_this_one(populated, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(populated[0], cache)
-    out = tmp_path / "d.pt"
-    report, _, _ = finish(worker(cache, "4", "--torch-version", "2.99.0", out=out), out)
-    assert report["compiles"] == 1 and report["loaded"] == 0 and report["inductor_graphs"] >= 1
+def test_another_torch_version_misses_and_leaves_the_entry_of_this_one(cache_processes):
+    cache, other_torch, this_torch = cache_processes["other"]
+    assert other_torch["compiles"] == 1 and other_torch["loaded"] == 0 and other_torch["inductor_graphs"] >= 1
     assert sorted(e.meta["torch"] for e in CacheStore(cache).entries()) == sorted(["2.99.0", torch.__version__])
-    report, _, _ = finish(worker(cache, "4", out=out), out)  # this torch still finds its own
-    assert report["compiles"] == 0 and report["loaded"] == 1
+    assert this_torch["compiles"] == 0 and this_torch["loaded"] == 1  # this torch still finds its own
 
 
 def traced_program():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from .background import background
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["env", "cuda-tests", "bench-default", "launches", "bench-compute", "cache"]
 
@@ -21,10 +23,16 @@ def load_validate():
     return module
 
 
-def test_dry_run_runs_every_stage_and_writes_the_record(tmp_path):
-    out = tmp_path / "gpu-validate"
+@background
+def dry_run(tmp):
+    out = tmp / "gpu-validate"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu" / "validate.sh"), str(out), "--dry-run"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+                          cwd=tmp, capture_output=True, text=True, timeout=900)
+    return out, proc
+
+
+def test_dry_run_runs_every_stage_and_writes_the_record(dry_run):
+    out, proc = dry_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dry_run"] and [s["stage"] for s in summary["stages"]] == STAGES
     assert all(s["status"] == "ok" for s in summary["stages"]), proc.stdout[-4000:]
