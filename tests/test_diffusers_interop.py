@@ -298,6 +298,7 @@ def test_inductor_compiles_once_and_runs_no_python_per_step(name):
     assert dynamo_utils.counters["stats"]["unique_graphs"] == 1 and fast.stats.compiles == 1
 
 
+@pytest.mark.slow  # a fact about torch.compile (no loopgraph code runs): `make test-all`
 @needs_diffusers
 def test_inductors_own_sdxl_unet_is_outside_the_elementwise_tolerance_but_matches_eager():
     """Why compiled results are compared with ``matches_eager``: ``torch.compile`` of SDXL's UNet alone, in
