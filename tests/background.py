@@ -24,8 +24,9 @@ _tmp: list[Path] = []  # the runs' folder, made when the first one starts
 
 
 def background(job: Callable[[Path], Any]):
-    """Declare ``job(tmp_dir)`` (a subprocess run, no torch work in this process) as a background run; the test
-    module gets a session fixture of the same name whose value is the job's return value."""
+    """Declare ``job(tmp_dir)`` as a background run: it should spend its time in subprocesses (the little it does
+    here, such as comparing their outputs with eager, shares this process with the running test). The test module
+    gets a session fixture of the same name whose value is the job's return value."""
     name = job.__name__
     if name in _JOBS:
         raise ValueError(f"background job {name!r} is declared twice")

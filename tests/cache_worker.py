@@ -12,7 +12,6 @@ Each step count is one call with a fresh state; the final latents of each go int
 
 import argparse
 import json
-import sys
 import time
 
 import torch
