@@ -30,6 +30,8 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .records import LoopTrace, StepTrace, TensorUse, func_name
+from .snapshots import walk_tensors
+from .state import values_equal
 from .verify import matches_eager, max_error
 
 __all__ = ["ModuleCall", "BatchedCall", "CallSite", "CallWatcher", "batch_calls", "describe_sites"]
@@ -333,7 +335,10 @@ class CallWatcher:
         for k, value in enumerate(outputs):
             expected = [c.outputs[k] for c in group]
             if not isinstance(value, torch.Tensor):
-                if any(value != e for e in expected):
+                if any(True for _ in walk_tensors(value)) or hasattr(value, "__dict__"):
+                    return (f"output {k} is a {type(value).__name__}, which torch's pytree does not open (register "
+                            f"it with torch.utils._pytree to batch it): its rows cannot be split")
+                if not all(values_equal(value, e) for e in expected):
                     return f"output {k} of the batched call differs (not a tensor)"
                 continue
             if out_nodes[k] is None or value.dim() == 0 or value.shape[0] != total:
@@ -342,8 +347,53 @@ class CallWatcher:
                 if not matches_eager(part, want):
                     return (f"the batched call's output {k} differs from the separate calls' (max abs error "
                             f"{max_error(part, want):.3g})")
+        with torch._C.DisableTorchFunction():
+            identical = all(torch.equal(c.leaves[j], first.leaves[j]) for c in group[1:] for j in concat)
+        if identical:  # identical rows hide a model that mixes them
+            reason = self._separable(group, concat)
+            if reason is not None:
+                return reason
         return BatchedCall(calls=list(group), sizes=sizes, concat=concat, graph=scratch.graph,
                            constants=scratch.constants, out_nodes=out_nodes)
+
+    def _separable(self, group: list[ModuleCall], concat: set[int]) -> str | None:
+        """When the calls' batched inputs are identical (a warm-up on empty prompts), the batched call's rows equal
+        the separate calls' even for a model that mixes the rows of its batch (batch statistics). Run the calls
+        once more, untraced, on inputs made to differ (seeded noise added to each later call's floating inputs),
+        separately and batched: None if the batched call's rows are still the separate calls', else why not."""
+        first = group[0]
+        noise = torch.Generator().manual_seed(0)
+        parts = []
+        devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch._C.DisableTorchFunction(), self.python.paused(), torch.random.fork_rng(devices=devices):
+            for n, call in enumerate(group):
+                leaves = list(call.leaves)
+                for j in concat:
+                    v = leaves[j]
+                    if n and v.is_floating_point():
+                        leaves[j] = v + n * torch.randn(v.shape, generator=noise).to(v.device, v.dtype)
+                parts.append(leaves)
+            if all(torch.equal(part[j], parts[0][j]) for part in parts[1:] for j in concat):
+                return "the calls' inputs are identical and not floating point: batching cannot be shown separable"
+            self.busy = True
+            try:
+                separate = [pytree.tree_flatten(_call_with(first.module, pytree.tree_unflatten(p, first.spec)))[0]
+                            for p in parts]
+                leaves = [torch.cat([p[j] for p in parts]) if j in concat else v for j, v in enumerate(parts[0])]
+                batched = pytree.tree_flatten(_call_with(first.module, pytree.tree_unflatten(leaves, first.spec)))[0]
+            except Exception as e:
+                return f"the separability check (inputs made to differ) raised {type(e).__name__}: {e}"
+            finally:
+                self.busy = False
+        sizes = [call.size for call in group]
+        for k, value in enumerate(batched):
+            if isinstance(value, torch.Tensor):
+                for part, want in zip(torch.split(value, sizes), (s[k] for s in separate)):
+                    if not matches_eager(part, want):
+                        return (f"not batch-separable: with inputs that differ, the batched call's output {k} is not "
+                                f"the separate calls' (max abs error {max_error(part, want):.3g}): the model mixes "
+                                f"the rows of its batch")
+        return None
 
 
 def _arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -1,14 +1,10 @@
 """The components a loop reaches, and how compiled calls put their state back: the objects (``component_objects``)
 and the loop tensors they hold (``component_tensors``), an attribute's value as an attribute read finds it
-(``value_of``), setting one back (``set_attribute``, ``put``), and which module globals user code can load
-(read from its bytecode; ``recording.Recording`` reads them when a traced call ends)."""
+(``value_of``), setting one back (``set_attribute``, ``put``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import dis
-import sys
-import types
 from typing import Any
 
 import torch
@@ -31,49 +27,9 @@ def value_of(obj: Any, name: str) -> Any:
     return getattr(obj, name, ABSENT) if isinstance(obj, torch.nn.Module) else ABSENT  # a parameter, a submodule
 
 
-_ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
-
 _TORCH_GLOBAL_HOOKS = ("_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks",
                        "_global_forward_pre_hooks", "_global_forward_hooks_always_called",
                        "_global_forward_hooks_with_kwargs")
-
-_MODULE_GLOBALS: dict[str, frozenset] = {}
-
-
-def _user_module(obj: Any) -> types.ModuleType | None:
-    """The module ``obj`` (a class or function) comes from, when it is user code: not loopgraph's engine, the
-    standard library or an installed library (whose globals are machinery, some changing all the time)."""
-    module = sys.modules.get(getattr(obj, "__module__", None) or "")
-    filename = getattr(module, "__file__", None) or ""
-    if module is None or not filename or filename.rsplit("/", 1)[0] + "/" == _ENGINE_DIR:
-        return None
-    if module.__name__.split(".", 1)[0] in sys.stdlib_module_names or "-packages/" in filename:
-        return None
-    return module
-
-
-def _module_global_names(module: types.ModuleType) -> frozenset:
-    """The global names the functions and methods defined in ``module`` load (their bytecode, nested code too)."""
-    names = _MODULE_GLOBALS.get(module.__name__)
-    if names is None:
-        codes = []
-        for value in list(vars(module).values()):
-            if getattr(value, "__module__", None) != module.__name__:
-                continue
-            if isinstance(value, types.FunctionType):
-                codes.append(value.__code__)
-            elif isinstance(value, type):
-                for member in vars(value).values():
-                    for fn in (member, getattr(member, "__func__", None), getattr(member, "fget", None)):
-                        if isinstance(fn, types.FunctionType):
-                            codes.append(fn.__code__)
-        found: set[str] = set()
-        while codes:
-            code = codes.pop()
-            found.update(ins.argval for ins in dis.get_instructions(code) if ins.opname == "LOAD_GLOBAL")
-            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-        names = _MODULE_GLOBALS[module.__name__] = frozenset(found)
-    return names
 
 
 def _class_lookup(cls: type, name: str) -> tuple[type, Any] | None:
@@ -87,12 +43,19 @@ def _class_lookup(cls: type, name: str) -> tuple[type, Any] | None:
 
 # -- component state that the loop carries (a scheduler's history) ----------------------------------------------------
 def component_objects(wrapper, components) -> dict[str, Any]:
-    """The wrapper's declared components that keep Python state (schedulers, guiders): every non-module one."""
+    """The components that keep Python state (schedulers, guiders: every non-module one): the wrapper's declared
+    ones, then the pipeline's others (a scheduler a loop block uses without declaring it keeps its history too)."""
+    names = [spec.name for spec in wrapper.expected_components]
+    every = getattr(components, "components", None)  # a ModularPipeline's (loopgraph's, diffusers')
+    if isinstance(every, dict):
+        names += list(every)
+    elif hasattr(components, "__dict__"):  # a plain bag of components
+        names += [name for name in vars(components) if not name.startswith("_")]
     found = {}
-    for spec in wrapper.expected_components:
-        obj = getattr(components, spec.name, None)
+    for name in names:
+        obj = getattr(components, name, None)
         if obj is not None and not isinstance(obj, torch.nn.Module) and hasattr(obj, "__dict__"):
-            found[spec.name] = obj
+            found.setdefault(name, obj)
     return found
 
 

@@ -83,6 +83,7 @@ class Recorder(TorchFunctionMode):
         self.const_ids: set[int] = set()   # ... as a step graph's constant
         self.in_step = False  # inside loop_step: ops on loop data outside it are the wrapper's own work
         self.pre_loop: dict[int, torch.Tensor] = {}  # the data inputs, until the first step starts
+        self.data_set: dict[int, torch.Tensor] = {}  # tensors given a new value by `x.data = y`
         self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
         self._storages: dict[tuple, list[fx.Node]] = {}  # storage of each step input -> its placeholders
 
@@ -231,6 +232,7 @@ class Recorder(TorchFunctionMode):
         """``x.data = y``: from now on ``x`` holds ``y``'s value (a rebinding of the value, not of the object)."""
         target, value = args
         func(*args)
+        self.data_set[id(target)] = target  # an input's: eager changes the caller's tensor
         if self.node_of(value) is None and self.node_of(target) is None:
             return None
         if not self.in_step:

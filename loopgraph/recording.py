@@ -19,15 +19,16 @@ the call are not watched: their attributes are written before they are read. The
 Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
 ``vars()`` are one read, and one write when they differ at the end.
 
-Module-level globals are reads too, as they are when the call ends: every global that the functions and methods
-of a user module load (their bytecode), for the modules the watched objects' classes come from and the user
-modules of the functions and classes those globals hold, transitively (not the standard library's globals, nor
-installed libraries'); and torch's global module hooks.
+Module-level globals are reads too, as they are when the call ends: the globals, and the attributes of user modules
+(``settings.STRENGTH``), that the code of user modules reachable from the call loads (code_reads.py: through
+decorators, partials and bound methods; not the standard library's nor installed libraries'); and torch's global
+module hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import types
@@ -38,13 +39,8 @@ import torch
 
 from . import class_hooks
 from .class_hooks import HEAPTYPE, Patcher
-from .components import (
-    _TORCH_GLOBAL_HOOKS,
-    _class_lookup,
-    _module_global_names,
-    _user_module,
-    value_of,
-)
+from .code_reads import global_reads, is_user_code
+from .components import _TORCH_GLOBAL_HOOKS, _class_lookup, value_of
 from .snapshots import (
     ABSENT,
     ATOM_TYPES,
@@ -64,6 +60,7 @@ __all__ = ["Read", "Recording", "TRACE_LOCK", "Write", "record"]
 TRACE_LOCK = threading.RLock()
 
 _MODULE_CONTAINERS = ("_parameters", "_buffers", "_modules")
+_CODE_CARRIERS = (types.FunctionType, types.MethodType, functools.partial, type, types.ModuleType)
 
 
 @dataclass
@@ -107,6 +104,7 @@ class Recording:
         self.reads: dict[tuple, Read] = {}
         self.writes: dict[tuple[int, str], Write] = {}
         self.opaque: dict[int, Any] = {}  # objects watched whole (their class takes no hooks)
+        self.reached: dict[int, Any] = {}  # functions, methods, partials, classes and modules found in attributes
         self.step: int | None = None
         self.block: str | None = None
         self.busy = False
@@ -117,7 +115,12 @@ class Recording:
 
     # -- what the hooks call -----------------------------------------------------------------------------------
     def watch(self, obj: Any, path: str) -> None:
-        """Start watching ``obj`` (and, for objects watched whole, what their attributes hold)."""
+        """Start watching ``obj`` (and, for objects watched whole, what their attributes hold). Functions,
+        classes and modules are noted for the globals their code loads; a bound method's object is watched."""
+        if isinstance(obj, _CODE_CARRIERS):
+            self.reached.setdefault(id(obj), obj)
+            if isinstance(obj, types.MethodType):
+                self.watch(obj.__self__, f"{path}.__self__")
         if obj is None or type(obj) in ATOM_TYPES or isinstance(obj, (torch.Tensor, *OPAQUE_LEAVES)):
             return
         if id(obj) in self.objects:
@@ -239,27 +242,17 @@ class Recording:
         self.watch(value, path)
 
     def _read_globals(self) -> None:
-        """Reads of the module globals the call's code can load (see the module docstring): every global that a
-        function or method of a user module loads, for the modules the watched objects' classes come from and,
-        transitively, the user modules of the functions and classes those globals hold; and torch's global module
-        hooks."""
-        modules = {m for obj in self.objects.values() for m in map(_user_module, type(obj).__mro__) if m}
-        seen: set[str] = set()
-        while modules:
-            module = modules.pop()
-            if module.__name__ in seen:
+        """Reads of the module globals and user-module attributes the call's code can load (code_reads.py), from
+        the watched objects' classes and the functions, classes and modules the call found in attributes; and
+        torch's global module hooks."""
+        classes = list({id(c): c for obj in self.objects.values() for c in type(obj).__mro__}.values())
+        for module, namespace, key in global_reads(classes, list(self.reached.values())):
+            if (id(namespace), key) in self.reads:
                 continue
-            seen.add(module.__name__)
-            namespace = vars(module)
-            for key in sorted(_module_global_names(module)):
-                if key not in namespace or (id(namespace), key) in self.reads:
-                    continue  # a builtin, or not defined (an error eager would give too)
-                value = namespace[key]
-                self._add_read(Read(module, namespace, key, snapshot(value), f"{module.__name__}.{key}"),
-                               (id(namespace), key))
-                found = _user_module(value) if isinstance(value, (type, types.FunctionType)) else None
-                if found is not None and found.__name__ not in seen:
-                    modules.add(found)
+            value, path = namespace[key], f"{module.__name__}.{key}"
+            self._add_read(Read(module, namespace, key, snapshot(value), path), (id(namespace), key))
+            if _user_instance(value) and id(value) not in self.objects:  # a settings object: compared whole
+                self._add_read(Read(value, None, "__dict__", snapshot(dict(vars(value))), path), ("whole", id(value)))
         hooks = sys.modules["torch.nn.modules.module"]
         for key in _TORCH_GLOBAL_HOOKS:  # a global hook registered later runs in eager
             if hasattr(hooks, key):
@@ -307,6 +300,14 @@ class Recording:
         self.present = {id(t) for value in originals for t in walk_tensors(value)}
         self.stable = [r for key, r in self.reads.items()
                        if key not in changed and (id(r.obj), r.key) not in self.writes]
+
+
+def _user_instance(value: Any) -> bool:
+    """An instance of a user class that keeps attributes (not a module, class, function or torch module)."""
+    cls = type(value)
+    module = sys.modules.get(cls.__module__)
+    return (hasattr(value, "__dict__") and not isinstance(value, (*OPAQUE_LEAVES, torch.nn.Module))
+            and module is not None and is_user_code(vars(module)))
 
 
 @contextlib.contextmanager

@@ -273,6 +273,12 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
             recorder.problems.append(Unsupported(
                 f"input {name!r} is updated in place and then replaced by a new tensor: the caller's tensor "
                 f"keeps an intermediate value (not compiled yet)", None, None))
+    for name, value in initial.items():
+        if (isinstance(value, torch.Tensor) and recorder.data_set.get(id(value)) is value and name not in inplace
+                and name not in exclude):
+            recorder.problems.append(Unsupported(
+                f"input {name!r} is given a new value by `.data =` and then replaced by a new tensor: the caller's "
+                f"tensor keeps that value (not compiled yet)", None, None))
     held_at_end = {id(t) for t in seen.get("final_components", {}).values()}
     for obj, name, value in python.end:
         if any((recorder.node_of(t) is not None or recorder.stale.get(id(t)) is t) and id(t) not in held_at_end

@@ -6,8 +6,11 @@ compiled one built alike, and compares values, returned state and Python state a
 """
 
 import copy
+import dataclasses
+import importlib
 import subprocess
 import sys
+import textwrap
 import threading
 import warnings
 from pathlib import Path
@@ -830,3 +833,338 @@ class CountCalls(XBlock):
         self.calls += 1
         block_state.x = block_state.x + 0.01 * self.calls
         return components, block_state
+
+
+# == round two: the holes a second fuzz campaign found (issue 24) ===================================================
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """``make(name, source)`` imports ``source`` as a user module (a project's own file, a notebook's cells), under
+    a name unique to the test; removed from ``sys.modules`` afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    made = []
+
+    def make(name: str, source: str):
+        unique = f"{name}_{tmp_path.name.replace('-', '_')}"
+        (tmp_path / f"{unique}.py").write_text(textwrap.dedent(source).replace("{SUFFIX}", unique[len(name):]))
+        made.append(unique)
+        importlib.invalidate_caches()
+        return importlib.import_module(unique)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+def agree(loop, fast, values, setter, n=3):
+    """Each value set (both sides see it), then one eager and one compiled call: the results must agree."""
+    for k, value in enumerate(values):
+        setter(value)
+        want = run_loop(loop, torch.ones(3), n)
+        got = quiet(run_loop, fast, torch.ones(3), n)
+        assert matches_eager(got, want), f"call {k} (value {value!r}): {got} != {want}"
+
+
+BLOCKS_SOURCE = """
+    import functools
+    import torch
+    from loopgraph import InputParam, ModularPipelineBlocks
+
+    SCALE = 0.5
+
+
+    class First(ModularPipelineBlocks):
+        @property
+        def inputs(self):
+            return [InputParam("x")]
+
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * SCALE + i
+            return components, block_state
+"""
+
+
+def test_r1_a_global_read_by_a_block_defined_after_the_first_trace_is_guarded(user_module):
+    cells = user_module("cells", BLOCKS_SOURCE)
+    first = Loop.from_blocks_dict({"first": cells.First})
+    agree(first, compile_loop(first, backend="eager"), [0.5], lambda v: setattr(cells, "SCALE", v))
+    exec(textwrap.dedent("""
+        class Later(First):  # a later notebook cell
+            def __call__(self, components, block_state, i):
+                block_state.x = block_state.x * LATER + i
+                return components, block_state
+
+        LATER = 0.25
+    """), vars(cells))
+    later = Loop.from_blocks_dict({"later": cells.Later})
+    agree(later, compile_loop(later, backend="eager"), [0.25, 0.25, 2.0], lambda v: setattr(cells, "LATER", v))
+
+
+DECORATED_SOURCE = BLOCKS_SOURCE + """
+
+    def logged(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return wrapper
+
+
+    class NoGrad(First):
+        @torch.no_grad()  # what diffusers' blocks do
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * STRENGTH + i
+            return components, block_state
+
+
+    class Wrapped(First):
+        @logged
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * STRENGTH + i
+            return components, block_state
+
+
+    class Delegates(First):  # calls what it was given: a partial, a bound method of another object
+        def __init__(self, fn=None):
+            super().__init__()
+            self.fn = fn
+
+        def __call__(self, components, block_state, i):
+            block_state.x = self.fn(block_state.x) + i
+            return components, block_state
+
+
+    STRENGTH = 0.5
+"""
+
+HELPERS_SOURCE = """
+    import functools
+
+    FACTOR = 0.5
+
+
+    def scaled(x, k):
+        return x * FACTOR * k
+
+
+    class Scaler:
+        def apply(self, x):
+            return x * FACTOR
+
+
+    half = functools.partial(scaled, k=1.0)
+"""
+
+
+@pytest.mark.parametrize("block", ["NoGrad", "Wrapped"])
+def test_r2_a_global_read_inside_a_decorated_method_is_guarded(user_module, block):
+    mod = user_module("decorated", DECORATED_SOURCE)
+    loop = Loop.from_blocks_dict({"b": getattr(mod, block)})
+    agree(loop, compile_loop(loop, backend="eager"), [0.5, 0.5, 2.0, 2.0], lambda v: setattr(mod, "STRENGTH", v))
+
+
+@pytest.mark.parametrize("via", ["partial", "bound method"])
+def test_r2_a_global_read_by_a_function_a_block_holds_is_guarded(user_module, via):
+    mod = user_module("delegates", DECORATED_SOURCE)
+    helpers = user_module("helpers", HELPERS_SOURCE)
+    loop = Loop.from_blocks_dict({"b": mod.Delegates(helpers.half if via == "partial" else helpers.Scaler().apply)})
+    agree(loop, compile_loop(loop, backend="eager"), [0.5, 0.5, 2.0], lambda v: setattr(helpers, "FACTOR", v))
+
+
+SETTINGS_SOURCE = """
+    STRENGTH = 0.5
+    OFFSET = 1.0
+
+
+    class Config:
+        strength = 0.5
+
+
+    CONFIG = Config()
+"""
+
+USES_SETTINGS_SOURCE = """
+    import torch
+    from loopgraph import InputParam, ModularPipelineBlocks
+    import settings{SUFFIX} as settings
+
+
+    class Global(ModularPipelineBlocks):
+        @property
+        def inputs(self):
+            return [InputParam("x")]
+
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * settings.STRENGTH + i
+            return components, block_state
+
+
+    class Local(Global):
+        def __call__(self, components, block_state, i):
+            import settings{SUFFIX} as config
+            block_state.x = block_state.x * config.STRENGTH + i
+            return components, block_state
+
+
+    class Object(Global):
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * settings.CONFIG.strength + i
+            return components, block_state
+
+
+    class Held(Global):
+        def __init__(self):
+            super().__init__()
+            self.config = settings
+
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * self.config.STRENGTH + i
+            return components, block_state
+"""
+
+
+@pytest.mark.parametrize("block", ["Global", "Local", "Held", "Object"])
+def test_r3_attributes_of_a_user_settings_module_are_guarded(user_module, block):
+    settings = user_module("settings", SETTINGS_SOURCE)
+    mod = user_module("uses_settings", USES_SETTINGS_SOURCE)
+    loop = Loop.from_blocks_dict({"b": getattr(mod, block)})
+    fast = compile_loop(loop, backend="eager")
+    owner, name = (settings.CONFIG, "strength") if block == "Object" else (settings, "STRENGTH")
+    agree(loop, fast, [0.5, 0.5, 2.0, 2.0], lambda v: setattr(owner, name, v))
+    assert fast.stats.plans == 2, fast.explain()
+    settings.OFFSET = 5.0  # read by nothing: no re-plan
+    agree(loop, fast, [2.0], lambda v: setattr(owner, name, v))
+    assert fast.stats.plans == 2, fast.explain()
+
+
+class BatchStats(torch.nn.Module):
+    """Mixes the rows of its batch (batch statistics): two calls are not one call on the concatenated batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, cond):
+        h = self.lin(x + cond)
+        return h - h.mean(0, keepdim=True)
+
+
+@dataclasses.dataclass
+class Out:
+    sample: torch.Tensor
+
+
+class DataclassNet(torch.nn.Module):
+    """Returns a plain dataclass (diffusers' models return output objects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, cond):
+        return Out(torch.tanh(self.lin(x + cond)))
+
+
+class TwoPasses(ModularPipelineBlocks):
+    """Classifier-free guidance by hand: the model once on ``cond`` and once on ``uncond``."""
+
+    @property
+    def expected_components(self):
+        return [ComponentSpec("net", torch.nn.Module)]
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("cond"), InputParam("uncond")]
+
+    def __call__(self, components, block_state, i: int):
+        c, u = components.net(block_state.x, block_state.cond), components.net(block_state.x, block_state.uncond)
+        c, u = (getattr(v, "sample", v) for v in (c, u))
+        block_state.x = block_state.x - 0.1 * (u + 3.0 * (c - u))
+        return components, block_state
+
+
+def guided_call(loop, components, cond, uncond):
+    state = PipelineState()
+    for k, v in dict(x=torch.ones(2, 4), cond=cond, uncond=uncond, num_steps=3).items():
+        state.set(k, v)
+    _, state = loop(components, state)
+    return state.get("x")
+
+
+@pytest.mark.parametrize("net", [BatchStats, DataclassNet])
+def test_r4_r5_guidance_warmed_up_on_identical_halves_then_real_prompts(net):
+    torch.manual_seed(0)
+    components = Components(net=net())
+    loop = Loop.from_blocks_dict({"guide": TwoPasses})
+    fast = compile_loop(loop, backend="eager")
+    empty = torch.zeros(2, 4)
+    prompts = [(empty, empty.clone()), (torch.randn(2, 4), empty), (torch.randn(2, 4), torch.randn(2, 4))]
+    for k, (cond, uncond) in enumerate(prompts):  # a warm-up on empty prompts first: identical halves
+        want = guided_call(loop, components, cond, uncond)
+        got = quiet(guided_call, fast, components, cond, uncond)
+        assert matches_eager(got, want), f"call {k}: max error {(got - want).abs().max():.3g}"
+    sites = fast.last_plan.batching
+    assert len(sites) == 1, fast.explain()
+    if net is BatchStats:  # it mixes rows: never batched
+        assert not sites[0].batched_steps and "separ" in sites[0].reason, fast.explain()
+
+
+class History:
+    """A scheduler-like object no block declares: it keeps the previous step's latents."""
+
+    def __init__(self):
+        self.previous = None
+
+
+class UsesHistory(XBlock):
+    def __call__(self, components, block_state, i: int):
+        h = components.history  # not in expected_components
+        if h.previous is not None:
+            block_state.x = block_state.x + 0.5 * h.previous
+        h.previous = block_state.x * 0.9
+        return components, block_state
+
+
+class KeepsLast(XBlock):
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * 0.9 + 0.1
+        components.history.previous = block_state.x * 2.0  # written every step, read by no later step
+        return components, block_state
+
+
+class ReadsHistory(XBlock):
+    def __call__(self, components, block_state, i: int):
+        if components.history.previous.sum().item() > 1e9:  # data-dependent: runs eagerly
+            block_state.x = block_state.x * 0.0
+        block_state.x = block_state.x + 0.1 * components.history.previous  # what this call's step left there
+        return components, block_state
+
+
+@pytest.mark.parametrize("blocks", [{"use": UsesHistory}, {"use": UsesHistory, "read": ReadsHistory},
+                                    {"keep": KeepsLast}, {"keep": KeepsLast, "read": ReadsHistory}])
+def test_r6_tensors_kept_on_an_undeclared_component_are_this_calls(blocks):
+    loop = Loop.from_blocks_dict(blocks)
+    fast = compile_loop(loop, backend="eager")
+    eager, comps = Components(history=History()), Components(history=History())
+    for k, start in enumerate([1.0, 1.0, 2.0, -3.0]):
+        eager.history.previous = comps.history.previous = None
+        want = toy_call(loop, eager, x=torch.full((3,), start))
+        got = quiet(toy_call, fast, comps, x=torch.full((3,), start))
+        assert matches_eager(got.get("x"), want.get("x")), k
+        assert matches_eager(comps.history.previous, eager.history.previous), k
+
+
+class DataThenRebind(XBlock):
+    def __call__(self, components, block_state, i: int):
+        block_state.x.data = block_state.x.data.clamp(-1.0, 1.0)  # the caller's tensor, in eager
+        block_state.x = block_state.x * 0.5 + 1.0
+        return components, block_state
+
+
+def test_r7_data_assignment_on_an_input_then_a_rebind_changes_the_callers_tensor():
+    loop = Loop.from_blocks_dict({"b": DataThenRebind})
+    fast = compile_loop(loop, backend="eager")
+    for k, start in enumerate([3.0, 3.0, -4.0]):
+        x_eager, x_fast = torch.full((3,), start), torch.full((3,), start)
+        want = run_loop(loop, x_eager, 3)
+        got = quiet(run_loop, fast, x_fast, 3)
+        assert matches_eager(got, want), k
+        assert torch.equal(x_fast, x_eager), f"call {k}: the caller's tensor is {x_fast}, eager left {x_eager}"
