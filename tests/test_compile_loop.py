@@ -399,15 +399,20 @@ def test_last_plan_reports_how_the_plan_runs():
 
 
 # -- half precision ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_guidance", ["auto", False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("preset", ["dit", "unet-ddim"])
-def test_half_precision_loops_match_eager(preset, dtype):
+def test_half_precision_loops_match_eager(preset, dtype, batch_guidance):
     setup = build_loop(preset, steps=4, sample_size=8, dtype=dtype)
-    fast = compile_loop(setup.wrapper, backend="eager")
+    fast = compile_loop(setup.wrapper, backend="eager", batch_guidance=batch_guidance)
     expected, states = eager_and_compiled(setup, fast, calls=2)
     for state in states:
-        assert state.get("latents").dtype == dtype
-        assert torch.equal(state.get("latents"), expected)  # the same ops in the same order: bit for bit
+        latents = state.get("latents")
+        assert latents.dtype == dtype
+        if batch_guidance is False:  # the same ops in the same order: bit for bit
+            assert torch.equal(latents, expected)
+        else:  # a batched matmul may round otherwise (a few ulps on some CPUs): the dtype's tolerance
+            assert matches_eager(latents, expected), (latents.float() - expected.float()).abs().max()
     assert fast.stats.compiled_calls == 1
 
 
