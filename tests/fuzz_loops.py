@@ -3,7 +3,9 @@
 A ``LoopSpec`` names the blocks of a loop (what real loop blocks do: schedulers with Python counters and CPU
 tables, a history a component keeps, guidance with a window and a scale read from the guider, branches on
 ``i`` and on the data, in-place and view updates, containers, casts, random ops, model calls that read the
-model's Python state, a block's own attributes, undeclared components, type checks, ``.data`` assignment) and
+model's Python state, a block's own attributes, undeclared components (some keeping loop tensors), type checks,
+``.data`` assignment (also on the caller's input), globals read in decorated methods, in a block class defined
+after the first trace and in a settings module, models that mix the rows of their batch or return a dataclass) and
 the wrapper around them (tensor work before or after its loop, or none). ``World`` builds one loop and its
 components from a spec, deterministically, so two worlds built from one spec start equal; ``CHANGES`` are
 what a user does between calls, applied to both worlds alike.
@@ -14,14 +16,17 @@ what a user does between calls, applied to both worlds alike.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from loopgraph import ComponentSpec, InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam
 from loopgraph import PipelineState
+
+from . import fuzz_settings
 
 SHAPE = (2, 3)
 
@@ -71,8 +76,16 @@ class ToyGuider:
         return not math.isclose(self.guidance_scale, 1.0) and int(self.start * n) <= i < int(self.stop * n)
 
 
+@dataclass
+class ToyOut:
+    """A model output that is a plain dataclass (diffusers' models return output objects)."""
+
+    sample: torch.Tensor
+
+
 class ToyNet(torch.nn.Module):
-    """A model whose forward reads Python state: a scale, a flag, a LoRA-like scaling dict."""
+    """A model whose forward reads Python state: a scale, a flag, a LoRA-like scaling dict; when asked, it mixes
+    the rows of its batch (batch statistics) or returns a dataclass."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -85,12 +98,21 @@ class ToyNet(torch.nn.Module):
         self.scale = 1.0
         self.use_act = True
         self.scaling = {"default": 0.5}
+        self.mix_rows = False
+        self.as_dataclass = False
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.lin(x if cond is None else x + cond)
         if self.use_act:
             h = torch.tanh(h)
-        return h * self.scale + self.extra(x) * self.scaling["default"]
+        out = h * self.scale + self.extra(x) * self.scaling["default"]
+        if self.mix_rows:
+            out = out - out.mean(0, keepdim=True)
+        return ToyOut(out) if self.as_dataclass else out
+
+
+def sample(out):
+    return getattr(out, "sample", out)
 
 
 class Extra:
@@ -98,6 +120,7 @@ class Extra:
 
     def __init__(self):
         self.k = 0
+        self.previous = None
 
 
 # -- blocks ------------------------------------------------------------------------------------------------------------
@@ -174,9 +197,9 @@ class Guidance(_Block):
     def __call__(self, components, bs, i: int):
         guider, net = components.guider, components.net
         guider._step = i
-        pred = net(bs.x, bs.cond)
+        pred = sample(net(bs.x, bs.cond))
         if guider.guided(i, bs.num_steps):
-            uncond = net(bs.x, bs.uncond)
+            uncond = sample(net(bs.x, bs.uncond))
             pred = uncond + guider.guidance_scale * (pred - uncond)
         rescale = getattr(guider, "rescale", 0.0)
         bs.x = bs.x - 0.1 * self.param * pred * (1.0 - rescale)
@@ -187,7 +210,7 @@ class Model(_Block):
     components_used = ("net",)
 
     def __call__(self, components, bs, i: int):
-        bs.x = bs.x + 0.1 * self.param * components.net(bs.x)
+        bs.x = bs.x + 0.1 * self.param * sample(components.net(bs.x))
         return components, bs
 
 
@@ -294,9 +317,76 @@ class Aliased(_Block):
         return components, bs
 
 
-BLOCKS: dict[str, type[_Block]] = {cls.__name__: cls for cls in (
+class UndeclaredHistory(_Block):
+    def __call__(self, components, bs, i: int):
+        extra = components.extra  # undeclared, and keeps a loop tensor across steps
+        if extra.previous is not None:
+            bs.x = bs.x - 0.1 * self.param * extra.previous
+        extra.previous = bs.x * 0.5
+        return components, bs
+
+
+class DataOnInput(_Block):
+    def __call__(self, components, bs, i: int):
+        bs.x.data = bs.x.data.clamp(-0.5 - self.param, 0.5 + self.param)  # in step 0, the caller's tensor
+        bs.x = bs.x * 0.9 + 0.01
+        return components, bs
+
+
+STRENGTH = 0.5  # a global read by decorated methods and by the block defined late
+
+
+def logged(fn):
+    """A user's decorator (``functools.wraps``): the method's code is behind ``__wrapped__``."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+class NoGradGlobal(_Block):
+    @torch.no_grad()  # what diffusers' blocks do
+    def __call__(self, components, bs, i: int):
+        bs.x = bs.x * (1.0 - 0.1 * STRENGTH * self.param)
+        return components, bs
+
+
+class WrappedGlobal(_Block):
+    @logged
+    def __call__(self, components, bs, i: int):
+        bs.x = bs.x + 0.01 * STRENGTH * self.param
+        return components, bs
+
+
+class SettingsModule(_Block):
+    def __call__(self, components, bs, i: int):
+        bs.x = bs.x * (1.0 - 0.1 * fuzz_settings.STRENGTH * self.param)
+        return components, bs
+
+
+def late_block() -> type[_Block]:
+    """A block class defined anew (``exec``'d into this module, as a notebook cell defines one) for each world,
+    reading a global that no code defined before it reads."""
+    namespace = globals()
+    exec(compile("class Late(_Block):\n"
+                 "    def __call__(self, components, bs, i):\n"
+                 "        bs.x = bs.x * (1.0 - 0.05 * LATE_STRENGTH * self.param)\n"
+                 "        return components, bs\n", "<late cell>", "exec"), namespace)
+    namespace.setdefault("LATE_STRENGTH", 0.5)
+    return namespace.pop("Late")
+
+
+BLOCKS: dict[str, Callable[[float], _Block]] = {cls.__name__: cls for cls in (
     Affine, StepFloat, KwargFloat, SchedStep, History, Guidance, Model, BranchOnStep, BranchOnData, InPlace,
-    ViewInPlace, Cast, Random, Previews, CountCalls, TypeCheck, DataAssign, Undeclared, Aliased)}
+    ViewInPlace, Cast, Random, Previews, CountCalls, TypeCheck, DataAssign, Undeclared, Aliased, UndeclaredHistory,
+    DataOnInput, NoGradGlobal, WrappedGlobal, SettingsModule)}
+BLOCKS["Late"] = lambda param: late_block()(param)  # a new class per world
+
+
+def reset_globals() -> None:
+    """The module globals and settings the blocks read, as a new example starts."""
+    globals()["STRENGTH"] = globals()["LATE_STRENGTH"] = 0.5
+    fuzz_settings.STRENGTH, fuzz_settings.UNREAD = 0.5, 1.0
 
 
 class FuzzLoop(LoopSequentialPipelineBlocks):
@@ -347,21 +437,27 @@ class World:
         self.seed = 0
         self.reset = True
         self.aliased = False
+        self.empty_prompts = False
+        self.given: dict[str, Any] = {}
 
     def inputs(self) -> dict[str, Any]:
         g = torch.Generator().manual_seed(self.seed)
         a = torch.randn(SHAPE, generator=g)
-        return {"x": torch.randn(SHAPE, generator=g), "cond": torch.randn(SHAPE, generator=g),
-                "uncond": torch.zeros(SHAPE), "a": a, "b": a if self.aliased else a.clone(), "previews": []}
+        x, cond = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+        if self.empty_prompts:  # a warm-up on empty prompts: both guidance halves alike
+            cond = torch.zeros(SHAPE)
+        return {"x": x, "cond": cond, "uncond": torch.zeros(SHAPE), "a": a, "b": a if self.aliased else a.clone(),
+                "previews": []}
 
     def call(self, runner) -> PipelineState:
         c = self.components
         if self.reset:
             c.scheduler.set_timesteps(self.steps)
             c.history.reset()
-            c.extra.k = 0
+            c.extra.k, c.extra.previous = 0, None
         state = PipelineState()
-        for k, v in self.inputs().items():
+        self.given = self.inputs()
+        for k, v in self.given.items():
             state.set(k, v)
         state.set("num_steps", self.steps)
         torch.manual_seed(1234 + self.seed)  # random blocks draw the same numbers in both worlds
@@ -371,7 +467,8 @@ class World:
     def python_state(self) -> dict[str, Any]:
         """The Python state a user could look at after a call (tensors by value)."""
         c = self.components
-        state = {"scheduler": dict(vars(c.scheduler)), "history": dict(vars(c.history)),
+        state = {"inputs": dict(self.given),  # the caller's tensors, as the call left them
+                 "scheduler": dict(vars(c.scheduler)), "history": dict(vars(c.history)),
                  "guider": dict(vars(c.guider)), "extra": dict(vars(c.extra)),
                  "net": {k: v for k, v in vars(c.net).items() if not k.startswith("_")},
                  "weights": dict(c.net.state_dict())}
@@ -429,6 +526,18 @@ def change(world: World, kind: str, value: float) -> None:
         else:
             handle.remove()
             del c.net._fuzz_handle
+    elif kind == "empty_prompts":
+        world.empty_prompts = not world.empty_prompts
+    elif kind == "mix_rows":
+        c.net.mix_rows = not c.net.mix_rows
+    elif kind == "dataclass_out":
+        c.net.as_dataclass = not c.net.as_dataclass
+    elif kind == "global":  # module globals: one process, both worlds see the same value
+        globals()["STRENGTH"] = globals()["LATE_STRENGTH"] = round(2 * value, 2)
+    elif kind == "settings":
+        fuzz_settings.STRENGTH = round(2 * value, 2)
+    elif kind == "settings_unread":
+        fuzz_settings.UNREAD = round(2 * value, 2)
     elif kind == "same":
         pass
     else:
@@ -437,7 +546,8 @@ def change(world: World, kind: str, value: float) -> None:
 
 CHANGES = ("same", "new_inputs", "new_n", "guidance_scale", "guidance_window", "swap_model", "patch_model",
            "model_flag", "model_scale", "block_attr", "no_reset", "alias", "set_rescale", "weights_in_place",
-           "new_scheduler", "hook")
+           "new_scheduler", "hook", "empty_prompts", "mix_rows", "dataclass_out", "global", "settings",
+           "settings_unread")
 
 
 def equal(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:

@@ -1,6 +1,7 @@
 """The differential fuzzer: generated loop wrappers (tests/fuzz_loops.py), eager vs ``compile_loop``, over
 several calls with a change between them (new inputs, N, guidance scale or window, a swapped or patched model, a
-block attribute, a scheduler not reset, aliased inputs, an attribute set or deleted).
+block attribute, a scheduler not reset, aliased inputs, an attribute set or deleted, empty prompts, a model that
+starts mixing its batch's rows or returning a dataclass, a module global or a settings module's attribute).
 
 After every call both sides must agree on: raising (the same exception type), every value of the returned
 state, the components' and blocks' Python state, and warnings (the compiled side may only add loopgraph's own).
@@ -22,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 from loopgraph import compile_loop  # noqa: E402
 from loopgraph.rng import eager_loop  # noqa: E402
 
-from .fuzz_loops import BLOCKS, CHANGES, LoopSpec, World, change, equal  # noqa: E402
+from .fuzz_loops import BLOCKS, CHANGES, LoopSpec, World, change, equal, reset_globals  # noqa: E402
 
 EXAMPLES = int(os.environ.get("LOOPGRAPH_FUZZ_EXAMPLES", "30"))
 BACKENDS = os.environ.get("LOOPGRAPH_FUZZ_BACKENDS", "eager").split(",")
@@ -71,6 +72,7 @@ def test_compiled_loop_equals_eager_over_calls_with_changes(spec, calls, backend
     note(f"spec={spec} calls={calls} backend={backend} rng={rng}")
     if CAMPAIGN:  # a crash (not an assertion) loses hypothesis's report: the last example is on stdout
         print(f"\nexample: spec={spec} calls={calls} backend={backend} rng={rng}", flush=True)
+    reset_globals()
     eager, compiled = World(spec), World(spec)
     fast = compile_loop(compiled.loop, backend=backend, rng=rng)
     reference = eager.loop if rng == "eager" else (lambda c, s: eager_loop(eager.loop, c, s))
