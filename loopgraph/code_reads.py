@@ -13,12 +13,14 @@ every trace (a class defined in a later notebook cell, code ``exec``'d into a mo
 are read once.
 
     globals             every global name the code loads that its namespace defines (builtins aside)
+    closure variables   the cells a user function closes over (a block class made by a factory function)
     module attributes   for a user module the code reaches (a global, an import inside a function, a module held
                         in an attribute), each of its attributes whose name the scanned code loads as an
                         attribute (``settings.STRENGTH``; ``settings.OFFSET`` that nothing loads is not a read)
 
 Not seen, by design: attributes of installed libraries' and the standard library's modules (``torch.float16``,
-``diffusers.utils.constants``), and names built at run time (``getattr(settings, name)``).
+``diffusers.utils.constants``), closure variables of their functions, and names built at run time
+(``getattr(settings, name)``).
 """
 
 from __future__ import annotations
@@ -128,10 +130,11 @@ def _owner(namespace: dict, proxies: dict[int, types.ModuleType]) -> types.Modul
     return proxies.setdefault(id(namespace), types.ModuleType(namespace.get("__name__") or "<exec>"))
 
 
-def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[types.ModuleType, dict, str]]:
-    """(module, its namespace, name) for every global and user-module attribute that user code reachable from the
-    call can load (see the module docstring): ``classes``, those of the call's objects; ``reached``, the
-    functions, methods, partials, classes and modules the call found in attributes."""
+def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[Any, dict | None, str, str]]:
+    """(owner, holder, name, path) for every global, user-module attribute and closure variable that user code
+    reachable from the call can load (see the module docstring): a module, its namespace and a name; or a closure
+    cell, None and "cell_contents". ``classes``: those of the call's objects; ``reached``: the functions, methods,
+    partials, classes and modules the call found in attributes."""
     functions: list[types.FunctionType] = []
     modules: dict[int, types.ModuleType] = {}       # user modules reached as values: their attributes are reads
     scanned: set[int] = set()                        # namespaces scanned whole, functions scanned
@@ -172,8 +175,16 @@ def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[type
             for key in sorted(names.globals):
                 if key in namespace and (id(namespace), key) not in yielded:
                     yielded.add((id(namespace), key))
-                    yield _owner(namespace, proxies), namespace, key
+                    owner = _owner(namespace, proxies)
+                    yield owner, namespace, key, f"{owner.__name__}.{key}"
                     follow(namespace[key])
+            for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
+                try:
+                    value = cell.cell_contents
+                except ValueError:  # not bound yet
+                    continue
+                yield cell, None, "cell_contents", f"{fn.__qualname__}: closure variable {name!r}"
+                follow(value)
             for imported in names.imports:
                 parts = imported.split(".")
                 for k in range(len(parts)):
@@ -184,5 +195,5 @@ def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[type
             return
         for module, key in fresh:
             yielded.add((id(vars(module)), key))
-            yield module, vars(module), key
+            yield module, vars(module), key, f"{module.__name__}.{key}"
             follow(vars(module)[key])

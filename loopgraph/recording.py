@@ -246,11 +246,14 @@ class Recording:
         the watched objects' classes and the functions, classes and modules the call found in attributes; and
         torch's global module hooks."""
         classes = list({id(c): c for obj in self.objects.values() for c in type(obj).__mro__}.values())
-        for module, namespace, key in global_reads(classes, list(self.reached.values())):
-            if (id(namespace), key) in self.reads:
+        for owner, holder, key, path in global_reads(classes, list(self.reached.values())):
+            rkey = (id(holder), key) if holder is not None else ("getattr", id(owner), key)
+            if rkey in self.reads:
                 continue
-            value, path = namespace[key], f"{module.__name__}.{key}"
-            self._add_read(Read(module, namespace, key, snapshot(value), path), (id(namespace), key))
+            read = Read(owner, holder, key, ABSENT, path)
+            value = read.current()
+            read.value = snapshot(value)
+            self._add_read(read, rkey)
             if _user_instance(value) and id(value) not in self.objects:  # a settings object: compared whole
                 self._add_read(Read(value, None, "__dict__", snapshot(dict(vars(value))), path), ("whole", id(value)))
         hooks = sys.modules["torch.nn.modules.module"]

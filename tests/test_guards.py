@@ -969,6 +969,27 @@ def test_r2_a_global_read_by_a_function_a_block_holds_is_guarded(user_module, vi
     agree(loop, compile_loop(loop, backend="eager"), [0.5, 0.5, 2.0], lambda v: setattr(helpers, "FACTOR", v))
 
 
+def make_block(strength: float):
+    """A block class made by a factory: its ``__call__`` closes over ``strength`` (``nonlocal`` changes it)."""
+
+    class Closure(XBlock):
+        def __call__(self, components, block_state, i: int):
+            block_state.x = block_state.x * strength + i
+            return components, block_state
+
+    def set_strength(value: float) -> None:
+        nonlocal strength
+        strength = value
+
+    return Closure, set_strength
+
+
+def test_r2_a_closure_variable_read_by_a_block_is_guarded():
+    block, set_strength = make_block(0.5)
+    loop = Loop.from_blocks_dict({"b": block})
+    agree(loop, compile_loop(loop, backend="eager"), [0.5, 0.5, 2.0], set_strength)
+
+
 SETTINGS_SOURCE = """
     STRENGTH = 0.5
     OFFSET = 1.0
