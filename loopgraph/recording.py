@@ -19,10 +19,10 @@ the call are not watched: their attributes are written before they are read. The
 Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespace``) are watched whole: their
 ``vars()`` are one read, and one write when they differ at the end.
 
-Module-level globals are reads too, as they are when the call ends: the globals, and the attributes of user modules
-(``settings.STRENGTH``), that the code of user modules reachable from the call loads (code_reads.py: through
-decorators, partials and bound methods; not the standard library's nor installed libraries'); and torch's global
-module hooks.
+Module-level globals are reads too, as they are when the call ends: the globals, the closure variables and the
+attributes of user modules (``settings.STRENGTH``) that the code of user modules reachable from the call loads
+(code_reads.py: through decorators, partials and bound methods; not the standard library's nor installed
+libraries'), a user object such a global holds (compared whole); and torch's global module hooks.
 """
 
 from __future__ import annotations
