@@ -32,6 +32,8 @@ import types
 import weakref
 from typing import Any, Iterator, NamedTuple
 
+import torch
+
 __all__ = ["global_reads", "is_user_code"]
 
 _ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
@@ -109,6 +111,17 @@ def functions_of(value: Any) -> list[types.FunctionType]:
     return found
 
 
+def _data(value: Any) -> bool:
+    """Whether a closure variable holds data a user may rebind: a value of a builtin type, a tensor or a user
+    object; not a class, function or module (followed instead: ``super()``'s ``__class__``, a decorator's
+    function), nor a library's object (the sentinels of dataclasses' generated ``__init__``)."""
+    if isinstance(value, (type, types.ModuleType)) or functions_of(value):
+        return False
+    module = type(value).__module__
+    return (module == "builtins" or isinstance(value, torch.Tensor)
+            or is_user_code(vars(sys.modules[module]) if module in sys.modules else {}))
+
+
 def _namespace_functions(namespace: dict) -> Iterator[types.FunctionType]:
     """The functions and methods defined in a module (whatever its globals hold that it defined)."""
     name = namespace.get("__name__")
@@ -183,7 +196,8 @@ def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[Any,
                     value = cell.cell_contents
                 except ValueError:  # not bound yet
                     continue
-                yield cell, None, "cell_contents", f"{fn.__qualname__}: closure variable {name!r}"
+                if _data(value):
+                    yield cell, None, "cell_contents", f"{fn.__qualname__}: closure variable {name!r}"
                 follow(value)
             for imported in names.imports:
                 parts = imported.split(".")
