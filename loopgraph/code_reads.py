@@ -16,11 +16,12 @@ are read once.
     closure variables   the cells a user function closes over (a block class made by a factory function)
     module attributes   for a user module the code reaches (a global, an import inside a function, a module held
                         in an attribute), each of its attributes whose name the scanned code loads as an
-                        attribute (``settings.STRENGTH``; ``settings.OFFSET`` that nothing loads is not a read)
+                        attribute or names in a string constant (``settings.STRENGTH``, ``getattr(settings,
+                        "STRENGTH")``; ``settings.OFFSET`` that nothing loads is not a read)
 
 Not seen, by design: attributes of installed libraries' and the standard library's modules (``torch.float16``,
 ``diffusers.utils.constants``), closure variables of their functions, and names built at run time
-(``getattr(settings, name)``).
+(``getattr(settings, f"STRENGTH_{k}")``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class CodeNames(NamedTuple):
     """The names a code object (and the code nested in it) loads."""
 
     globals: frozenset[str]   # LOAD_GLOBAL
-    attrs: frozenset[str]     # LOAD_ATTR, LOAD_METHOD, IMPORT_FROM: attribute names
+    attrs: frozenset[str]     # LOAD_ATTR, LOAD_METHOD, IMPORT_FROM, and string constants: attribute names
     imports: frozenset[str]   # IMPORT_NAME: modules imported inside the function
 
 
@@ -65,6 +66,8 @@ def code_names(code: types.CodeType) -> CodeNames:
             if isinstance(const, types.CodeType):
                 for mine, nested in zip(names, code_names(const)):
                     mine.update(nested)
+            elif isinstance(const, str) and const.isidentifier():  # getattr(settings, "STRENGTH")
+                names[1].add(const)
         found = _CODE_NAMES[code] = CodeNames(*map(frozenset, names))
     return found
 

@@ -1025,6 +1025,12 @@ USES_SETTINGS_SOURCE = """
             return components, block_state
 
 
+    class Getattr(Global):
+        def __call__(self, components, block_state, i):
+            block_state.x = block_state.x * getattr(settings, "STRENGTH") + i
+            return components, block_state
+
+
     class Object(Global):
         def __call__(self, components, block_state, i):
             block_state.x = block_state.x * settings.CONFIG.strength + i
@@ -1042,7 +1048,7 @@ USES_SETTINGS_SOURCE = """
 """
 
 
-@pytest.mark.parametrize("block", ["Global", "Local", "Held", "Object"])
+@pytest.mark.parametrize("block", ["Global", "Local", "Held", "Getattr", "Object"])
 def test_r3_attributes_of_a_user_settings_module_are_guarded(user_module, block):
     settings = user_module("settings", SETTINGS_SOURCE)
     mod = user_module("uses_settings", USES_SETTINGS_SOURCE)
