@@ -232,7 +232,7 @@ class Recorder(TorchFunctionMode):
         """``x.data = y``: from now on ``x`` holds ``y``'s value (a rebinding of the value, not of the object)."""
         target, value = args
         func(*args)
-        self.data_set[id(target)] = target  # an input's: eager changes the caller's tensor
+        self.data_set[id(target)] = target  # when it is an input, eager changed the caller's tensor
         if self.node_of(value) is None and self.node_of(target) is None:
             return None
         if not self.in_step:

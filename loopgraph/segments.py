@@ -184,6 +184,8 @@ class EagerSegments:
 
 def _held_tensors(wrapper, components, traced: dict[str, tuple]) -> dict[str, torch.Tensor] | None:
     """This call's tensors at the places the traced run's components held loop tensors (None if any is gone)."""
+    if not traced:  # most loops: no component holds loop tensors (no walk of the components each step)
+        return {}
     found = component_tensors(component_objects(wrapper, components))
     held = {slot: found[slot][1] for slot in traced if slot in found}
     ok = all(tensor_spec(held[slot]) == tensor_spec(value) for slot, (_, value, _) in traced.items()
