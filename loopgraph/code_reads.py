@@ -146,11 +146,14 @@ def _owner(namespace: dict, proxies: dict[int, types.ModuleType]) -> types.Modul
     return proxies.setdefault(id(namespace), types.ModuleType(namespace.get("__name__") or "<exec>"))
 
 
-def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[Any, dict | None, str, str]]:
+def global_reads(classes: list[type], reached: list[Any], *,
+                 whole_modules: bool = True) -> Iterator[tuple[Any, dict | None, str, str]]:
     """(owner, holder, name, path) for every global, user-module attribute and closure variable that user code
     reachable from the call can load (see the module docstring): a module, its namespace and a name; or a closure
     cell, None and "cell_contents". ``classes``: those of the call's objects; ``reached``: the functions, methods,
-    partials, classes and modules the call found in attributes."""
+    partials, classes and modules the call found in attributes. ``whole_modules=False``: only the code that
+    ``classes`` and ``reached`` hold and the functions and classes it loads by name, not every function of their
+    modules (what the code of some objects can load, not what any code beside them can)."""
     functions: list[types.FunctionType] = []
     modules: dict[int, types.ModuleType] = {}       # user modules reached as values: their attributes are reads
     scanned: set[int] = set()                        # namespaces scanned whole, functions scanned
@@ -158,7 +161,7 @@ def global_reads(classes: list[type], reached: list[Any]) -> Iterator[tuple[Any,
     yielded: set[tuple[int, str]] = set()
 
     def whole(namespace: dict) -> None:
-        if id(namespace) not in scanned and is_user_code(namespace):
+        if whole_modules and id(namespace) not in scanned and is_user_code(namespace):
             scanned.add(id(namespace))
             functions.extend(_namespace_functions(namespace))
 

@@ -146,11 +146,12 @@ class CompiledLoop(ModularPipelineBlocks):
             return "; ".join(f"plan {k}: {reason}" for k, reason in enumerate(self._plans.misses))
 
     def _note_replan(self) -> None:
-        """Say so when every call re-plans (a counter that changes each call): each runs a traced eager call."""
+        """Say so when every call re-plans for the same thing (a counter that changes each call, a new tensor
+        object set each call, a list cleared each call): each runs a traced eager call."""
         if not self._plans.misses:
             return
         self._replans.append(self._plans.misses[0])
-        if len(self._replans) == 4 and len(set(self._replans)) > 1 and all(
+        if len(self._replans) == 4 and all(
                 r.split(" is ")[0] == self._replans[0].split(" is ")[0] for r in self._replans):
             warnings.warn(f"compile_loop: {type(self.wrapper).__name__} re-plans on every call (a traced eager run "
                           f"each, no speed-up): {self._replans[-1]}. Keep that value the same between calls, or "

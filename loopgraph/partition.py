@@ -29,8 +29,8 @@ class Segment:
 
 def eager_blocks(trace: LoopTrace, problems: list[Unsupported]) -> set[str]:
     """The blocks that can run eagerly between compiled segments, or an empty set (the whole loop runs eagerly):
-    every problem is data-dependent Python or a random op inside a block, and some block is left to compile."""
-    confined = all(p.block and p.reason.startswith(("data-dependent Python", "random op")) for p in problems)
+    every problem is data-dependent Python, a random op or a side effect inside a block, and some block is left to compile."""
+    confined = all(p.block and p.reason.startswith(("data-dependent Python", "random op", "side effect")) for p in problems)
     blocks = {p.block for p in problems}
     if not confined or not trace.steps or blocks >= set(trace.block_names):
         return set()

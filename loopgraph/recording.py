@@ -112,6 +112,11 @@ class Recording:
         self._written: set[tuple[int, str]] = set()
         self.handled: set[tuple] = set()  # (id, name) reads already logged or not to log: the hooks' fast exit
         self._patcher: Patcher | None = None
+        self._wrapper: Any = None  # the root named "wrapper": the changer of a global no block changed
+        self._globals: dict[tuple, tuple[Read, Any, Any]] = {}  # key -> (where, value, snapshot), as last noted
+        self.global_start: dict[tuple, Any] = {}                # key -> its snapshot when the call started
+        self.global_changes: dict[tuple, tuple[str, list[tuple[int | None, str | None]]]] = {}  # key -> (path,
+                                                                # the (step, block) of each change)
 
     # -- what the hooks call -----------------------------------------------------------------------------------
     def watch(self, obj: Any, path: str) -> None:
@@ -241,14 +246,57 @@ class Recording:
             return  # a container of the standard library (an OrderedDict of hooks): its items are what counts
         self.watch(value, path)
 
-    def _read_globals(self) -> None:
+    # -- side effects on module globals --------------------------------------------------------------------------
+    def watch_globals(self) -> None:
+        """Note the module globals (and closure variables, user-module attributes) the roots' code can load, as
+        they are when the call starts: a block that changes one (appends a preview to a module-level list, counts
+        steps in a global) makes a side effect that a compiled step would not make (``note_globals``)."""
+        for owner, holder, key, path in global_reads(self._classes(), list(self.reached.values())):
+            read = Read(owner, holder, key, ABSENT, path)
+            value = read.current()
+            self._globals[_global_key(owner, holder, key)] = (read, value, _global_snapshot(value))
+        self.global_start = {key: snap for key, (_, _, snap) in self._globals.items()}
+
+    def note_globals(self, step: int | None, block: str | None) -> list[str]:
+        """The paths of the globals changed since the last note (rebound, or changed in place), which ``block``
+        (None: the wrapper's own code) of ``step`` made."""
+        found = []
+        for key, (read, value, snap) in self._globals.items():
+            now = read.current()
+            if _global_same(now, value, snap):
+                continue
+            self._globals[key] = (read, now, _global_snapshot(now))
+            self.global_changes.setdefault(key, (read.path, []))[1].append((step, block))
+            found.append(read.path)
+        return found
+
+    def _guard_changed_global(self, key: tuple, blocks: dict[str, Any]) -> bool:
+        """Whether a global the call changed is guarded (by its value when the call started): when code other
+        than the blocks that change it can load it (a compiled block would bake what it read)."""
+        changers = {id(blocks.get(b, self._wrapper)) for _, b in self.global_changes[key][1]}
+        others = [c for obj in self.objects.values() if id(obj) not in changers for c in type(obj).__mro__]
+        reads = global_reads(list({id(c): c for c in others}.values()), list(self.reached.values()),
+                             whole_modules=False)
+        return any(_global_key(o, h, k) == key for o, h, k, _ in reads)
+
+    def _classes(self) -> list[type]:
+        return list({id(c): c for obj in self.objects.values() for c in type(obj).__mro__}.values())
+
+    def _read_globals(self, blocks: dict[str, Any]) -> None:
         """Reads of the module globals and user-module attributes the call's code can load (code_reads.py), from
         the watched objects' classes and the functions, classes and modules the call found in attributes; and
-        torch's global module hooks."""
-        classes = list({id(c): c for obj in self.objects.values() for c in type(obj).__mro__}.values())
-        for owner, holder, key, path in global_reads(classes, list(self.reached.values())):
-            rkey = (id(holder), key) if holder is not None else ("getattr", id(owner), key)
+        torch's global module hooks. A global the call changed is read as it was when the call started, and only
+        when code other than the blocks that change it loads it (``_guard_changed_global``)."""
+        for owner, holder, key, path in global_reads(self._classes(), list(self.reached.values())):
+            rkey = _global_key(owner, holder, key)
             if rkey in self.reads:
+                continue
+            if rkey in self.global_changes:
+                value, attrs = self.global_start[rkey]
+                if self._guard_changed_global(rkey, blocks):
+                    self._add_read(Read(owner, holder, key, value, path), rkey)
+                    if attrs is not None:  # compared whole, as it was
+                        self._add_read(Read(value, None, "__dict__", attrs, path), ("whole", id(value)))
                 continue
             read = Read(owner, holder, key, ABSENT, path)
             value = read.current()
@@ -277,10 +325,11 @@ class Recording:
                     found[key] = (r.obj, r.key, copy_value(value_of(r.obj, r.key)))
         return found
 
-    def finish(self) -> None:
+    def finish(self, blocks: dict[str, Any]) -> None:
         """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it
-        (obj, name, a copy), in the order first written; ``stable``, the reads it never wrote nor changed."""
-        self._read_globals()
+        (obj, name, a copy), in the order first written; ``stable``, the reads it never wrote nor changed.
+        ``blocks``: the wrapper's blocks by name (who changed a global)."""
+        self._read_globals(blocks)
         changed = set()
         self.end: list[tuple[Any, str, Any]] = []
         originals = []  # the values themselves: which tensors stay where the call left them
@@ -303,6 +352,22 @@ class Recording:
         self.present = {id(t) for value in originals for t in walk_tensors(value)}
         self.stable = [r for key, r in self.reads.items()
                        if key not in changed and (id(r.obj), r.key) not in self.writes]
+
+
+def _global_key(owner: Any, holder: dict | None, key: str) -> tuple:
+    return (id(holder), key) if holder is not None else ("getattr", id(owner), key)
+
+
+def _global_snapshot(value: Any) -> tuple[Any, Any]:
+    """A global's value, and the attributes of a user object it holds (a settings or stats object)."""
+    return snapshot(value), snapshot(dict(vars(value))) if _user_instance(value) else None
+
+
+def _global_same(now: Any, value: Any, snap: tuple[Any, Any]) -> bool:
+    """Whether a global is as noted: the same object (or an equal atom), with the same items or attributes."""
+    if (type(now) not in ATOM_TYPES and now is not value) or not same(now, snap[0]):
+        return False
+    return snap[1] is None or same(dict(vars(now)), snap[1])
 
 
 def _user_instance(value: Any) -> bool:
@@ -328,6 +393,8 @@ def record(roots: dict[str, Any]) -> Iterator[Recording]:
             patcher.ensure(torch.nn.Module)
             for path, obj in roots.items():
                 rec.watch(obj, path)
+            rec._wrapper = roots.get("wrapper")
+            rec.watch_globals()
             class_hooks.active = rec
             yield rec
         finally:

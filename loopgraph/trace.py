@@ -194,7 +194,24 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                     **{k: block_state[k].clone() for k in step.nodes_before[key]},
                     **{k: v.clone() for k, (_, v, _) in step.held_before[key].items()}}
 
+    def side_effects(step: int | None, block: str | None) -> None:
+        """The module globals ``block`` (None: the wrapper's own code) changed: a compiled step makes no Python
+        side effects, so that block runs eagerly each step (the wrapper's: the whole loop), or strict raises."""
+        with python.paused(), torch._C.DisableTorchFunction():
+            changed = python.note_globals(step, block)
+        for path in changed:
+            reason = (f"side effect: changes the module global {path} (a compiled step makes no Python side "
+                      f"effects)")
+            if block is None:
+                wrapper_problem(reason)
+            elif all(p.reason != reason or p.block != block for p in recorder.problems):
+                problem = Unsupported(reason, block, path)
+                if strict:
+                    raise problem
+                recorder.problems.append(problem)
+
     def loop_step(comps, block_state, **kwargs):
+        side_effects(len(steps), None)
         with python.paused():
             check_between(block_state)
             step = StepTrace(index=len(steps), graph=fx.Graph(), inputs=[], outputs={}, constants={}, stable={},
@@ -212,6 +229,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                 recorder.block = python.block = name
                 nodes_before = set(step.graph.nodes)
                 comps, block_state = run_block(name, block, comps, block_state, **kwargs)
+                side_effects(step.index, name)
                 after = vars(block_state)
                 step.writes[name] = {k for k, v in after.items() if k not in before or before[k] is not v}
                 # this block's ops (a seed's placeholder, drawn here, joins the step's inputs instead)
@@ -258,8 +276,9 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                 python.hide(wrapper, *methods)
                 with CallWatcher(recorder, python) if batch else contextlib.nullcontext():
                     result = wrapper(components, state)
+                side_effects(None, None)
                 with torch._C.DisableTorchFunction(), python.paused():
-                    python.finish()
+                    python.finish(dict(wrapper.sub_blocks))
         finally:
             intercept.remove()
     initial, final = seen.get("initial", {}), seen.get("final", {})

@@ -824,6 +824,26 @@ def test_a_value_that_changes_every_call_warns_that_every_call_re_plans():
     assert fast.stats.plans == 6 and loop.sub_blocks["count"].calls == 18
 
 
+class AddOffset(XBlock):
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x + self.offset
+        return components, block_state
+
+
+def test_a_new_tensor_object_set_every_call_warns_that_every_call_re_plans():
+    """The same reason on every call (another tensor object, a list cleared each call) warns too (issue 31)."""
+    loop = Loop.from_blocks_dict({"offset": AddOffset})
+    fast = compile_loop(loop, backend="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            loop.sub_blocks["offset"].offset = torch.full((300000,), 1.0)  # too large to compare by value
+            run_loop(fast, torch.ones(300000), 3)
+    messages = [str(w.message) for w in caught if "re-plans on every call" in str(w.message)]
+    assert len(messages) == 1 and "wrapper.sub_blocks['offset'].offset holds another tensor" in messages[0]
+    assert fast.stats.plans == 6
+
+
 class CountCalls(XBlock):
     def __init__(self):
         super().__init__()
