@@ -28,13 +28,17 @@ the CPU's vector ISA or the GPU's architecture.
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import hashlib
 import logging
 import platform
 import sys
+import tempfile
 import time
 import warnings
+import weakref
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -265,13 +269,72 @@ class Artifact:
 
 
 def _load(path: Path, device: torch.device) -> Callable:
-    """A package's compiled code as ``(*flat inputs) -> outputs``, from AOTInductor's C++ loader itself:
+    """A package's compiled code as ``(*flat inputs) -> outputs``. On CPU, through the AOTInductor C interface of
+    the package's model library, called with ``ctypes``, which releases the GIL for the call (the package loader's
+    Python binding holds it for the whole loop: a server's other threads froze for a whole generation). Elsewhere,
+    and for a package whose constants live outside its library, from AOTInductor's C++ loader itself:
     ``torch._inductor.aoti_load_package`` first reads the whole archive in Python (``load_pt2``: 1.5 s for the
     default loop's package on this CPU, most of a warm start's budget), and the inputs are flat tensors already (no
     pytree specs to apply). On CUDA the runner skips its thread synchronisation (``run_single_threaded``, as
     AOTInductor advises under CUDA graphs); calls of one compiled loop are serialised by its lock."""
+    if device.type == "cpu":
+        library = _model_library(path)
+        if library is not None:
+            return CModel(path, library)
     loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", device.type == "cuda", 1, -1)
     return lambda *flat: loader.boxed_run(list(flat))
+
+
+def _model_library(path: Path) -> str | None:
+    """The name in the package of its one model library, when the package holds nothing else it needs at run time
+    (no constants or weights files, no custom objects): the sources and metadata beside it are for people."""
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    libraries = [n for n in names if "/data/aotinductor/model/" in n and n.endswith(".so")]
+    others = [n for n in names if "/data/" in n and "/data/aotinductor/model/" not in n]
+    return libraries[0] if len(libraries) == 1 and not others else None
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+_new_capsule = ctypes.pythonapi.PyCapsule_New
+_new_capsule.restype, _new_capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+class CModel:
+    """A CPU package's model library, called through AOTInductor's C interface (``aoti_runtime/interface.h``) with
+    ``ctypes``: the GIL is released while the compiled loop runs. Input tensors are passed as new handles (the
+    call takes them), outputs come back as handles that become tensors."""
+
+    def __init__(self, path: Path, library: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="loopgraph-") as folder:  # the library stays loaded once deleted
+            with zipfile.ZipFile(path) as archive:
+                self.lib = ctypes.CDLL(archive.extract(library, folder))
+        handle = ctypes.c_void_p()
+        self._check(self.lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), ctypes.c_size_t(1),
+                                                                          b"cpu", None), "create its model")
+        self.handle = handle
+        weakref.finalize(self, self.lib.AOTInductorModelContainerDelete, handle)
+        outputs = ctypes.c_size_t()
+        self._check(self.lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(outputs)), "count outputs")
+        self.outputs = outputs.value
+        self.run = self.lib.AOTInductorModelContainerRun
+        self.run.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t,
+                             ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p]
+        self.path = path
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            raise RuntimeError(f"AOTInductor package {self.path if hasattr(self, 'path') else ''}: could not {what} "
+                               f"(error {code}; its message is on stderr)")
+
+    def __call__(self, *flat: torch.Tensor) -> list[torch.Tensor]:
+        handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(flat))
+        inputs = (ctypes.c_void_p * len(handles))(*[_capsule_pointer(h, None) for h in handles])
+        outputs = (ctypes.c_void_p * self.outputs)()
+        self._check(self.run(self.handle, inputs, len(handles), outputs, self.outputs, None, None), "run")
+        return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
+            [_new_capsule(h, None, None) for h in outputs])
 
 
 def _specs(flat: list[torch.Tensor], tables: list[int]) -> tuple:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -79,11 +80,19 @@ class Eager:
         return []
 
 
+CHUNK_SECONDS = 0.1  # how long the compiled loop runs between two moments Python acts (Ctrl-C, the progress bar)
+
+
 class WholeLoop:
     """The lowered loop, compiled once, run on state buffers: one set per state signature (shapes, strides,
     dtypes, devices), allocated on first use and reused by every later call. The caller's values are copied in,
     the compiled loop updates the buffers in place, and the final values are cloned out, so users never hold a
-    buffer that the next call overwrites."""
+    buffer that the next call overwrites.
+
+    The steps run in chunks of about ``CHUNK_SECONDS`` (the compiled loop takes its first step and clamped run
+    ends): between two chunks Python raises a pending ``KeyboardInterrupt`` (the call stops, nothing written back)
+    and advances the wrapper's progress bar. A loop of small steps runs in one chunk, a chunk of large ones is one
+    step; the compiled code releases the GIL while it runs."""
 
     kind = "whole loop on state buffers"
 
@@ -92,9 +101,11 @@ class WholeLoop:
         self.ctx, self.trace, self.loop, self.compiled, self.sources = ctx, trace, loop, compiled, sources
         self.tables = [v.tables for v in loop.variants]  # on the loop's device (passes.place_tables)
         self.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=loop_device(trace))
+        self.steps = loop.runs[-1][2] if loop.runs else 0
+        self.step_seconds: float | None = None  # measured by the previous chunk
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
 
-    def execute(self, slots: dict[str, Any]) -> list[torch.Tensor]:
+    def execute(self, slots: dict[str, Any], bar=None) -> list[torch.Tensor]:
         """The compiled loop on ``slots`` (BlockState values and seeds by name): the final ``loop.state_slots``."""
         state = []
         for name in self.loop.state_slots:
@@ -104,17 +115,26 @@ class WholeLoop:
                 value = torch.zeros_like(slot.value if slot else self.trace.final_slots[name])
             state.append(value)
         invariants = [slots[name] for name in self.loop.invariant_slots]
-        start = torch.zeros((), dtype=torch.int64, device=self.ends.device)
-        return self._call(state, invariants, start)
+        return self._call(state, invariants, bar)
 
-    def _call(self, state: list[torch.Tensor], invariants: list[torch.Tensor], start: torch.Tensor):
+    def _call(self, state: list[torch.Tensor], invariants: list[torch.Tensor], bar=None):
         key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in state)
         buffers = self.buffers.get(key)
         if buffers is None:
             buffers = self.buffers[key] = [torch.empty_like(t) for t in state]
         for buffer, value in zip(buffers, state):
             buffer.copy_(value)
-        self.compiled(buffers, invariants, self.tables, self.ends, start)
+        done = 0
+        while done < self.steps:
+            size = 1 if self.step_seconds is None else max(1, int(CHUNK_SECONDS / max(self.step_seconds, 1e-9)))
+            end = min(done + size, self.steps)
+            began = time.perf_counter()
+            self.compiled(buffers, invariants, self.tables, self.ends.clamp(max=end),
+                          torch.tensor(done, dtype=torch.int64, device=self.ends.device))
+            self.step_seconds = (time.perf_counter() - began) / (end - done)
+            if bar is not None:
+                bar.update(end - done)
+            done = end
         return [b.clone() for b in buffers]
 
     def verify(self) -> None:
@@ -128,11 +148,11 @@ class WholeLoop:
         with progress(self.ctx.wrapper, self.trace, block_state) as bar:
             seeds, _ = draw_seeds(self.sources, vars(block_state))
             try:
-                outputs = self.execute({**vars(block_state), **seeds})
+                outputs = self.execute({**vars(block_state), **seeds}, bar)
             except Exception as e:
                 raise CallFailed(f"{type(e).__name__}: {e}") from e
-            if bar is not None:
-                bar.update(bar.total)  # no Python runs per step: the wrapper's bar completes in one update
+            if bar is not None and getattr(bar, "total", None) and getattr(bar, "n", bar.total) < bar.total:
+                bar.update(bar.total - bar.n)  # a total the wrapper set that is not the number of steps
         return write_back(self.ctx, self.trace, components, state, block_state,
                           dict(zip(self.loop.state_slots, outputs)))
 
@@ -150,8 +170,12 @@ class WholeLoopCudaGraph(WholeLoop):
 
     kind = "whole-loop CUDA graph"
 
-    def _call(self, state, invariants, start):
-        return self.compiled(state, invariants, self.tables, self.ends, start)
+    def _call(self, state, invariants, bar=None):
+        start = torch.zeros((), dtype=torch.int64, device=self.ends.device)
+        outputs = self.compiled(state, invariants, self.tables, self.ends, start)
+        if bar is not None:
+            bar.update(self.steps)  # one graph launch for the whole loop
+        return outputs
 
     def describe(self) -> list[str]:
         steps = [f"compiled step {v}: {origin(step)}" for v, step in enumerate(self.compiled.steps)]
