@@ -240,7 +240,7 @@ class Artifact:
         self.counter.count += 1
         try:
             path, _ = self.store.put(key, functools.partial(self._build, flat, tables, counts),
-                                     {**env, "what": f"{name}: {self.program.describe}"})
+                                     {**env, **self._about(specs, tables), "what": f"{name}: {self.program.describe}"})
             runner = _load(path, self.device)
         except Exception as e:  # noqa: BLE001 — not exportable or packageable: compiled in this process instead
             self.counter.count -= 1  # the in-process compilation counts itself
@@ -256,12 +256,26 @@ class Artifact:
         logger.info("compile_loop: %s: %s", name, self.origin)
         return runner
 
+    def _about(self, specs: tuple, tables: list[int]) -> dict:
+        """What tells this entry apart from another of the same loop (``loopgraph cache list``): digests of the
+        code and of the inputs' specs, the options, for which N, and the Inductor settings the key hashed."""
+        def digest(value) -> str:
+            return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
+        dynamic = any(spec[0][:1] == ("N",) for spec in specs)
+        return {"code": digest(self.program.code), "inputs": digest(specs),
+                "options": {k: repr(v) for k, v in sorted(self.options.items())},
+                "steps": "any N >= 2" if dynamic else ("any N" if not tables else "the traced N only"),
+                "inductor_settings": _inductor_settings()}
+
     def _build(self, flat: list[torch.Tensor], tables: list[int], counts: tuple, path: Path) -> None:
         import torch._inductor
 
         steps = torch.export.Dim("steps", min=2)
         dynamic = [{0: steps} if k in tables and flat[k].shape[0] >= 2 else None for k in range(len(flat))]
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13's own AOTInductor path deep-copies pytree specs and warns of its deprecated LeafSpec
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)", FutureWarning)
             exported = torch.export.export(_Exported(self.program, counts), tuple(flat),
                                            dynamic_shapes=(tuple(dynamic),), strict=False)
             torch._inductor.aoti_compile_and_package(exported, package_path=str(path),
@@ -392,7 +406,33 @@ def environment(device: torch.device) -> dict[str, str]:
 
     return {"torch": torch.__version__, "triton": _triton(), "python": ".".join(map(str, sys.version_info[:3])),
             "loopgraph": _loopgraph_source(), "device": _device_fingerprint(device.type, device.index),
-            "inductor_config": inductor_config.get_hash().hex()}
+            "inductor_config": _inductor_hash()}
+
+
+def _inductor_settings() -> dict[str, str]:
+    """The Inductor settings the key hashes, by name, as text: those Inductor's own FX-graph cache hashes. Left
+    out: the compile-ignored ones, those under its ``_cache_config_ignore_prefix`` (``compile_threads`` follows
+    the process's CPU affinity: two processes of one machine would compile one loop twice) and
+    ``aot_inductor.metadata`` (which AOTInductor fills in place while it compiles). Empty where this torch does
+    not say which they are."""
+    from torch._inductor import config as inductor_config
+
+    try:  # aot_inductor.metadata: AOTInductor adds the device to it, in place, while it compiles
+        settings = inductor_config._get_dict(ignored_keys=[*inductor_config._compile_ignored_keys,
+                                                           "aot_inductor.metadata"],
+                                             ignored_prefixes=list(inductor_config._cache_config_ignore_prefix))
+    except (AttributeError, TypeError):
+        return {}
+    return {k: repr(v)[:80] for k, v in sorted(settings.items())}
+
+
+def _inductor_hash() -> str:
+    from torch._inductor import config as inductor_config
+
+    settings = _inductor_settings()
+    if not settings:
+        return inductor_config.get_hash().hex()
+    return hashlib.md5(repr(sorted(settings.items())).encode(), usedforsecurity=False).hexdigest()
 
 
 @functools.lru_cache(maxsize=None)

@@ -183,6 +183,45 @@ class CacheStore:
         return sum(e.bytes for e in self.entries())
 
 
+# The metadata that tells two entries of one loop apart, as ``loopgraph cache list`` names it.
+_DISTINCT = {"code": "the step graphs' code", "inputs": "input shapes, dtypes or strides", "options": "options",
+             "inductor_settings": "Inductor settings", "torch": "torch", "triton": "triton", "python": "Python",
+             "loopgraph": "loopgraph's source", "device": "the device"}
+
+
+def listing(entries: list[Entry]) -> list[str]:
+    """``loopgraph cache list``: one line per entry, most recently used first (what it is, for which N, its
+    options), and under an entry that another one of the same loop resembles, what tells them apart."""
+    entries = sorted(entries, key=lambda e: e.last_used, reverse=True)
+    lines = []
+    for e in entries:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
+        steps = f"  for {e.meta['steps']}" if "steps" in e.meta else ""
+        options = ", ".join(f"{k}={v}" for k, v in e.meta.get("options", {}).items())
+        lines.append(f"{e.key}  {e.bytes / 2**20:7.1f} MB  used {used}  torch {e.meta.get('torch', '?')}  "
+                     f"{e.meta.get('what', '')}{steps}{f'  ({options})' if options else ''}")
+        twins = [o for o in entries if o is not e and o.meta.get("what") == e.meta.get("what")]
+        for other in twins[:1]:
+            lines.append(f"    differs from {other.key[:12]} in: {_differences(e.meta, other.meta)}")
+    return lines
+
+
+def _differences(meta: dict, other: dict) -> str:
+    found = []
+    for field, name in _DISTINCT.items():
+        mine, theirs = meta.get(field), other.get(field)
+        if mine == theirs:
+            continue
+        if field == "inductor_settings" and isinstance(mine, dict) and isinstance(theirs, dict):
+            changed = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            name += " (" + ", ".join(f"{k}: {mine.get(k, '-')} vs {theirs.get(k, '-')}" for k in changed[:4]) + (
+                f", {len(changed) - 4} more" if len(changed) > 4 else "") + ")"
+        found.append(name)
+    if not found and meta.get("inductor_config") != other.get("inductor_config"):
+        found.append("Inductor settings (hash)")
+    return ", ".join(found) or "nothing recorded (an entry made before loopgraph recorded it)"
+
+
 def open_store(option: bool | str | os.PathLike = True) -> CacheStore | None:
     """The store of ``compile_loop(cache=option)``, or None when the cache is off."""
     root = cache_root(option)

@@ -8,6 +8,7 @@ program (whole loop, CUDA-graph step, eager segment) equals eager; weights are r
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -154,9 +155,17 @@ def test_whole_loop_with_counter_noise_equals_eager_through_the_cache(tmp_path, 
     setup = small_loop(6, preset="dit-ddim")
     scheduler = setup.components.scheduler
     scheduler.config = dataclasses.replace(scheduler.config, eta=1.0)  # stochastic: draws noise every step
-    fast = _compiled(setup, tmp_path, rng="counter")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = _compiled(setup, tmp_path, rng="counter")
+    noise = [str(w.message) for w in caught if "LeafSpec" in str(w.message)]
+    assert not noise, noise  # torch's deprecation inside its own AOTInductor path: not the user's to see
     plan = fast.last_plan
     assert len(plan.runs) == 2 and plan.seeds and fast.stats.compiles == 1
+    (entry,) = CacheStore(tmp_path).entries()  # what tells it apart from another entry of this loop
+    assert entry.meta["steps"] == "any N >= 2" and entry.meta["options"] == {}
+    assert len(entry.meta["code"]) == 12 and len(entry.meta["inputs"]) == 12
+    assert "freezing" in entry.meta["inductor_settings"] and "compile_threads" not in entry.meta["inductor_settings"]
     assert lowerings() >= 1
     built = lowerings()
     assert plan.code[0].startswith("compiled in") and "stored as" in fast.explain()
@@ -366,3 +375,35 @@ def test_cache_command_lists_and_clears(tmp_path, capsys):
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
     assert "removed 1" in capsys.readouterr().out
     assert store.entries() == []
+
+
+def test_cache_list_says_what_tells_two_entries_of_one_loop_apart(tmp_path):
+    from loopgraph.cache import listing
+
+    store = CacheStore(tmp_path)
+    common = dict(what="DenoiseLoop: whole loop: 2 step graph(s)", steps="any N >= 2", code="c0ffee", inputs="i1",
+                  options={})
+    _put(store, "k1", **common, inductor_settings={"freezing": "False", "cpp.simdlen": "None"})
+    _put(store, "k2", **common, inductor_settings={"freezing": "True", "cpp.simdlen": "None"})
+    _put(store, "k3", **{**common, "inputs": "i2", "options": {"mode": "'max-autotune'"}},
+         inductor_settings={"freezing": "False", "cpp.simdlen": "None"})
+    text = "\n".join(listing(store.entries()))
+    assert text.count("for any N >= 2") == 3 and "(mode='max-autotune')" in text
+    assert re.search(r"Inductor settings \(freezing: (True vs False|False vs True)\)", text), text
+    assert "input shapes, dtypes or strides, options" in text
+    _put(store, "k4", what="another loop")
+    assert "nothing recorded" not in text and len(listing(store.entries())) == len(text.splitlines()) + 1
+    from loopgraph.__main__ import main
+
+    assert main(["cache", "list", "--dir", str(tmp_path)]) == 0  # the command prints the listing
+
+
+def test_the_key_ignores_inductor_settings_that_do_not_change_the_code(monkeypatch):
+    """``compile_threads`` follows the CPU affinity: two processes of one machine compiled one loop twice."""
+    from torch._inductor import config as inductor_config
+
+    before = environment(torch.device("cpu"))["inductor_config"]
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads + 3)
+    assert environment(torch.device("cpu"))["inductor_config"] == before
+    monkeypatch.setattr(inductor_config, "freezing", not inductor_config.freezing)
+    assert environment(torch.device("cpu"))["inductor_config"] != before  # a setting that changes the code
