@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
                     "interleaved. Writes bench.json, bench.csv and bench.png into --out.")
     bench.add_argument("--loop", metavar="MODULE:FUNCTION",
                        help="benchmark your own loop: a function returning (wrapper, components, make_state[, output "
-                            "name]); make_state(steps) makes a fresh state (instead of --preset)")
+                            "name]); make_state(steps) makes a fresh state (instead of --preset). MODULE is imported "
+                            "from the current directory (as python -m does) or is a file, path/to/loop.py:FUNCTION")
+    bench.add_argument("--denoiser", metavar="NAME",
+                       help="the components attribute that is the denoiser model, which compile_denoiser compiles and "
+                            "the floor times alone (default: denoiser, unet or transformer)")
     bench.add_argument("--preset", default="dit",
                        help="zoo preset (dit, dit-ddim, unet, unet-ddim) or a diffusers loop (sdxl, flux, wan, "
                             "qwenimage; needs loopgraph[diffusers]); default: dit")
@@ -79,9 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    import time
-
-    from .cache import CacheStore, cache_root
+    from .cache import CacheStore, cache_root, listing
 
     root = args.dir or cache_root(True)
     if root is None:
@@ -91,11 +93,9 @@ def _cache(args: argparse.Namespace) -> int:
     if args.action == "clear":
         print(f"removed {store.clear()} entries from {root}")
         return 0
-    entries = sorted(store.entries(), key=lambda e: e.last_used, reverse=True)
-    for e in entries:
-        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used))
-        print(f"{e.key}  {e.bytes / 2**20:7.1f} MB  used {used}  torch {e.meta.get('torch', '?')}  "
-              f"{e.meta.get('what', '')}")
+    entries = store.entries()
+    for line in listing(entries):
+        print(line)
     total = sum(e.bytes for e in entries)
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {total / 2**20:.1f} MB in {root} "
           f"(bound {store.max_bytes / 2**20:.0f} MB: LOOPGRAPH_CACHE_MAX_MB)")
@@ -110,21 +110,13 @@ def _bench(args: argparse.Namespace) -> int:
               "(`make run` installs it)", file=sys.stderr)
         return 2
 
-    from .bench import (BenchConfig, default_out, floor_line, render_table, run_bench, targets, user_loop,
-                        with_overrides, write_report)
+    from .bench import LEGEND, default_out, findings, floor_line, render_table, run_bench, user_loop, write_report
 
-    base = BenchConfig.quick() if args.quick else BenchConfig()
     try:
-        config = with_overrides(
-            base, preset=args.preset, loop=args.loop, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
-            dtype=args.dtype, device=args.device, repeats=args.repeats, methods=args.methods,
-            scaling=args.scaling, compile_timeout=args.compile_timeout, seed=args.seed,
-            model=dict(args.model) or None, cold_start=args.cold_start or None)
-        if args.quick and args.scaling is None and args.steps is not None:
-            config = with_overrides(config, scaling=(max(config.steps // 2, 1), config.steps))
+        config = _config(args)
         if config.loop is not None:
             user_loop(config.loop, config.steps)  # a module or function that is not there: said now, in one line
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError) as error:  # the messages do not name the command: it is said once, here
         print(f"loopgraph bench: {error}", file=sys.stderr)
         return 2
     console = Console()
@@ -132,12 +124,15 @@ def _bench(args: argparse.Namespace) -> int:
         console = Console(width=170)
     report = run_bench(config)
     console.print(render_table(report))
-    for rejected in report["rejected"]:
-        console.print(f"[red]not reported: {rejected['method']}: {rejected['reason']}[/red]")
+    console.print(LEGEND, highlight=False, soft_wrap=True)  # one line, however wide
+    for rejected in report["rejected"]:  # markup=False: a reason may hold brackets ("modules: ['net']")
+        console.print(f"not reported: {rejected['method']}: {rejected['reason']}", style="red", markup=False)
+    for skipped in report["skipped"]:
+        console.print(f"skipped: {skipped['method']}: {skipped['reason']}", style="yellow", markup=False)
     floor = report["floor"]
     console.print(floor_line(floor))
-    for line in targets(report):
-        console.print(line)
+    for line in findings(report):
+        console.print(line, markup=False, soft_wrap=True)
     for row in report["results"]:
         if row.get("batched_calls"):
             console.print(f"batched calls ({row['method']}): {row['batched_calls']}")
@@ -149,6 +144,21 @@ def _bench(args: argparse.Namespace) -> int:
     paths = write_report(report, args.out or default_out())
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def _config(args: argparse.Namespace):
+    """The ``BenchConfig`` of ``loopgraph bench``'s arguments (``ValueError`` names a bad one)."""
+    from .bench import BenchConfig, with_overrides
+
+    base = BenchConfig.quick() if args.quick else BenchConfig()
+    config = with_overrides(
+        base, preset=args.preset, loop=args.loop, steps=args.steps, batch=args.batch, sample_size=args.sample_size,
+        dtype=args.dtype, device=args.device, repeats=args.repeats, methods=args.methods,
+        scaling=args.scaling, compile_timeout=args.compile_timeout, seed=args.seed,
+        model=dict(args.model) or None, cold_start=args.cold_start or None, denoiser=args.denoiser)
+    if args.quick and args.scaling is None and args.steps is not None:
+        config = with_overrides(config, scaling=(max(config.steps // 2, 1), config.steps))
+    return config
 
 
 if __name__ == "__main__":
