@@ -5,7 +5,8 @@ named ``sub_blocks``, and somewhere below sit the loop wrappers (diffusers' SDXL
 ``StableDiffusionXLAutoBlocks`` → ``denoise`` → ``denoise`` → ``denoise``, beside the inpainting and ControlNet
 loops). ``compile_pipeline`` walks the whole tree, every branch (not only the one a given call takes), and puts
 a ``CompiledLoop`` where each loop wrapper was, in the live tree (diffusers' ``ModularPipeline.blocks`` returns
-a deep copy; the live one is ``_blocks``).
+a deep copy; the live one is ``_blocks``). A pipeline whose blocks are a loop wrapper themselves
+(``Loop().init_pipeline()``) gets the ``CompiledLoop`` as its blocks; its path is ``<root>``.
 
 The loop-wrapper protocol: an object is a loop wrapper when it is callable as ``wrapper(components, state)`` and
 has ``sub_blocks`` (its loop blocks), ``loop_step``, ``get_block_state`` and ``set_block_state`` (what
@@ -28,6 +29,7 @@ __all__ = ["CompiledSite", "compile_pipeline", "compiled_loops", "explain", "is_
 logger = logging.getLogger(__name__)
 
 _WRAPPER_METHODS = ("loop_step", "get_block_state", "set_block_state")
+_ROOT = "<root>"  # the path of a loop that is the pipeline's blocks themselves
 
 
 class CompiledSite(NamedTuple):
@@ -68,12 +70,19 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
     """Compile every loop wrapper nested in a pipeline's blocks, in place, and return the pipeline.
 
     Args:
-        pipe_or_blocks: a ``ModularPipeline`` (loopgraph's or diffusers') or a block tree (a container of blocks).
+        pipe_or_blocks: a ``ModularPipeline`` (loopgraph's or diffusers') or a block tree (a container of blocks),
+            or a loop wrapper itself.
         encoders: also compile the pipeline's text encoders (components named ``text_encoder*``) with
             ``torch.compile``, in place (``module.compile(backend=...)``, ``backend`` as for the loops). Off by
             default.
         decoder: also compile the VAE's decoder (``components.vae.decoder``), in place. Off by default.
         **options: ``compile_loop``'s options (``backend``, ``batch_guidance``, ...), for every loop.
+
+    Returns:
+        ``pipe_or_blocks``, its loops compiled in place: ``pipe(...)`` runs them compiled. A pipeline whose blocks are
+        a loop wrapper (``Loop().init_pipeline()``) gets the ``CompiledLoop`` as its blocks. A bare loop wrapper,
+        which nothing holds to replace, comes back compiled: ``compile_pipeline(wrapper)`` is
+        ``compile_loop(wrapper, **options)``.
 
     Every branch is searched, not only the one a given call takes; a loop already compiled is left as it is (calling
     this twice compiles nothing more). ``loopgraph.explain(pipe)`` lists what is compiled, with dotted block paths.
@@ -83,12 +92,40 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
         >>> print(loopgraph.explain(pipe))
     """
     root = _root(pipe_or_blocks)
-    if is_loop_wrapper(root) or isinstance(root, CompiledLoop):
-        raise TypeError(f"compile_pipeline: {type(root).__name__} is a loop wrapper itself, with no container to "
-                        f"put its compiled loop in: use compile_loop(wrapper)")
-    if not isinstance(getattr(root, "sub_blocks", None), dict):
-        raise TypeError(f"compile_pipeline expects a ModularPipeline or pipeline blocks with `sub_blocks`; got "
-                        f"{type(pipe_or_blocks).__name__}")
+    if isinstance(root, CompiledLoop) or is_loop_wrapper(root):
+        result = _compile_root(pipe_or_blocks, root, options)
+    elif isinstance(getattr(root, "sub_blocks", None), dict):
+        result = pipe_or_blocks
+        _compile_tree(root, type(pipe_or_blocks).__name__, options)
+    else:
+        raise TypeError(f"compile_pipeline expects a ModularPipeline or pipeline blocks (blocks with `sub_blocks`, or "
+                        f"a loop wrapper); got {type(pipe_or_blocks).__name__}")
+    if encoders or decoder:
+        if root is pipe_or_blocks:  # blocks hold no components
+            warnings.warn("compile_pipeline: encoders=/decoder= compile a pipeline's components; these are blocks "
+                          "without components: pass the pipeline", stacklevel=2)
+        else:
+            _compile_components(pipe_or_blocks, encoders, decoder, options.get("backend", "inductor"))
+    return result
+
+
+def _compile_root(pipe_or_blocks: Any, root: Any, options: dict[str, Any]) -> Any:
+    """A loop wrapper that is the whole block tree: a pipeline runs its compiled loop as its blocks; a bare
+    wrapper has no holder, so its compiled loop is the result. One already compiled is left as it is."""
+    if isinstance(root, CompiledLoop):
+        fast = root
+    else:
+        fast = compile_loop(root, **options)
+        logger.info("compile_pipeline: %s (%s) will be traced and compiled on its first call", _ROOT,
+                    type(root).__name__)
+    if root is pipe_or_blocks:
+        return fast
+    pipe_or_blocks._blocks = fast  # the live tree (see _root): pipe(...) calls its blocks
+    return pipe_or_blocks
+
+
+def _compile_tree(root: Any, what: str, options: dict[str, Any]) -> None:
+    """Put a ``CompiledLoop`` where each loop wrapper below ``root`` is; warn, naming what was searched, if none."""
     searched: list[str] = []
     found = 0
     for container, name, block, path in list(_walk(root, "", set(), searched)):
@@ -103,16 +140,8 @@ def compile_pipeline(pipe_or_blocks: Any, *, encoders: bool = False, decoder: bo
                         type(block).__name__)
             found += 1
     if not found:
-        warnings.warn(f"compile_pipeline: no loop wrapper found in {type(pipe_or_blocks).__name__}; searched "
-                      f"{', '.join(searched)} (a loop wrapper has sub_blocks, loop_step, get_block_state and "
-                      f"set_block_state)", stacklevel=2)
-    if encoders or decoder:
-        if root is pipe_or_blocks:  # blocks hold no components
-            warnings.warn("compile_pipeline: encoders=/decoder= compile a pipeline's components; these are blocks "
-                          "without components: pass the pipeline", stacklevel=2)
-        else:
-            _compile_components(pipe_or_blocks, encoders, decoder, options.get("backend", "inductor"))
-    return pipe_or_blocks
+        warnings.warn(f"compile_pipeline: no loop wrapper found in {what}; searched {', '.join(searched)} (a loop "
+                      f"wrapper has sub_blocks, loop_step, get_block_state and set_block_state)", stacklevel=3)
 
 
 def _compile_components(pipe: Any, encoders: bool, decoder: bool, backend: str) -> None:
@@ -129,9 +158,14 @@ def _compile_components(pipe: Any, encoders: bool, decoder: bool, backend: str) 
 
 
 def compiled_loops(pipe_or_blocks: Any) -> list[CompiledSite]:
-    """The compiled loops in a pipeline's blocks (and the components compile_pipeline compiled), with paths."""
-    sites = [CompiledSite(path, "loop", block)
-             for _, _, block, path in _walk(_root(pipe_or_blocks), "", set(), []) if isinstance(block, CompiledLoop)]
+    """The compiled loops in a pipeline's blocks (and the components compile_pipeline compiled), with paths; a
+    compiled loop that is the blocks themselves (``compile_loop(Loop()).init_pipeline()``) has the path ``<root>``."""
+    root = _root(pipe_or_blocks)
+    if isinstance(root, CompiledLoop):
+        sites = [CompiledSite(_ROOT, "loop", root)]
+    else:
+        sites = [CompiledSite(path, "loop", block)
+                 for _, _, block, path in _walk(root, "", set(), []) if isinstance(block, CompiledLoop)]
     extra = vars(pipe_or_blocks).get("_loopgraph_compiled", {}) if hasattr(pipe_or_blocks, "__dict__") else {}
     return sites + list(extra.values())
 

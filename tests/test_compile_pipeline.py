@@ -80,10 +80,40 @@ def test_no_loop_warns_naming_what_it_searched():
     assert compiled_loops(blocks) == []
     with pytest.warns(UserWarning, match="encoders=/decoder= compile a pipeline's components"):
         compile_pipeline(SequentialPipelineBlocks.from_blocks_dict({"denoise": DenoiseLoop()}), encoders=True)
-    with pytest.raises(TypeError, match="is a loop wrapper itself.*use compile_loop"):
-        compile_pipeline(DenoiseLoop())
     with pytest.raises(TypeError, match="expects a ModularPipeline or pipeline blocks"):
         compile_pipeline(torch.nn.Linear(2, 2))
+
+
+def test_a_pipeline_whose_blocks_are_a_loop_wrapper_has_that_loop_compiled():
+    setup = build_loop("unet", steps=3, sample_size=8)
+    pipe = copy.deepcopy(setup.wrapper).init_pipeline()
+    pipe.update_components(**setup.components.components)
+    expected = run(setup, pipe)
+    assert compile_pipeline(pipe, backend="eager") is pipe
+    (site,) = compiled_loops(pipe)
+    assert site.path == "<root>" and pipe._blocks is site.compiled  # the pipeline's blocks are now the compiled loop
+    for _ in range(2):
+        assert matches_eager(run(setup, pipe), expected)
+    assert site.compiled.stats.compiled_calls == 1  # the first call traced, the second ran compiled
+    assert compile_pipeline(pipe) is pipe and compiled_loops(pipe)[0].compiled is site.compiled  # nothing twice
+
+
+def test_a_bare_loop_wrapper_is_returned_compiled():
+    wrapper = DenoiseLoop()
+    fast = compile_pipeline(wrapper, backend="eager")
+    assert isinstance(fast, CompiledLoop) and fast.wrapper is wrapper and fast.config.backend == "eager"
+    assert compile_pipeline(fast) is fast
+    assert [(s.path, s.compiled) for s in compiled_loops(fast)] == [("<root>", fast)]
+    with pytest.warns(UserWarning, match="encoders=/decoder= compile a pipeline's components"):
+        compile_pipeline(DenoiseLoop(), decoder=True)
+
+
+def test_explain_finds_a_compiled_loop_that_is_the_pipelines_blocks():
+    pipe = loopgraph.compile_loop(DenoiseLoop(), backend="eager").init_pipeline()
+    (site,) = compiled_loops(pipe)
+    assert site.path == "<root>" and site.kind == "loop" and site.compiled is pipe._blocks
+    assert loopgraph.explain(pipe) == ("ModularPipeline: 1 compiled\n"
+                                       "  <root>: DenoiseLoop -> not called yet (its first call traces and compiles)")
 
 
 def test_first_call_logs_when_tracing_starts_and_ends_and_explain_lists_the_loops(caplog):

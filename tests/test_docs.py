@@ -1,25 +1,43 @@
 """Examples in docs/ are run: every ```python block of each page, in order, in one namespace per page."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 PAGES = sorted(p for p in DOCS.glob("*.md") if "```python" in p.read_text())
+EXAMPLES = DOCS / "examples"
+QUICK_START = "Quick start: compile your own loop"  # getting-started.md's section; its loop is examples/my_loop.py
+# compiling for real is covered by tests/test_compile_loop.py; the docs run with backend="eager" to stay short
+_EAGER_BACKEND = re.compile(
+    r"(compile_loop\((?:setup\.wrapper|wrapper)|compile_pipeline\((?:setup\.pipe|pipe))(?=[,)])")
+
+
+def page_blocks(page: Path, section: str | None = None) -> list[str]:
+    """A page's ```python blocks (those of its ``## section`` only, when given), in order, each compile_loop /
+    compile_pipeline call given backend='eager'."""
+    text = page.read_text()
+    if section is not None:
+        text = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [_EAGER_BACKEND.sub(r"\1, backend='eager'", code) for code in blocks]
+
+
+def run_page(page: Path, section: str | None = None) -> dict:
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for code in page_blocks(page, section):
+        exec(compile(code, str(page), "exec"), namespace)
+    return namespace
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_doc_examples_run(page, capsys):
     if page.stem == "diffusers":
         pytest.importorskip("diffusers", reason="diffusers is not installed (pip install loopgraph[diffusers])")
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    namespace: dict = {"__name__": f"docs_{page.stem}"}
-    for code in blocks:
-        # compiling for real is covered by tests/test_compile_loop.py; keep the docs run short
-        code = re.sub(r"compile_loop\(setup\.wrapper(?=[,)])", "compile_loop(setup.wrapper, backend='eager'", code)
-        code = re.sub(r"compile_pipeline\(setup\.pipe(?=[,)])", "compile_pipeline(setup.pipe, backend='eager'", code)
-        exec(compile(code, str(page), "exec"), namespace)
+    run_page(page)
 
 
 def test_getting_started_first_loop_output():
@@ -27,3 +45,34 @@ def test_getting_started_first_loop_output():
     code = re.findall(r"```python\n(.*?)```", (DOCS / "getting-started.md").read_text(), flags=re.S)[0]
     exec(code, namespace)
     assert namespace["x"].tolist() == [2.625, 2.625]
+
+
+def test_the_quick_start_shows_docs_examples_my_loop_as_it_is():
+    assert (EXAMPLES / "my_loop.py").read_text() in page_blocks(DOCS / "getting-started.md", QUICK_START)
+
+
+def test_the_quick_starts_compiled_loop_and_pipeline_equal_eager():
+    namespace = run_page(DOCS / "getting-started.md", QUICK_START)
+    fast, expected = namespace["fast"], namespace["expected"].latents
+    assert fast.config.backend == "eager"  # the rewrite reached the quick start's compile_loop
+    assert fast.stats.calls == 2 and fast.stats.compiled_calls == 1 and fast.stats.plans == 1
+    assert fast.last_plan.kind == "whole loop on state buffers"
+    torch.testing.assert_close(namespace["state"].latents, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(namespace["latents"], expected, rtol=0, atol=1e-6)  # the compiled pipeline's
+    assert "<root>: DenoiseLoop -> whole loop on state buffers" in namespace["loopgraph"].explain(namespace["pipe"])
+
+
+def test_docs_examples_my_loop_loads_as_the_benchs_loop(monkeypatch):
+    from loopgraph.bench import user_loop
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # `cd docs/examples && loopgraph bench --loop my_loop:setup`
+    monkeypatch.delitem(sys.modules, "my_loop", raising=False)
+    try:
+        loop = user_loop("my_loop:setup", steps=4)
+        assert loop.output == "latents" and isinstance(loop.components.denoiser, torch.nn.Module)  # compile_denoiser
+        state = loop.new_state()
+        assert state.sigmas.shape == (5,)  # make_state(steps): 4 steps
+        _, state = loop.wrapper(loop.components, state)
+        assert state.latents.shape == (2, 16) and torch.isfinite(state.latents).all()
+    finally:
+        sys.modules.pop("my_loop", None)
