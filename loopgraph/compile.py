@@ -46,6 +46,18 @@ class CompiledLoop(ModularPipelineBlocks):
 
     Called as ``components, state = fast(components, state)``; drops into a ``SequentialPipelineBlocks`` or
     a ``ModularPipeline`` in place of the wrapper.
+
+    Attributes:
+        wrapper: the loop wrapper it compiles (called as it is by the calls that trace).
+        config: the ``CompileConfig`` (``compile_loop``'s options).
+        stats: a ``LoopStats``, counted over every call: ``calls``, ``compiled_calls`` (calls that ran compiled
+            code), ``plans`` (traced eager calls: the first, and each call no plan's guard accepted),
+            ``compiles`` and ``loaded`` (compiled code built, or loaded from the persistent cache),
+            ``step_graphs``, ``eager_blocks`` (blocks that run eagerly each step), ``segment_calls``,
+            ``plan_seconds``, ``compile_seconds`` and ``guard_seconds``.
+        last_plan: the newest plan as a read-only report (how it runs, slots, step graphs, passes).
+        explain(verbose=False): the same as text, and why a block runs eagerly; ``guard_check(components,
+            state)`` says why a call would re-plan, without running it.
     """
 
     def __init__(self, wrapper, config: CompileConfig) -> None:
@@ -171,8 +183,9 @@ class CompiledLoop(ModularPipelineBlocks):
             return None
         return max(plan.loop.variants, key=lambda v: len(v.steps)).module
 
-    def explain(self) -> str:
-        """What was compiled, what runs eagerly and why, the slot table, the step graphs and hoisted tables."""
+    def explain(self, verbose: bool = False) -> str:
+        """What was compiled and how it runs, what runs eagerly and why, the step graphs and the stats (a summary);
+        ``verbose=True`` adds the slot table, each step graph's steps, the hoisted tables and the passes."""
         lines = [f"CompiledLoop({type(self.wrapper).__name__}) backend={self.config.backend} "
                  f"mode={self.config.mode} strict={self.config.strict}"]
         if not self._plans:
@@ -180,7 +193,7 @@ class CompiledLoop(ModularPipelineBlocks):
         if self._plans.misses:
             lines.append("the last call re-planned: " + "; ".join(
                 f"plan {k}: {reason}" for k, reason in enumerate(self._plans.misses)))
-        return "\n".join(lines + explain_lines(self._plans.newest, self.wrapper, self.stats))
+        return "\n".join(lines + explain_lines(self._plans.newest, self.wrapper, self.stats, verbose))
 
 
 def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> CompiledLoop:

@@ -102,7 +102,7 @@ class WholeLoop:
         self.tables = [v.tables for v in loop.variants]  # on the loop's device (passes.place_tables)
         self.ends = torch.tensor([end for _, _, end in loop.runs], dtype=torch.int64, device=loop_device(trace))
         self.steps = loop.runs[-1][2] if loop.runs else 0
-        self.step_seconds: float | None = None  # measured by the previous chunk
+        self.step_seconds: float | None = None  # the fastest step measured so far (chunks of one step or more)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
 
     def execute(self, slots: dict[str, Any], bar=None) -> list[torch.Tensor]:
@@ -131,7 +131,8 @@ class WholeLoop:
             began = time.perf_counter()
             self.compiled(buffers, invariants, self.tables, self.ends.clamp(max=end),
                           torch.tensor(done, dtype=torch.int64, device=self.ends.device))
-            self.step_seconds = (time.perf_counter() - began) / (end - done)
+            seconds = (time.perf_counter() - began) / (end - done)  # the fastest seen: a busy machine's slow
+            self.step_seconds = min(seconds, self.step_seconds or seconds)  # chunk does not shrink the next ones
             if bar is not None:
                 bar.update(end - done)
             done = end

@@ -78,8 +78,9 @@ def report(plan: Plan) -> PlanReport:
         code=tuple(origin(fn) for fn in plan.executable.code()))
 
 
-def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
-    """``explain()`` below its header: blocks, segments, slots, step graphs, tables, passes, stats."""
+def explain_lines(plan: Plan, wrapper, stats: LoopStats, verbose: bool = False) -> list[str]:
+    """``explain()`` below its header: how it runs, the guards, the blocks, segments and batched calls, the step
+    graphs and the stats; ``verbose`` adds the slot table, each step graph's steps, the tables and the passes."""
     r = report(plan)
     lines = [f"runs as: {r.kind}", f"guards: {r.guards}"]
     eager = {p.block: p for p in plan.problems if p.block}
@@ -100,23 +101,31 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats) -> list[str]:
     if r.batching:
         lines += ["batched calls:", *describe_sites(list(r.batching))]
     if r.program is None:
-        return lines
+        return lines + [_stats_line(stats)]
+    for name, source in r.seeds.items():
+        lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {source}")
+    ops = ", ".join(str(v.ops) for v in r.variants)
+    lines.append(f"step graphs: {len(r.variants)} for {r.program.num_steps} steps ({ops} ops)")
+    if not verbose:
+        return lines + [_stats_line(stats), f"explain(verbose=True) adds the slot table ({len(r.slots)} slots), "
+                                            f"each step graph's steps, the hoisted tables and the passes"]
+    for k, v in enumerate(r.variants):
+        lines.append(f"  variant {k}: {v.ops} ops, steps {step_ranges(list(v.steps))}")
+    lines.append("runs: " + ", ".join(f"variant {v} for steps [{a}, {b})" for v, a, b in r.runs))
     lines.append("slots:")
     for info in r.slots.values():
         end = ", written back" if info.needed_at_end else ""
         lines.append(f"  {info.name:<28} {info.role:<10} {info.kind}{end}")
-    for name, source in r.seeds.items():
-        lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {source}")
-    lines.append(f"step graphs: {len(r.variants)} for {r.program.num_steps} steps")
-    for k, v in enumerate(r.variants):
-        lines.append(f"  variant {k}: {v.ops} ops, steps {step_ranges(list(v.steps))}")
-    lines.append("runs: " + ", ".join(f"variant {v} for steps [{a}, {b})" for v, a, b in r.runs))
     lines.append("hoisted per-step tables:")
     for k, v in enumerate(r.variants):
         for name, shape, dtype in v.tables:
             lines.append(f"  variant {k} {name}: {shape} {str(dtype).replace('torch.', '')}")
     lines.append("passes: " + "; ".join(f"{p.name} ({p.seconds * 1e3:.0f} ms): {p.summary}" for p in r.passes))
-    lines.append(f"stats: compiles={stats.compiles} loaded={stats.loaded} step_graphs={stats.step_graphs} "
-                 f"plans={stats.plans} calls={stats.calls} plan_s={stats.plan_seconds:.2f} "
-                 f"compile_s={stats.compile_seconds:.2f}")
-    return lines
+    return lines + [_stats_line(stats)]
+
+
+def _stats_line(stats: LoopStats) -> str:
+    return (f"stats: compiles={stats.compiles} loaded={stats.loaded} step_graphs={stats.step_graphs} "
+            f"plans={stats.plans} calls={stats.calls} compiled_calls={stats.compiled_calls} "
+            f"eager_blocks={stats.eager_blocks} plan_s={stats.plan_seconds:.2f} "
+            f"compile_s={stats.compile_seconds:.2f}")

@@ -367,8 +367,13 @@ def test_explain_and_graph():
     fast = compile_loop(setup.wrapper, backend="eager")
     assert "not planned yet" in fast.explain()
     fast(setup.components, setup.new_state())
-    text = fast.explain()
-    assert "denoiser (LoopDenoiser, " in text and "loops.py:" in text and "compiled (" in text
+    summary = fast.explain()
+    assert "denoiser (LoopDenoiser, " in summary and "loops.py:" in summary and "compiled (" in summary
+    assert "step graphs: 3 for 4 steps (" in summary and "stats: compiles=" in summary
+    assert "slots:" not in summary and "explain(verbose=True) adds the slot table" in summary
+    assert len(summary.splitlines()) <= 14, summary  # a summary first (diffusers' Wan loop printed ~150 lines)
+    text = fast.explain(verbose=True)
+    assert text.startswith(summary.splitlines()[0]) and "explain(verbose=True)" not in text
     assert "latents                      carried" in text
     assert "prompt_embeds                invariant" in text
     assert "noise_pred                   dead" in text
@@ -376,6 +381,14 @@ def test_explain_and_graph():
     assert "state buffers (preallocated, updated in place): latents" in text
     assert "hoisted per-step tables:" in text
     assert isinstance(fast.graph, torch.fx.GraphModule) and "while_loop" not in fast.graph.code
+
+
+def test_help_of_compiled_loop_documents_its_stats():
+    import pydoc
+
+    fast = compile_loop(Loop.from_blocks_dict({"block1": Add()}), backend="eager")
+    text = pydoc.render_doc(fast, renderer=pydoc.plaintext)
+    assert "stats: a ``LoopStats``" in text and "compiled_calls" in text and "explain(verbose=False)" in text
 
 
 def test_last_plan_reports_how_the_plan_runs():
@@ -395,7 +408,7 @@ def test_last_plan_reports_how_the_plan_runs():
     assert plan.guards.startswith("7 inputs") and plan.variants[1].graph is fast.last_plan.variants[1].graph
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.kind = "eager"
-    assert "runs as: whole loop on state buffers" in fast.explain() and "passes: batch calls (" in fast.explain()
+    assert "runs as: whole loop on state buffers" in fast.explain() and "passes: batch calls (" in fast.explain(True)
 
 
 # -- half precision ----------------------------------------------------------------------------------------------------
