@@ -398,12 +398,14 @@ def test_cache_list_says_what_tells_two_entries_of_one_loop_apart(tmp_path):
     assert main(["cache", "list", "--dir", str(tmp_path)]) == 0  # the command prints the listing
 
 
-def test_the_key_ignores_inductor_settings_that_do_not_change_the_code(monkeypatch):
-    """``compile_threads`` follows the CPU affinity: two processes of one machine compiled one loop twice."""
+def test_the_key_ignores_inductor_settings_that_do_not_change_the_code():
+    """``compile_threads`` follows the CPU affinity: two processes of one machine compiled one loop twice.
+    (Inductor's settings are changed with its own ``patch``: pytest's monkeypatch deletes them on undo.)"""
     from torch._inductor import config as inductor_config
 
     before = environment(torch.device("cpu"))["inductor_config"]
-    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads + 3)
+    with inductor_config.patch(compile_threads=inductor_config.compile_threads + 3):
+        assert environment(torch.device("cpu"))["inductor_config"] == before
+    with inductor_config.patch(freezing=not inductor_config.freezing):
+        assert environment(torch.device("cpu"))["inductor_config"] != before  # a setting that changes the code
     assert environment(torch.device("cpu"))["inductor_config"] == before
-    monkeypatch.setattr(inductor_config, "freezing", not inductor_config.freezing)
-    assert environment(torch.device("cpu"))["inductor_config"] != before  # a setting that changes the code
