@@ -204,17 +204,23 @@ class Artifact:
         self.compiled: Callable | None = None   # the in-process route, once the package route failed
 
     def __call__(self, *args):
-        if self.compiled is not None:
-            return self.compiled(*args)
-        flat, tables, counts = self.program.flatten(*args)
-        specs = _specs(flat, tables)
-        runner = self.loaded.get(specs)
-        if runner is None:
-            runner = self._find(flat, tables, counts, specs)
+        return self.bind(*args)()
+
+    def bind(self, *args) -> Callable:
+        """The call on ``args``, prepared once (inputs flattened, their specs checked, the code found) and run by
+        the returned function, which may be called again with new values for the last inputs, of the same specs
+        (a whole loop's chunks: ``run(ends, start)``) without preparing again."""
+        if self.compiled is None:
+            flat, tables, counts = self.program.flatten(*args)
+            specs = _specs(flat, tables)
+            runner = self.loaded.get(specs)
             if runner is None:
-                return self.compiled(*args)
-            self.loaded[specs] = runner
-        return self.program.finish(args, runner(*flat))
+                runner = self._find(flat, tables, counts, specs)
+                if runner is not None:
+                    self.loaded[specs] = runner
+            if runner is not None:
+                return lambda *last: self.program.finish(args, runner(*flat[:len(flat) - len(last)], *last))
+        return lambda *last: self.compiled(*args[:len(args) - len(last)], *last)
 
     def _find(self, flat: list[torch.Tensor], tables: list[int], counts: tuple, specs: tuple):
         env = environment(self.device)

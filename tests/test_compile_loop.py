@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
-from loopgraph import SequentialPipelineBlocks, compile_loop
+from loopgraph import SequentialPipelineBlocks, compile_loop, executables
 from loopgraph.bench import count_python_calls
 from loopgraph.compile import CompiledLoop, matches_eager
 from loopgraph.zoo.loops import build_loop
@@ -464,8 +464,9 @@ def test_inductor_equals_eager_and_compiles_once(inductor_loop):
     assert counters["stats"]["unique_graphs"] == 1  # new latents: nothing new
 
 
-def test_inductor_new_n_compiles_no_new_step_graph_and_no_python_per_step(inductor_loop):
+def test_inductor_new_n_compiles_no_new_step_graph_and_no_python_per_step(inductor_loop, monkeypatch):
     setup, fast, counters = inductor_loop
+    monkeypatch.setattr(executables, "CHUNK_SECONDS", 1e9)  # one chunk per call: Python per step, not per chunk
     per_n = {}
     for steps in (8, 32):
         setup.steps = steps

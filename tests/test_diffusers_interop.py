@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 
-from loopgraph import compile_loop
+from loopgraph import compile_loop, executables
 from loopgraph.bench import count_python_calls
 from loopgraph.compile import matches_eager
 
@@ -269,8 +269,9 @@ def test_drop_in_inside_a_diffusers_modular_pipeline(name):
 # -- Inductor: compiled once, no Python per step -------------------------------------------------------------------------
 @needs_diffusers
 @pytest.mark.parametrize("name", LOOPS)
-def test_inductor_compiles_once_and_runs_no_python_per_step(name):
+def test_inductor_compiles_once_and_runs_no_python_per_step(name, monkeypatch):
     from loopgraph.zoo.diffusers_loops import build_diffusers_loop
+    monkeypatch.setattr(executables, "CHUNK_SECONDS", 1e9)  # one chunk per call: Python per step, not per chunk
 
     setup = build_diffusers_loop(name, steps=8)
     fast = compile_loop(setup.wrapper)

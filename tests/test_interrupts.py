@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from loopgraph import compile_loop, executables
+from loopgraph.bench import count_python_calls
 from loopgraph.verify import matches_eager
 
 from .test_compile_loop import Loop, run_loop
@@ -105,3 +106,19 @@ def test_ctrl_c_stops_a_compiled_call_between_chunks(compiled, monkeypatch):
     assert torch.equal(x, state_before)  # the caller's tensor was not written
     monkeypatch.undo()
     assert matches_eager(run_loop(fast, start(), STEPS), run_loop(loop, start(), STEPS))  # the next call is whole
+
+
+def test_a_chunk_costs_a_handful_of_python_calls(compiled, monkeypatch):
+    """Chunks are what a compiled call does in Python besides its fixed cost: each one calls the compiled code,
+    flattening and checking the inputs once per call, not once per chunk."""
+    loop, fast = compiled
+    calls = {}
+    for seconds in (1e9, 0.0):  # the whole loop in one chunk, then one step per chunk
+        monkeypatch.setattr(executables, "CHUNK_SECONDS", seconds)
+        assert matches_eager(run_loop(fast, start(), STEPS), run_loop(loop, start(), STEPS))
+        x = start()
+        calls[seconds] = count_python_calls(lambda: run_loop(fast, x, STEPS))
+    per_chunk = (calls[0.0] - calls[1e9]) / (STEPS - 1)
+    # a package's code is called through ctypes (a few calls); in this process, through torch.compile's own
+    # Python (Dynamo's frame, AOTAutograd's runtime wrappers: about 70 calls on torch 2.13)
+    assert per_chunk <= (12 if fast.stats.loaded else 100), (calls, fast.explain())

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop
+from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop, executables
 from loopgraph.bench import count_python_calls
 from loopgraph.rng import SEED_HIGH, counter_draw, draw_spec, eager_loop, philox4x32
 from loopgraph.zoo.loops import build_loop
@@ -333,7 +333,8 @@ def test_draw_spec_reads_every_form_and_refuses_what_it_cannot_draw():
 
 
 # -- Inductor: one compile, no Python per step, any N ------------------------------------------------------------------
-def test_inductor_counter_rng_loop_compiles_once_and_runs_no_python_per_step():
+def test_inductor_counter_rng_loop_compiles_once_and_runs_no_python_per_step(monkeypatch):
+    monkeypatch.setattr(executables, "CHUNK_SECONDS", 1e9)  # one chunk per call: Python per step, not per chunk
     loop = Loop.from_blocks_dict({"noise": Noise, "jitter": Jitter})
     loop.set_progress_bar_config(disable=True)  # its text (4/4 or 12/12) is not the loop's Python
     fast = compile_loop(loop, rng="counter")
