@@ -83,17 +83,25 @@ def test_ctrl_c_stops_a_compiled_call_between_chunks(compiled, monkeypatch):
     loop, fast = compiled
     monkeypatch.setattr(executables, "CHUNK_SECONDS", 0.0)  # one step per chunk
     executable = fast._plans.newest.executable
-    chunks, started = [], threading.Event()
+    chunks, started, sent = [], threading.Event(), threading.Event()
     inner = executable.compiled
 
     def counted(*args):
         chunks.append(1)
-        if len(chunks) == 3:
-            started.set()
-        return inner(*args)
+        if len(chunks) != 3:
+            return inner(*args)
+        started.set()  # the signal comes from another thread while the third chunk runs
+        outputs = inner(*args)
+        sent.wait(10)  # and has come before the loop goes on (on a busy machine the loop could end first)
+        return outputs
+
+    def send():
+        if started.wait(10):
+            os.kill(os.getpid(), signal.SIGINT)
+            sent.set()
 
     monkeypatch.setattr(executable, "compiled", counted)
-    sender = threading.Thread(target=lambda: started.wait(10) and os.kill(os.getpid(), signal.SIGINT))
+    sender = threading.Thread(target=send)
     sender.start()
     x = start()
     state_before = x.clone()
