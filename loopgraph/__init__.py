@@ -21,6 +21,7 @@ from .blocks import AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPip
 from .pipeline import ModularPipeline
 from .whole_pipeline import compile_pipeline, compiled_loops, explain
 from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
+from .watch import Interrupted, StepEvent, stream
 
 
 class _SourceTreeKernels(importlib.abc.MetaPathFinder):
@@ -61,6 +62,10 @@ __all__ = [
     "compile_pipeline",
     "compiled_loops",
     "explain",
+    # watching a compiled loop run
+    "StepEvent",
+    "Interrupted",
+    "stream",
     # state and declarations
     "PipelineState",
     "BlockState",

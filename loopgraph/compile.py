@@ -35,6 +35,7 @@ from .planner import Planner
 from .records import Unsupported
 from .report import PlanReport, explain_lines, report
 from .verify import matches_eager, max_error, tolerance
+from .watch import StepWatch
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,23 @@ class CompiledLoop(ModularPipelineBlocks):
         self.wrapper = wrapper
         self.config = config
         self.stats = LoopStats()
-        self._ctx = Context(wrapper, config, self.stats)
+        self._watch = StepWatch(type(wrapper).__name__)
+        self._ctx = Context(wrapper, config, self.stats, self._watch)
         self._planner = Planner(self._ctx, Backend(config))
         self._plans = PlanCache(config.max_plans, config.static_shapes, f"{type(wrapper).__name__}")
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
         self._replans: list[str] = []  # why each of the latest consecutive calls re-planned
-        self.path: str | None = None   # where compile_pipeline found the wrapper ("denoise.denoise"), for logs
+        self.path = None
+
+    @property
+    def path(self) -> str | None:
+        """Where compile_pipeline found the wrapper ("denoise.denoise"): in logs and step events."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str | None) -> None:
+        self._path = value
+        self._watch.path = value or type(self.wrapper).__name__
 
     def __deepcopy__(self, memo):
         # ModularPipeline / init_pipeline deep-copy their blocks: the copy gets the wrapper's copy and its own
@@ -106,7 +118,7 @@ class CompiledLoop(ModularPipelineBlocks):
 
     # -- calling ---------------------------------------------------------------------------------------------
     def __call__(self, components, state):
-        with self._lock, torch.no_grad():
+        with self._lock, torch.no_grad(), self._watch.calling():
             self.stats.calls += 1
             block_state = self.wrapper.get_block_state(state)  # eager's input checks and errors
             start = time.perf_counter()
@@ -138,6 +150,29 @@ class CompiledLoop(ModularPipelineBlocks):
                 counter = self._planner.backend.counter
                 self.stats.compiles, self.stats.compile_seconds = counter.count, counter.seconds
                 self.stats.loaded = counter.loaded
+
+    def on_step_end(self, callback, every: int = 1, tensors=("latents",)):
+        """Call ``callback(event)`` after every ``every``-th step of each call (steps ``every - 1``,
+        ``2 * every - 1``, ...), with a ``loopgraph.StepEvent``: the loop's path, the step, the call's number of
+        steps, the step's timestep and copies of the BlockState tensors named in ``tensors`` after the step (to
+        decode a preview, report progress). No block runs eagerly for it: the compiled loop stops there and goes
+        on. The callback observes: changing its tensors raises an error. Returns a function that removes it.
+
+        Example:
+            >>> previews = []
+            >>> remove = fast.on_step_end(lambda e: previews.append(e.tensors["latents"]), every=5)
+            >>> _, state = fast(components, state)    # previews after steps 4, 9, 14, ...
+            >>> remove()
+        """
+        return self._watch.add(callback, every, tuple(tensors))
+
+    def interrupt(self) -> None:
+        """Stop the call in flight (from another thread: a UI's cancel button) at its next step or chunk boundary:
+        it raises ``loopgraph.Interrupted`` with the steps done and copies of the loop's tensors there. A compiled
+        call writes nothing back; a call that runs eagerly (the first, which traces) stops as an eager loop
+        stopped there by an exception would. No call in flight: nothing happens."""
+        if self._watch.running:
+            self._watch.interrupt()
 
     def guard_check(self, components, state) -> str | None:
         """Would a call with ``components`` and ``state`` reuse a plan? None if so, else why each plan does not fit

@@ -30,6 +30,7 @@ from .rng import CounterDraws, CounterMode, draw_seeds, eager_loop
 from .snapshots import copy_value
 from .state import BlockState
 from .verify import check_slots
+from .watch import Reader, StepWatch, eager_hook, eager_steps, timestep
 
 __all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
            "drawing", "eager_call", "loop_device", "origin", "progress"]
@@ -42,6 +43,7 @@ class Context:
     wrapper: Any
     config: CompileConfig
     stats: LoopStats
+    watch: StepWatch  # step callbacks and the interrupt flag (watch.py)
 
 
 class Executable(Protocol):
@@ -58,6 +60,11 @@ class Executable(Protocol):
 
 class CallFailed(Exception):
     """The compiled code failed on a call where eager runs; nothing was written yet (the cause is chained)."""
+
+
+class _Watched(Exception):
+    """Carries what a step callback raised, or an interruption, out of a compiled call (it is not the compiled
+    code failing: no fallback to eager)."""
 
 
 class Eager:
@@ -106,8 +113,9 @@ class WholeLoop:
         self.step_seconds: float | None = None  # the fastest step measured so far (chunks of one step or more)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
 
-    def execute(self, slots: dict[str, Any], bar=None) -> list[torch.Tensor]:
-        """The compiled loop on ``slots`` (BlockState values and seeds by name): the final ``loop.state_slots``."""
+    def execute(self, slots: dict[str, Any], bar=None, watch: StepWatch | None = None) -> list[torch.Tensor]:
+        """The compiled loop on ``slots`` (BlockState values and seeds by name): the final ``loop.state_slots``.
+        With ``watch`` active, chunks also end after the steps its callbacks are due at, and it acts there."""
         state = []
         for name in self.loop.state_slots:
             value = slots.get(name)
@@ -116,9 +124,22 @@ class WholeLoop:
                 value = torch.zeros_like(slot.value if slot else self.trace.final_slots[name])
             state.append(value)
         invariants = [slots[name] for name in self.loop.invariant_slots]
-        return self._call(state, invariants, bar)
+        after = None
+        if watch is not None:
+            def after(done: int, buffers: list[torch.Tensor]) -> None:
+                if not (watch.callbacks or watch.stop):
+                    return
+                values = dict(zip(self.loop.invariant_slots, invariants))
+                values.update(zip(self.loop.state_slots, buffers))
+                try:
+                    watch.after(done - 1, self.steps, Reader(values, self.loop.state_slots), timestep(slots, done - 1))
+                except BaseException as e:
+                    raise _Watched() from e
+        return self._call(state, invariants, bar, after, watch.stops(self.steps) if watch is not None else ())
 
-    def _call(self, state: list[torch.Tensor], invariants: list[torch.Tensor], bar=None):
+    def _call(self, state: list[torch.Tensor], invariants: list[torch.Tensor], bar=None, after=None, stops=()):
+        """Run the compiled loop on copies of ``state`` in chunks; ``after(steps done, buffers)`` after each one,
+        and a chunk ends after each step in ``stops``."""
         key = tuple((t.shape, t.stride(), t.dtype, t.device) for t in state)
         buffers = self.buffers.get(key)
         if buffers is None:
@@ -132,7 +153,7 @@ class WholeLoop:
         done = 0
         while done < self.steps:
             size = 1 if self.step_seconds is None else max(1, int(CHUNK_SECONDS / max(self.step_seconds, 1e-9)))
-            end = min(done + size, self.steps)
+            end = min([done + size, self.steps, *(s + 1 for s in stops if s >= done)])
             began = time.perf_counter()
             run(self.ends.clamp(max=end), start.fill_(done))
             seconds = (time.perf_counter() - began) / (end - done)  # the fastest seen: a busy machine's slow
@@ -140,6 +161,8 @@ class WholeLoop:
             if bar is not None:
                 bar.update(end - done)
             done = end
+            if after is not None:
+                after(done, buffers)
         return [b.clone() for b in buffers]
 
     def verify(self) -> None:
@@ -153,7 +176,9 @@ class WholeLoop:
         with progress(self.ctx.wrapper, self.trace, block_state) as bar:
             seeds, _ = draw_seeds(self.sources, vars(block_state))
             try:
-                outputs = self.execute({**vars(block_state), **seeds}, bar)
+                outputs = self.execute({**vars(block_state), **seeds}, bar, self.ctx.watch)
+            except _Watched as e:  # a step callback's error, or an interruption: nothing was written back
+                raise e.__cause__ from None
             except Exception as e:
                 raise CallFailed(f"{type(e).__name__}: {e}") from e
             if bar is not None and getattr(bar, "total", None) and getattr(bar, "n", bar.total) < bar.total:
@@ -175,7 +200,12 @@ class WholeLoopCudaGraph(WholeLoop):
 
     kind = "whole-loop CUDA graph"
 
-    def _call(self, state, invariants, bar=None):
+    def _call(self, state, invariants, bar=None, after=None, stops=()):
+        if stops:
+            raise _Watched() from NotImplementedError(
+                f"{self.ctx.watch.path}: step callbacks need the loop to stop between steps, and the whole-loop CUDA "
+                f"graph runs all steps in one launch: compile with cuda_graphs=False to use them (interrupt() stops "
+                f"such a call only at its end)")
         start = torch.zeros((), dtype=torch.int64, device=self.ends.device)
         outputs = self.compiled(state, invariants, self.tables, self.ends, start)
         if bar is not None:
@@ -247,10 +277,12 @@ def drawing(config: CompileConfig, draws: CounterDraws, step: int, counts: dict[
 
 
 def eager_call(ctx: Context, components, state):
-    """The wrapper called eagerly (a loop that could not be compiled), drawing as ``config.rng`` says."""
-    if ctx.config.rng != "counter":
-        return ctx.wrapper(components, state)
-    return eager_loop(ctx.wrapper, components, state)
+    """The wrapper called eagerly (a loop that could not be compiled), drawing as ``config.rng`` says; step
+    callbacks and an interruption act after each of its steps."""
+    with eager_steps(ctx.wrapper, eager_hook(ctx.watch)):
+        if ctx.config.rng != "counter":
+            return ctx.wrapper(components, state)
+        return eager_loop(ctx.wrapper, components, state)
 
 
 def loop_device(trace: LoopTrace) -> torch.device:

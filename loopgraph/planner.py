@@ -27,10 +27,12 @@ from .guards import PlanGuard, plan_guard, stable_guard
 from .lower import op_count
 from .partition import Segment, eager_blocks, plan_segments, restores
 from .passes import PassInput, PassRecord, passes_for, run_passes
+from .recording import TRACE_LOCK
 from .rng import seed_sources
 from .segments import EagerSegments
 from .snapshots import tensor_snaps
 from .trace import LoopTrace, Unsupported, trace_loop
+from .watch import eager_hook
 
 __all__ = ["Plan", "Planner"]
 
@@ -62,11 +64,17 @@ class Planner:
 
     def plan(self, components, state) -> tuple[Plan | None, Any]:
         """Trace one eager call with ``components``/``state`` and plan from it: (the plan or None when it cannot
-        be guarded, the call's result)."""
+        be guarded, the call's result). Holds ``TRACE_LOCK`` throughout: a trace patches ``torch.nn.Module`` and
+        other classes, and Dynamo compiling in another thread meanwhile traced into those hooks and failed (the
+        loop then ran eagerly)."""
+        with TRACE_LOCK:
+            return self._plan(components, state)
+
+    def _plan(self, components, state) -> tuple[Plan | None, Any]:
         config, stats = self.ctx.config, self.ctx.stats
         start = time.perf_counter()
         trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng,
-                                   batch=config.batch_guidance is not False)
+                                   batch=config.batch_guidance is not False, after_step=eager_hook(self.ctx.watch))
         batching, records, failure = [], [], None
         try:  # before the guard: the constants the batched calls add are guarded like the others
             batching, records = self._batch(trace)

@@ -16,7 +16,7 @@ from .components import (
     set_attribute,
     value_of,
 )
-from .executables import Context, drawing, origin, write_back
+from .executables import Context, drawing, origin, progress, write_back
 from .guards import tensor_spec
 from .partition import Segment, segment_end
 from .records import LoopTrace
@@ -25,6 +25,7 @@ from .snapshots import copy_value
 from .state import BlockState, values_equal
 from .state_guard import StateGuard
 from .verify import check_slots
+from .watch import Reader, timestep
 
 __all__ = ["EagerSegments"]
 
@@ -79,16 +80,19 @@ class EagerSegments:
     def run(self, components, state, block_state: BlockState):
         self.ctx.stats.compiled_calls += 1
         slots = vars(block_state)
-        computed, eager_state = self._run_segments(components, slots, draw_seeds(self.sources, slots)[1])
+        with progress(self.ctx.wrapper, self.trace, block_state) as bar:
+            computed, eager_state = self._run_segments(components, slots, draw_seeds(self.sources, slots)[1], bar)
         if eager_state is None:
             return write_back(self.ctx, self.trace, components, state, block_state, computed, segmented=True)
         self.ctx.wrapper.set_block_state(state, eager_state)  # its tensors are the ones eager's own run left
         return components, state
 
-    def _run_segments(self, components, slots: dict[str, Any], draws: CounterDraws):
+    def _run_segments(self, components, slots: dict[str, Any], draws: CounterDraws, bar=None):
         """Returns the final tainted slot values, and the BlockState when an eager block did something the trace
-        did not show (other slots, shapes or Python state): then the rest of the loop ran eagerly."""
+        did not show (other slots, shapes or Python state): then the rest of the loop ran eagerly. After each
+        step: the progress bar, step callbacks and an interruption (watch.py)."""
         trace, wrapper = self.trace, self.ctx.wrapper
+        total = len(trace.steps)
         env = {k: v for k, v in slots.items() if k in self.data_slots}
         env.update(draws.seeds.values())  # rng="counter": seed name -> this call's seed
         for step in trace.steps:
@@ -116,10 +120,18 @@ class EagerSegments:
                     warnings.warn(f"compile_loop: block {name!r} did not do at step {i} what it did when traced "
                                   f"(other slots, shapes or Python state): the rest of the loop runs eagerly",
                                   stacklevel=4)
-                    return {}, self._finish_eagerly(components, block_state, step, rest, draws)
+                    return {}, self._finish_eagerly(components, block_state, step, rest, draws, bar)
                 env.update({slot: vars(block_state)[slot] for slot in step.nodes_before[after]})
                 env.update(held)
+            self._after_step(i, total, {**slots, **env}, list(env), bar)
         return env, None
+
+    def _after_step(self, i: int, total: int, values: dict[str, Any], state: list[str], bar) -> None:
+        if bar is not None:
+            bar.update(1)
+        watch = self.ctx.watch
+        if watch.callbacks or watch.stop:
+            watch.after(i, total, Reader(values, state), timestep(values, i))
 
     def _call_segment(self, k: int, env: dict[str, Any], i: int, step=None) -> None:
         """Compiled segment ``k`` at step ``i`` on ``env``. With the traced ``step`` given, a slot the traced call
@@ -170,15 +182,18 @@ class EagerSegments:
                    for obj, name, value in step.python_before[after].values()) and self.stable.holds()
 
     def _finish_eagerly(self, components, block_state: BlockState, step, rest: list[str],
-                        draws: CounterDraws) -> BlockState:
+                        draws: CounterDraws, bar=None) -> BlockState:
         wrapper, config = self.ctx.wrapper, self.ctx.config
+        total = len(self.trace.steps)
         with drawing(config, draws, step.index, draws.counts):  # the step's draws go on where the block left them
             for name in rest:
                 components, block_state = run_block(name, wrapper.sub_blocks[name], components, block_state,
                                                     **step.kwargs)
+        self._after_step(step.index, total, vars(block_state), None, bar)
         for later in self.trace.steps[step.index + 1:]:
             with drawing(config, draws, later.index, {}):
                 components, block_state = wrapper.loop_step(components, block_state, **later.kwargs)
+            self._after_step(later.index, total, vars(block_state), None, bar)
         return block_state
 
 

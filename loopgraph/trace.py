@@ -104,7 +104,8 @@ def _loop_tensors_in_containers(block_state, recorder: Recorder) -> list[str]:
 
 
 def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "eager",
-               batch: bool = False) -> tuple[LoopTrace, Any]:
+               batch: bool = False, after_step: Callable[[int, Any, dict], None] | None = None
+               ) -> tuple[LoopTrace, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
     The Python state the call reads and writes is recorded too (``recording.record``: the plan's guards and
@@ -112,7 +113,8 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
     may need them, copies of the loop tensors. ``rng="counter"`` draws the steps' random numbers by the seed
     policy of rng.py (recorded as graph ops) instead of from torch's generators. Returns the trace and the
     wrapper's own return value ``(components, state)``. ``batch=True`` also records the steps' module calls and
-    traces repeated ones batched (batching.py).
+    traces repeated ones batched (batching.py). ``after_step(i, block_state, kwargs)`` runs after each step,
+    outside the recording (step callbacks: watch.py).
 
     Holds ``recording.TRACE_LOCK``: one trace at a time per process.
     """
@@ -242,7 +244,11 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
         finally:
             recorder.in_step, python.step = False, None
         with python.paused():
-            return finish_step(step, comps, block_state, objects)
+            comps, block_state = finish_step(step, comps, block_state, objects)
+        if after_step is not None:
+            with python.paused(), torch._C.DisableTorchFunction():
+                after_step(step.index, block_state, kwargs)
+        return comps, block_state
 
     def finish_step(step: StepTrace, comps, block_state, objects):
         for name in _loop_tensors_in_containers(block_state, recorder):
