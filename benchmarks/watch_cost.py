@@ -1,7 +1,8 @@
 """What watching a compiled loop costs (issue 29): a compiled call with nothing asked for, with the wrapper's
 progress bar drawn, with a step callback every step and every 5 steps (it keeps the latents: a preview's cost less
 the decoding), and a stream of every 5th step; timed interleaved, medians side by side in one run, each method's
-result checked against the plain compiled call first. Writes JSON and a markdown table.
+result checked against the plain compiled call first. Writes watch.json and prints the table
+(recorded in docs/benchmarks/README.md).
 
     .venv/bin/python benchmarks/watch_cost.py [OUT_FOLDER] [--loops dit,flux] [--repeats 30]
 """
@@ -9,15 +10,13 @@ result checked against the plain compiled call first. Writes JSON and a markdown
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
 import loopgraph
 from loopgraph import compile_loop
+from loopgraph.bench import _cpu_name, _versions
 from loopgraph.verify import matches_eager
 
 METHODS = ["none", "progress", "callback every 1", "callback every 5", "stream every 5"]
@@ -88,9 +87,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as devnull:
         results = [measure(name, args.steps, args.repeats, devnull) for name in args.loops.split(",")]
-    record = {"device": f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "loopgraph": loopgraph.__version__},
+    record = {"device": _cpu_name(), "versions": _versions(),
               "command": "python benchmarks/watch_cost.py " + " ".join(
                   f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
               "results": results}
@@ -99,7 +96,6 @@ def main() -> None:
     for r in results:
         cells = [f"{m['median_ms']:.2f} ms ({m['vs_none']:.3f}x)" for m in r["methods"]]
         lines.append(f"| {r['loop']} ({r['steps']} steps) | " + " | ".join(cells) + " |")
-    (out / "watch.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -332,7 +332,30 @@ def run_pipe(setup, pipe):
     return pipe(**inputs(setup))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the whole-loop CUDA graph needs a CUDA GPU")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_on_cuda_without_the_graph_callbacks_progress_and_interrupt_work_per_chunk(monkeypatch):
+    setup = build_loop("dit", steps=STEPS, sample_size=8, device="cuda")
+    expected = eager_events(setup.wrapper, setup.run, 2)
+    fast = compile_loop(setup.wrapper, cuda_graphs=False)
+    got = []
+    remove = fast.on_step_end(got.append, every=2)
+    for _ in range(2):  # traced, then compiled (the while-loop, in chunks)
+        got.clear()
+        _, state = fast(setup.components, setup.new_state())
+        assert_same_events(got, expected)
+    remove()
+    assert fast.last_plan.kind == "whole loop on state buffers"
+    monkeypatch.setattr(executables, "CHUNK_SECONDS", 0.0)
+    remove = fast.on_step_end(lambda e: e.step == 2 and interrupt_from_another_thread(fast))
+    with pytest.raises(Interrupted, match="after 3 step"):
+        fast(setup.components, setup.new_state())
+    remove()
+
+
+@needs_cuda
 def test_callbacks_on_the_whole_loop_cuda_graph_say_to_turn_it_off():
     setup = build_loop("dit", steps=STEPS, sample_size=8, device="cuda")
     fast = compile_loop(setup.wrapper)

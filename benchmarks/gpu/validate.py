@@ -4,8 +4,8 @@ Stages, each a subprocess with its own time budget; a stage that fails or runs o
 next one runs, so one broken path does not cost the whole run:
 
     env             device, driver, python / torch / triton versions
-    cuda-tests      the CUDA tests (whole-loop CUDA graph, Triton kernels, kernel pass, counter noise), with a
-                    per-test timeout (LOOPGRAPH_TEST_TIMEOUT)
+    cuda-tests      the CUDA tests (whole-loop CUDA graph, Triton kernels, kernel pass, counter noise, step
+                    callbacks and interrupt in chunks), with a per-test timeout (LOOPGRAPH_TEST_TIMEOUT)
     bench-default   ``loopgraph bench --device cuda`` on the default loop
     launches        CUDA graph launches and kernel launches in one warm compiled call (torch.profiler)
     bench-compute   ``loopgraph bench --device cuda`` on a compute-bound preset (a larger DiT at bf16)
@@ -114,7 +114,9 @@ sys.exit(0 if ok else 1)
 """
 CACHE = CACHE.replace("__CODE__", repr(CACHE))
 
-CUDA_TESTS = ["tests/test_cudagraph.py", "tests/test_kernels.py", "tests/test_kernel_pass.py", "tests/test_rng.py"]
+CUDA_TESTS = ["tests/test_cudagraph.py", "tests/test_kernels.py", "tests/test_kernel_pass.py", "tests/test_rng.py",
+              "tests/test_watch.py::test_on_cuda_without_the_graph_callbacks_progress_and_interrupt_work_per_chunk",
+              "tests/test_watch.py::test_callbacks_on_the_whole_loop_cuda_graph_say_to_turn_it_off"]
 
 
 def stages(out: Path, dry: bool) -> list[tuple[str, list[str], int]]:
