@@ -37,15 +37,25 @@ class WholeLoopGraph:
         self.graphs: dict[tuple, tuple] = {}
         self.failed: str | None = None
 
-    def _run_steps(self, state, invariants, tables, ends: list[int], counter: torch.Tensor):
+    def _run_steps(self, state, invariants, tables, ends: list[int], counter: torch.Tensor, after=None):
+        """The compiled steps one by one (warm-up, capture, and calls that cannot be one launch); ``after(steps
+        done, state)`` after each step when given (step callbacks: executables.WholeLoopCudaGraph)."""
         counter.zero_()
         begin = 0
         for v, end in zip(self.pattern, ends):
-            for _ in range(begin, end):
+            for step in range(begin, end):
                 state = self.steps[v](state, invariants, tables[v], counter)
                 counter.add_(1)
+                if after is not None:
+                    after(step + 1, state)
             begin = end
         return state
+
+    def step_by_step(self, state, invariants, tables, ends: torch.Tensor, after) -> list[torch.Tensor]:
+        """The loop's compiled steps uncaptured, ``after(steps done, state)`` after each: a call that must stop
+        between steps (step callbacks), at the cost of Python and launches per step."""
+        counter = torch.zeros((), dtype=torch.int64, device=ends.device)
+        return self._run_steps(state, invariants, tables, [int(e) for e in ends.tolist()], counter, after)
 
     def __call__(self, state, invariants, tables, ends: torch.Tensor, start: torch.Tensor):
         ends_host = [int(e) for e in ends.tolist()]  # one host read per call, none per step

@@ -201,16 +201,22 @@ class WholeLoopCudaGraph(WholeLoop):
     kind = "whole-loop CUDA graph"
 
     def _call(self, state, invariants, bar=None, after=None, stops=()):
-        if stops:
-            raise _Watched() from NotImplementedError(
-                f"{self.ctx.watch.path}: step callbacks need the loop to stop between steps, and the whole-loop CUDA "
-                f"graph runs all steps in one launch: compile with cuda_graphs=False to use them (interrupt() stops "
-                f"such a call only at its end)")
+        if stops:  # step callbacks: the graph is one launch, so this call runs the compiled steps one by one
+            return self._step_by_step(state, invariants, bar, after, set(stops))
         start = torch.zeros((), dtype=torch.int64, device=self.ends.device)
         outputs = self.compiled(state, invariants, self.tables, self.ends, start)
         if bar is not None:
             bar.update(self.steps)  # one graph launch for the whole loop
         return outputs
+
+    def _step_by_step(self, state, invariants, bar, after, stops: set[int]) -> list[torch.Tensor]:
+        def each(done: int, current: list[torch.Tensor]) -> None:
+            if bar is not None:
+                bar.update(1)
+            if done - 1 in stops or self.ctx.watch.stop:
+                after(done, current)
+
+        return [t.clone() for t in self.compiled.step_by_step(state, invariants, self.tables, self.ends, each)]
 
     def describe(self) -> list[str]:
         steps = [f"compiled step {v}: {origin(step)}" for v, step in enumerate(self.compiled.steps)]

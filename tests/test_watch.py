@@ -355,11 +355,44 @@ def test_on_cuda_without_the_graph_callbacks_progress_and_interrupt_work_per_chu
     remove()
 
 
+def test_a_cuda_graph_plan_with_callbacks_runs_its_compiled_steps_one_by_one(monkeypatch):
+    """The whole-loop CUDA graph is one launch: a call with step callbacks runs the graph's compiled steps one
+    by one instead, calling back between them. On CPU here, with the uncompiled steps (as test_cudagraph does);
+    a call without callbacks would capture, which needs CUDA: it is made to fail loudly."""
+    from loopgraph.cudagraph import WholeLoopGraph
+
+    from .test_cudagraph import uncompiled_step
+
+    setup = build_loop("dit", steps=STEPS, sample_size=8)
+    expected = eager_events(setup.wrapper, setup.run, 2)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    fast(setup.components, setup.new_state())
+    plan = fast._plans.newest
+    graph = WholeLoopGraph(plan.loop, compile_step=uncompiled_step, pool=None)
+    plan.executable = executables.WholeLoopCudaGraph(fast._ctx, plan.trace, plan.loop, graph, plan.sources)
+    monkeypatch.setattr(graph, "_capture", lambda *a: pytest.fail("a call with callbacks must not capture"))
+    got, updates = [], []
+    fast.on_step_end(got.append, every=2)
+    monkeypatch.setattr(setup.wrapper, "progress_bar", lambda total=None, **_: Bar(updates), raising=False)
+    _, state = fast(setup.components, setup.new_state())
+    assert_same_events(got, expected)
+    assert updates == [1] * STEPS and matches_eager(state.get("latents"), setup.run())
+    fast.on_step_end(lambda e: e.step == 2 and interrupt_from_another_thread(fast))
+    with pytest.raises(Interrupted, match="after 3 step"):
+        fast(setup.components, setup.new_state())
+
+
 @needs_cuda
-def test_callbacks_on_the_whole_loop_cuda_graph_say_to_turn_it_off():
+def test_callbacks_on_the_whole_loop_cuda_graph_run_its_steps_one_by_one():
     setup = build_loop("dit", steps=STEPS, sample_size=8, device="cuda")
+    expected = eager_events(setup.wrapper, setup.run, 3)
     fast = compile_loop(setup.wrapper)
     fast(setup.components, setup.new_state())
-    fast.on_step_end(lambda e: None)
-    with pytest.raises(NotImplementedError, match="cuda_graphs=False"):
-        fast(setup.components, setup.new_state())
+    assert fast.last_plan.kind == "whole-loop CUDA graph"
+    got = []
+    remove = fast.on_step_end(got.append, every=3)
+    _, state = fast(setup.components, setup.new_state())
+    remove()
+    assert_same_events(got, expected)
+    _, state = fast(setup.components, setup.new_state())  # no callbacks: one launch again
+    assert matches_eager(state.get("latents"), setup.run())

@@ -116,7 +116,7 @@ CACHE = CACHE.replace("__CODE__", repr(CACHE))
 
 CUDA_TESTS = ["tests/test_cudagraph.py", "tests/test_kernels.py", "tests/test_kernel_pass.py", "tests/test_rng.py",
               "tests/test_watch.py::test_on_cuda_without_the_graph_callbacks_progress_and_interrupt_work_per_chunk",
-              "tests/test_watch.py::test_callbacks_on_the_whole_loop_cuda_graph_say_to_turn_it_off"]
+              "tests/test_watch.py::test_callbacks_on_the_whole_loop_cuda_graph_run_its_steps_one_by_one"]
 
 
 def stages(out: Path, dry: bool) -> list[tuple[str, list[str], int]]:
