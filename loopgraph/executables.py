@@ -13,6 +13,7 @@ functions, each with an ``origin``: loaded from the persistent cache or compiled
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import functools
@@ -153,7 +154,10 @@ class WholeLoop:
         done = 0
         while done < self.steps:
             size = 1 if self.step_seconds is None else max(1, int(CHUNK_SECONDS / max(self.step_seconds, 1e-9)))
-            end = min([done + size, self.steps, *(s + 1 for s in stops if s >= done)])
+            end = min(done + size, self.steps)
+            due = bisect.bisect_left(stops, done)  # the next step a callback is due after ends the chunk there
+            if due < len(stops):
+                end = min(end, stops[due] + 1)
             began = time.perf_counter()
             run(self.ends.clamp(max=end), start.fill_(done))
             seconds = (time.perf_counter() - began) / (end - done)  # the fastest seen: a busy machine's slow
