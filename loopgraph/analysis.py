@@ -8,10 +8,12 @@ it writes it):
     invariant  read, never written (``prompt_embeds``; with ``rng="counter"``, the random draws' seeds)
     temporary  written before it is read in every step (``noise_pred``); never a loop input
     dead       written, never read and not needed after the loop
+    unread     an input no step reads or writes (the caller's own object after the loop: no state buffer)
     schedule   the wrapper's own loop inputs and every untainted value (``timesteps``, ``t``, Python state)
 
 Steps whose graphs are the same modulo per-step constants share one *variant*; the constants that differ
-(``t``, ``sigma``, ``dt``, Python floats) are lifted into per-step tables indexed by a device-side counter.
+(``t``, ``sigma``, ``dt``, Python floats and ints, the ``i`` of ``sigmas[i]``) are lifted into per-step tables
+indexed by a device-side counter; an input indexed by the step is gathered into such a table on each call.
 """
 
 from __future__ import annotations
@@ -26,18 +28,15 @@ import torch.fx as fx
 
 from .config import LIFT_MAX_NUMEL
 from .records import StepTrace, Unsupported, func_name
+from .scalars import ARITHMETIC, Source
 
-# Ops whose Python-float operand may as well be a 0-d tensor: a float the same in every step but different
-# between calls (a guidance scale) is lifted there, so a new value compiles nothing.
-_ARITHMETIC = {"add", "sub", "mul", "div", "true_divide", "rsub", "__add__", "__radd__", "__sub__", "__rsub__",
-               "__mul__", "__rmul__", "__truediv__", "__rtruediv__"}
 
 __all__ = ["SlotInfo", "Variant", "LoopPlan", "LoopSteps", "loop_steps", "classify_slots", "plan_loop"]
 
 
 class SlotInfo(NamedTuple):
     name: str
-    role: str          # carried | invariant | temporary | dead | schedule
+    role: str          # carried | invariant | temporary | dead | unread | schedule
     needed_at_end: bool
     kind: str          # tensor shape/dtype or Python type
 
@@ -53,6 +52,11 @@ class Variant:
     signature: tuple = ()                # the steps' structure, float values aside (equal across calls)
     literals: dict[int, float] = field(default_factory=dict)  # arithmetic floats left in the graph, by position
     whole_tables: bool = False           # called with the whole tables and the step counter (the kernel pass)
+    # lifted floats a call fills in: (table index, its rows or None for all of them, where the value is read)
+    sources: list[tuple[int, torch.Tensor | None, Source]] = field(default_factory=list)
+    # step-indexed reads of an input (``sigmas[i]``) a call gathers into a table: (table index, the variant's
+    # steps, the input's name, the dim, the index at each of those steps)
+    gathers: list[tuple[int, torch.Tensor, str, int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +69,7 @@ class LoopPlan:
     variants: list[Variant]
     runs: list[tuple[int, int, int]]   # (variant index, first step, end step)
     num_steps: int
+    growth: str | None = None    # why the number of step graphs grows with N (when it does)
 
 
 @dataclass
@@ -125,6 +130,8 @@ def classify_slots(trace: LoopSteps, needed_at_end: set[str]) -> dict[str, SlotI
             role = "carried"
         elif name in read_first:
             role = "invariant"
+        elif name not in written and not any(graph.successors(("slot", name))):
+            role = "unread"  # an input no step reads or writes: the caller's own object after the loop, no buffer
         elif name in needed_at_end or any(graph.successors(("slot", name))):
             role = "temporary"
         else:
@@ -136,20 +143,66 @@ def classify_slots(trace: LoopSteps, needed_at_end: set[str]) -> dict[str, SlotI
 
 
 # -- step signatures --------------------------------------------------------------------------------------------
-def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, int | str | None, Any]]:
-    """Per-step values in graph order: (node, argument position or keyword, or None for a get_attr, value).
+def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, Any, Any]]:
+    """Per-step values in graph order: (node, argument position or keyword, None for a get_attr, or ("index", dim)
+    for a step index, value).
 
-    Python floats passed directly (positionally or by keyword: ``clamp(min=-c)``) can become table rows; a float
-    inside a list or tuple argument cannot, and is part of the step's signature instead."""
+    Python floats passed directly (positionally or by keyword: ``clamp(min=-c)``), ints passed directly to
+    arithmetic (``x * scale + i``) and the int of ``x[i]`` / ``x[:, i]`` on loop data (a schedule indexed by the
+    step) can become table rows; a number inside a list or tuple argument cannot, and is part of the step's
+    signature instead."""
     found = []
+    mutated = _mutated(step.graph)
     for node in step.graph.nodes:
         if node.op == "get_attr":
             found.append((node, None, step.constants[node.target]))
         elif node.op == "call_function":
             for pos, arg in [*enumerate(node.args), *node.kwargs.items()]:
-                if type(arg) is float:
+                if _liftable_number(node, pos, arg):
                     found.append((node, pos, arg))
+            dim = _step_index_dim(node, mutated)
+            if dim is not None:
+                index = node.args[1]
+                found.append((node, ("index", dim), index if type(index) is int else index[dim]))
     return found
+
+
+def _liftable_number(node: fx.Node, pos: int | str, arg: Any) -> bool:
+    """A float operand, or an int operand of arithmetic (``alpha=`` must stay a Python number)."""
+    if pos == "alpha":
+        return False
+    return type(arg) is float or (type(arg) is int and func_name(node.target) in ARITHMETIC)
+
+
+def _mutated(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes an in-place op changes (its first argument)."""
+    return {n.args[0] for n in graph.nodes if n.meta.get("mutates") and n.args and isinstance(n.args[0], fx.Node)}
+
+
+def _step_index_dim(node: fx.Node, mutated: set[fx.Node]) -> int | None:
+    """The dim of the one int in an index ``x[i]``, ``x[:, i]`` (other entries full slices) on loop data, whose
+    result may be a copy instead of a view (neither it nor ``x`` is changed in place): that int may become a
+    device-side index (``take_at``). None for any other node."""
+    if func_name(node.target) != "__getitem__" or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
+        return None
+    index = node.args[1]
+    if type(index) is int:
+        dim = 0
+    elif type(index) is tuple and [type(e) for e in index].count(int) == 1 and all(
+            type(e) is int or e == slice(None) for e in index):
+        dim = next(d for d, e in enumerate(index) if type(e) is int)
+    else:
+        return None
+    if node in mutated or node.args[0] in mutated:
+        return None
+    return dim
+
+
+def take_at(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``x`` at ``index`` along ``dim`` (a 0-d int64 tensor, negative from the end): ``x[i]`` or ``x[:, i]`` with
+    the step's ``i`` read from a table at the device-side step counter."""
+    index = torch.where(index < 0, index + x.shape[dim], index)
+    return torch.index_select(x, dim, index.reshape(1)).squeeze(dim)
 
 
 def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
@@ -157,16 +210,17 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
     # does not make the step different: unused placeholders are left out.
     live = [n for n in step.graph.nodes if n.op != "placeholder" or n.users]
     index = {node: k for k, node in enumerate(live)}
+    mutated = _mutated(step.graph)
 
-    def enc(a: Any, top: bool = False) -> Any:
+    def enc(a: Any, top: bool = False, node: fx.Node | None = None, pos: Any = None) -> Any:
         if isinstance(a, fx.Node):
             return ("node", index[a]) if a in index else ("unread slot", a.target)
-        if type(a) is float:  # a direct argument may be lifted; one inside a list is the step's own
-            return ("float",) if top else ("lit", repr(a))
+        if top and _liftable_number(node, pos, a):  # a direct argument may be lifted; one inside a list is the step's
+            return (type(a).__name__,)
         if isinstance(a, (list, tuple)):
             return (type(a).__name__, tuple(enc(x) for x in a))
         if isinstance(a, dict):
-            return ("dict", tuple((k, enc(v, top)) for k, v in a.items()))
+            return ("dict", tuple((k, enc(v)) for k, v in a.items()))
         return ("lit", repr(a))
 
     parts = []
@@ -177,9 +231,13 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
             parts.append(("get_attr", key))
         elif node.op == "placeholder":
             parts.append(("placeholder", node.target, len(node.users) > 0))
+        elif _step_index_dim(node, mutated) is not None:  # x[i]: the step's i may be a table row
+            at = node.args[1]
+            parts.append((node.op, str(node.target), enc(node.args[0]), "step index",
+                          tuple("i" if type(e) is int else repr(e) for e in (at if type(at) is tuple else ()))))
         else:
-            parts.append((node.op, str(node.target), tuple(enc(a, top=True) for a in node.args),
-                          tuple((k, enc(v, top=True)) for k, v in node.kwargs.items())))
+            parts.append((node.op, str(node.target), tuple(enc(a, True, node, pos) for pos, a in enumerate(node.args)),
+                          tuple((k, enc(v, True, node, k)) for k, v in node.kwargs.items())))
     parts.append(("outputs", tuple((slot, enc(node)) for slot, node in sorted(step.outputs.items()))))
     return tuple(parts)
 
@@ -207,10 +265,14 @@ def _stable_ids(trace: LoopSteps) -> set[int]:
     return multi if len(trace.steps) > 1 else set(counts)
 
 
-def plan_loop(trace: LoopSteps, needed_at_end: set[str], lift: dict[tuple, set[int]] | None = None) -> LoopPlan:
+def plan_loop(trace: LoopSteps, needed_at_end: set[str], lift: dict[tuple, set[int]] | None = None,
+              gather: bool = False) -> LoopPlan:
     """Group steps into variants, lift per-step values into tables, and build one GraphModule per variant.
 
     ``lift`` names, per variant signature, more float positions to lift (``Variant.literals`` positions).
+    ``gather``: a step-indexed read of an input (``sigmas[i]``) becomes a table the call gathers from the input
+    (``Variant.gathers``), and an input read no other way is not an input of the step graphs (so its length, N + 1
+    for a schedule, is not part of the compiled code).
     """
     slots = classify_slots(trace, needed_at_end)
     state_slots = [n for n, s in slots.items() if s.role == "carried" or (s.role in ("temporary", "dead")
@@ -221,8 +283,10 @@ def plan_loop(trace: LoopSteps, needed_at_end: set[str], lift: dict[tuple, set[i
     for step in trace.steps:
         groups.setdefault(_signature(step, stable), []).append(step)
     n = len(trace.steps)
-    variants = [_build_variant(members, state_slots, invariant_slots, n, stable, sig, (lift or {}).get(sig, set()))
-                for sig, members in groups.items()]
+    variants = [_build_variant(members, state_slots, invariant_slots, n, stable, sig, (lift or {}).get(sig, set()),
+                               gather) for sig, members in groups.items()]
+    if gather:
+        invariant_slots = _drop_unread(variants, state_slots, invariant_slots)
     step_variant = {s.index: k for k, v in enumerate(variants) for s in [trace.steps[i] for i in v.steps]}
     runs: list[tuple[int, int, int]] = []
     for i in range(n):
@@ -230,14 +294,59 @@ def plan_loop(trace: LoopSteps, needed_at_end: set[str], lift: dict[tuple, set[i
             runs[-1] = (runs[-1][0], runs[-1][1], i + 1)
         else:
             runs.append((step_variant[i], i, i + 1))
+    growth = None
+    if len(variants) >= 4 and 2 * len(variants) > n:  # about one step graph per step: find what differs
+        pairs = (trace.steps[a: a + 2] for a in range(n - 1) if step_variant[a] != step_variant[a + 1])
+        growth = next(filter(None, (_why_steps_differ(a, b, stable) for a, b in pairs)), None)
     return LoopPlan(slots=slots, state_slots=state_slots, invariant_slots=invariant_slots, variants=variants,
-                    runs=runs, num_steps=n)
+                    runs=runs, num_steps=n, growth=growth)
+
+
+def _why_steps_differ(a: StepTrace, b: StepTrace, stable: set[int]) -> str | None:
+    """The op that makes two steps' graphs differ by a Python argument, and what to change; None where they run
+    different ops (a guidance window, a first or last step: another path, not a value baked per step)."""
+    parts_a, parts_b = _signature(a, stable), _signature(b, stable)
+    live_a = [n for n in a.graph.nodes if n.op != "placeholder" or n.users]
+    live_b = [n for n in b.graph.nodes if n.op != "placeholder" or n.users]
+    j = next((j for j, (x, y) in enumerate(zip(parts_a, parts_b)) if x != y), min(len(parts_a), len(parts_b)))
+    if j >= min(len(live_a), len(live_b)) or live_a[j].op != "call_function" or live_a[j].target != live_b[j].target:
+        return None
+    na, nb = live_a[j], live_b[j]
+    shown = [(repr(x), repr(y)) for x, y in zip([*na.args, *na.kwargs.values()], [*nb.args, *nb.kwargs.values()])
+             if not isinstance(x, fx.Node) and repr(x) != repr(y)]
+    if not shown:
+        return None
+    values = "; ".join(f"{x} in step {a.index}, {y} in step {b.index}" for x, y in shown)
+    return (f"`{func_name(na.target)}` in block {na.meta.get('block')!r} takes {values}: a Python value that changes "
+            f"every step is baked into each step's graph unless it is an operand of arithmetic or the index of "
+            f"`x[i]`; make it a tensor (index a tensor input by the step, or pass it in the wrapper's loop_inputs)")
+
+
+def _drop_unread(variants: list[Variant], state_slots: list[str], invariant_slots: list[str]) -> list[str]:
+    """The invariant slots some step graph reads; the others' placeholders are taken out of every graph."""
+    position = {name: len(state_slots) + k for k, name in enumerate(invariant_slots)}
+    read = set()
+    for v in variants:
+        holders = [n for n in v.module.graph.nodes if n.op == "placeholder"]
+        read |= {name for name, k in position.items() if holders[k].users}
+    if read == set(invariant_slots):
+        return invariant_slots
+    for v in variants:
+        holders = [n for n in v.module.graph.nodes if n.op == "placeholder"]
+        for name, k in position.items():
+            if name not in read:
+                v.module.graph.erase_node(holders[k])
+        v.module.recompile()
+    return [name for name in invariant_slots if name in read]
 
 
 def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_slots: list[str], n: int,
-                   stable: set[int], signature: tuple, extra: set[int]) -> Variant:
+                   stable: set[int], signature: tuple, extra: set[int], gather: bool = False) -> Variant:
     template = members[0]
     per_step = [_lift_candidates(s) for s in members]
+    # the floats a call reads and the plan takes as inputs (scalars.py), by candidate, per step
+    read_at = [[(node.meta.get("sources") or {}).get(pos) if pos is not None else None for node, pos, _ in c]
+               for c in per_step]
     # Lifted into per-step tables: every value that differs between this variant's steps, and every small
     # tensor made afresh each step (t, sigma, a timestep embedding), so a variant used by one step (the
     # first) does not bake its values and a new N reuses the compiled code. Python floats stay literals
@@ -246,9 +355,10 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         k for k, (node, pos, value) in enumerate(per_step[0])
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])
         or (pos is None and id(value) not in stable and value.numel() <= LIFT_MAX_NUMEL) or k in extra
+        or any(row[k] is not None and row[k].lifted for row in read_at)
     ]
     literals = {k: value for k, (node, pos, value) in enumerate(per_step[0])
-                if pos is not None and k not in lift_positions and func_name(node.target) in _ARITHMETIC}
+                if pos is not None and k not in lift_positions and func_name(node.target) in ARITHMETIC}
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     holders: dict[str, fx.Node] = {}
@@ -259,6 +369,8 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     root = torch.nn.Module()
     candidates = per_step[0]
     cand_index = {(id(node), pos): k for k, (node, pos, _) in enumerate(candidates)}
+    step_indices = {id(node): k for k, (node, pos, _) in enumerate(candidates) if type(pos) is tuple}
+    gathered: dict[int, tuple[str, int]] = {}
     for node in template.graph.nodes:
         if node.op == "placeholder":
             if node.target in holders:
@@ -284,6 +396,15 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             continue
         args = list(fx.map_arg(node.args, lambda a: env[a]))
         kwargs = dict(fx.map_arg(node.kwargs, lambda a: env[a]))
+        step_index = step_indices.get(id(node))
+        if step_index is not None and step_index in lift_nodes:  # x[i] with the step's i
+            base, dim = node.args[0], candidates[step_index][1][1]
+            if gather and base.op == "placeholder" and base.target in invariant_slots:  # gathered per call
+                env[node] = lift_nodes[step_index]
+                gathered[step_index] = (base.target, dim)
+            else:  # a device-side index into a tensor the step computes
+                env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[step_index]))
+            continue
         for pos in [*range(len(args)), *kwargs]:
             k = cand_index.get((id(node), pos))
             if k is not None and k in lift_nodes:  # a Python float that changes per step becomes a 0-d table row
@@ -300,8 +421,16 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     graph.output(tuple(outs))
     graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("mutates", False))
     module = fx.GraphModule(root, graph, class_name="FusedStep")
-    tables = []
+    tables, gathers = [], []
+    steps = torch.tensor([s.index for s in members], dtype=torch.int64)
     for k in lift_positions:
+        if k in gathered:
+            name, dim = gathered[k]
+            table, at = _gathered_table(template.slots_before[next(iter(template.slots_before))][name], dim,
+                                        [p[k][2] for p in per_step], steps, n)
+            gathers.append((len(tables), steps, name, dim, at))
+            tables.append(table)
+            continue
         rows = [torch.as_tensor(p[k][2]) for p in per_step]
         proto = rows[0]
         dtype = _float_table_dtype(per_step[0][k][0]) if isinstance(per_step[0][k][2], float) else proto.dtype
@@ -310,12 +439,46 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             table[step.index] = row.to(dtype)
         tables.append(table)
     return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
-                   signature=signature, literals=literals)
+                   signature=signature, literals=literals, sources=_read_rows(lift_positions, members, read_at),
+                   gathers=gathers)
+
+
+def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor, n: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``) at each of ``steps``, and those indices (made
+    non-negative); a call fills the rows from its own ``x`` (``gather``)."""
+    at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64)
+    table = x.new_zeros((n, *x.shape[:dim], *x.shape[dim + 1:]))
+    gather(table, steps, x, dim, at)
+    return table, at
+
+
+def gather(table: torch.Tensor, steps: torch.Tensor, x: torch.Tensor, dim: int, at: torch.Tensor) -> None:
+    """Rows ``steps`` of ``table`` = ``x`` at the indices ``at`` along ``dim`` (a call's schedule read by step)."""
+    table.index_copy_(0, steps, x.index_select(dim, at).movedim(dim, 0))
+
+
+def _read_rows(lift_positions: list[int], members: list[StepTrace], read_at: list[list]
+               ) -> list[tuple[int, torch.Tensor | None, Source]]:
+    """For each table a lifted float fills: (table index, the rows it fills, None for all N, its source)."""
+    found = []
+    for j, k in enumerate(lift_positions):
+        rows: dict[int, tuple[Source, list[int]]] = {}
+        for step, row in zip(members, read_at):
+            if row[k] is not None and row[k].lifted:
+                rows.setdefault(id(row[k]), (row[k], []))[1].append(step.index)
+        for source, at in rows.values():
+            # every step of the variant reads it there: the whole table (rows of other variants' steps are unread)
+            found.append((j, None if len(at) == len(members) else torch.tensor(at, dtype=torch.int64), source))
+    return found
 
 
 def _float_table_dtype(node: fx.Node) -> torch.dtype:
     """The dtype of a table of Python floats lifted from ``node``'s arguments: that of the op's result when it is
-    a float (a 0-d operand of that dtype promotes as the Python float did: an int tensor times it gives float32,
-    a half tensor stays half), else the default float dtype (a comparison's bound)."""
+    float32 or float64 (a 0-d operand of that dtype promotes as the Python float did: an int tensor times it gives
+    float32), float32 for a half or bfloat16 result (it stays half, and the operand is not rounded to half first:
+    eager computes a half op with a Python float in float32), else the default float dtype (a comparison's bound)."""
     dtype = node.meta.get("dtype")
-    return dtype if dtype is not None and dtype.is_floating_point else torch.get_default_dtype()
+    if dtype is None or not dtype.is_floating_point:
+        return torch.get_default_dtype()
+    return dtype if dtype.itemsize >= 4 else torch.float32

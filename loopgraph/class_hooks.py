@@ -37,14 +37,19 @@ def _recording() -> Recording | None:
 def _getattribute_hook(original):
     def __getattribute__(self, name):
         rec = _recording()
-        if rec is None or (id(self), name) in rec.handled or id(self) not in rec.objects:
+        if rec is None or id(self) not in rec.objects:
             return original(self, name)
-        try:
+        if (id(self), name) in rec.handled:
             value = original(self, name)
-        except AttributeError:
-            _logged(rec, rec.on_read, self, name, ABSENT)
-            raise
-        _logged(rec, rec.on_read, self, name, value)
+        else:
+            try:
+                value = original(self, name)
+            except AttributeError:
+                _logged(rec, rec.on_read, self, name, ABSENT)
+                raise
+            _logged(rec, rec.on_read, self, name, value)
+        if type(value) is float and rec.lifts is not None:  # a float the call may use as an input (scalars.py)
+            return rec.lifts.attribute(self, name, value)
         return value
 
     setattr(__getattribute__, _HOOK, True)

@@ -260,6 +260,10 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
             that a new process loads the compiled loop instead of compiling it (its first call still traces: one
             eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns it off), else the user cache
             directory (``~/.cache/loopgraph``); False: compiled in this process only. Inductor only.
+        lift_floats: True (default) | False: a Python float the traced call read (a block input, a component's
+            attribute) and used only as an operand of tensor arithmetic is an input of the compiled loop: a new
+            guidance scale runs the same plan (``loopgraph.scalars``). False guards every float by value (for
+            code that hands a lifted float to C code loopgraph cannot see use it, such as numpy).
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.

@@ -56,6 +56,9 @@ class CompileConfig:
     # The persistent cache of compiled loops (cache.py, artifacts.py): True: $LOOPGRAPH_CACHE_DIR (an empty string:
     # off), else the user cache directory; a folder; False: compile in this process only (torch.compile).
     cache: bool | str | os.PathLike = True
+    # Python floats the traced call read that only feed tensor arithmetic (a guidance scale) become inputs of the
+    # compiled loop, guarded by type (scalars.py); False: every float the call read is guarded by value.
+    lift_floats: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .analysis import LoopPlan
+from .analysis import LoopPlan, gather
 from .components import put, set_attribute
 from .config import CompileConfig, LoopStats
 from .records import LoopTrace
@@ -113,10 +113,25 @@ class WholeLoop:
         self.steps = loop.runs[-1][2] if loop.runs else 0
         self.step_seconds: float | None = None  # the fastest step measured so far (chunks of one step or more)
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
+        self.floats = [(tables[j], rows if rows is None else rows.to(tables[j].device), source)
+                       for tables, v in zip(self.tables, loop.variants) for j, rows, source in v.sources]
+        self.gathers = [(tables[j], steps.to(tables[j].device), name, dim, at.to(tables[j].device))
+                        for tables, v in zip(self.tables, loop.variants) for j, steps, name, dim, at in v.gathers]
 
-    def execute(self, slots: dict[str, Any], bar=None, watch: StepWatch | None = None) -> list[torch.Tensor]:
+    def execute(self, slots: dict[str, Any], bar=None, watch: StepWatch | None = None, traced: bool = False
+                ) -> list[torch.Tensor]:
         """The compiled loop on ``slots`` (BlockState values and seeds by name): the final ``loop.state_slots``.
-        With ``watch`` active, chunks also end after the steps its callbacks are due at, and it acts there."""
+        With ``watch`` active, chunks also end after the steps its callbacks are due at, and it acts there. The
+        lifted floats are read from ``slots`` and the attributes as they are now (``traced``: as the traced call
+        read them)."""
+        for table, rows, source in self.floats:
+            value = source.original if traced else source.current(slots)
+            if rows is None:
+                table.fill_(value)
+            else:
+                table.index_fill_(0, rows, value)
+        for table, steps, name, dim, at in self.gathers:
+            gather(table, steps, slots[name], dim, at)
         state = []
         for name in self.loop.state_slots:
             value = slots.get(name)
@@ -171,7 +186,7 @@ class WholeLoop:
 
     def verify(self) -> None:
         traced_seeds = {name: seed.value for name, seed in self.trace.seeds.items()}
-        outputs = self.execute({**self.trace.initial_inputs_copy, **traced_seeds})
+        outputs = self.execute({**self.trace.initial_inputs_copy, **traced_seeds}, traced=True)
         check_slots("compiled loop", dict(zip(self.loop.state_slots, outputs)),
                     {name: self.trace.final_value(name) for name in self.loop.state_slots})
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .scalars import Source
 from .snapshots import describe
 from .state import _atoms_only, values_equal
 from .state_guard import StateGuard, tensor_rules
@@ -84,11 +85,15 @@ def _aliasing(tensors: list[torch.Tensor]) -> tuple:
 class InputGuard:
     """The BlockState a plan was made for: keys, data tensor specs and sharing, every other value."""
 
-    def __init__(self, slots: dict[str, Any], schedule_inputs: list[str]) -> None:
+    def __init__(self, slots: dict[str, Any], schedule_inputs: list[str], floats: dict[str, Source] | None = None
+                 ) -> None:
+        floats = floats or {}
         self.data = {k: tensor_spec(v) for k, v in slots.items()
                      if isinstance(v, torch.Tensor) and k not in schedule_inputs}
+        self.floats = floats  # floats the plan takes as inputs: by type and the predicates' outcomes (scalars.py)
         ids = {id(slots[k]): k for k in self.data}
-        self.schedule = {k: copy.deepcopy(match_form(v, ids)) for k, v in slots.items() if k not in self.data}
+        self.schedule = {k: copy.deepcopy(match_form(v, ids)) for k, v in slots.items()
+                         if k not in self.data and k not in floats}
         self.keys = set(slots)
         self.aliasing = _aliasing([slots[k] for k in self.data])
 
@@ -101,7 +106,8 @@ class InputGuard:
             if not isinstance(value, torch.Tensor) or tensor_spec(value) != spec:
                 return False
         ids = {id(slots[k]): k for k in self.data}
-        return (all(values_equal(match_form(slots[k], ids), expected) for k, expected in self.schedule.items())
+        return (all(s.fits(slots[k]) for k, s in self.floats.items())
+                and all(values_equal(match_form(slots[k], ids), expected) for k, expected in self.schedule.items())
                 and _aliasing([slots[k] for k in self.data]) == self.aliasing)
 
     def check(self, slots: dict[str, Any]) -> str | None:
@@ -116,6 +122,9 @@ class InputGuard:
                 return f"input {k!r} is a {type(value).__name__}, was a tensor"
             if tensor_spec(value) != spec:
                 return f"input {k!r}: {_spec_text(tensor_spec(value))}, was {_spec_text(spec)}"
+        for k, s in self.floats.items():
+            if not s.fits(slots[k]):
+                return s.misfit(slots[k])
         ids = {id(slots[k]): k for k in self.data}
         for k, expected in self.schedule.items():
             if not values_equal(match_form(slots[k], ids), expected):
@@ -130,12 +139,16 @@ def _spec_text(spec: tuple) -> str:
     return f"shape {shape} strides {stride} {str(dtype).replace('torch.', '')} on {device}"
 
 
-def plan_guard(trace) -> PlanGuard:
-    """The guard of a plan made from ``trace`` (a ``trace.LoopTrace``)."""
+def plan_guard(trace, lifted: bool = True) -> PlanGuard:
+    """The guard of a plan made from ``trace`` (a ``trace.LoopTrace``). ``lifted``: the floats the plan takes as
+    inputs (``trace.lifted``, scalars.py) are guarded by type, not value."""
     python, usage = trace.python, trace.usage
-    reads = list(python.reads.values())
+    floats = trace.lifted if lifted else []
+    by_type = {id(s.read) for s in floats if s.kind == "attribute"}
+    reads = [r for r in python.reads.values() if id(r) not in by_type]
     rules = tensor_rules(reads, usage.used, usage.eager, usage.const, python.present)
-    return PlanGuard(trace.components, InputGuard(trace.initial_slots, trace.schedule_inputs), StateGuard(reads, rules))
+    inputs = InputGuard(trace.initial_slots, trace.schedule_inputs, {s.name: s for s in floats if s.kind == "input"})
+    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, [s for s in floats if s.kind == "attribute"]))
 
 
 def stable_guard(trace, guard: PlanGuard) -> StateGuard:
@@ -167,8 +180,10 @@ class PlanGuard:
         groups = {"tensors by identity": s.identity, "tensor dicts": s.tensor_dicts, "tensor lists": s.tensor_lists}
         counts = ", ".join([f"{len(s.hooks)} empty hook dicts", f"{len(s.per_holder)} by holder"]
                            + [f"{sum(len(g.reads) for g in v.values())} {k}" for k, v in groups.items()])
+        floats = len(self.inputs.floats) + len(s.floats)
         return (f"{len(self.inputs.keys)} inputs ({len(self.inputs.data)} data tensors by spec and sharing); "
-                f"{len(s)} attribute reads of {len(s.objects)} objects ({counts}, {len(s.slow)} one by one)")
+                f"{len(s)} attribute reads of {len(s.objects)} objects ({counts}, {len(s.slow)} one by one)"
+                + (f"; {floats} lifted float{'s' if floats > 1 else ''} by type" if floats else ""))
 
 
 class PlanCache:

@@ -51,7 +51,7 @@ Pass = Callable[[LoopPlan | None, PassInput], tuple[LoopPlan, str]]
 
 
 def plan(loop: LoopPlan | None, given: PassInput) -> tuple[LoopPlan, str]:
-    new = plan_loop(loop_steps(given.trace), given.needed, given.lifts)
+    new = plan_loop(loop_steps(given.trace), given.needed, given.lifts, gather=True)
     return new, (f"{len(new.variants)} step graph(s) for {new.num_steps} steps, "
                  f"{sum(len(v.tables) for v in new.variants)} per-step table(s)")
 
@@ -68,7 +68,8 @@ def lift_literals(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:
         new_positions += len(new)
     if not new_positions:
         return loop, "no new literal"
-    return plan_loop(loop_steps(given.trace), given.needed, given.lifts), f"{new_positions} float(s) lifted"
+    new = plan_loop(loop_steps(given.trace), given.needed, given.lifts, gather=True)
+    return new, f"{new_positions} float(s) lifted"
 
 
 def fuse_kernels(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:

@@ -57,6 +57,7 @@ class Planner:
         self.ctx, self.backend = ctx, backend
         self.literals: dict[tuple, dict[int, float]] = {}
         self.lifts: dict[tuple, set[int]] = {}
+        self.warned_growth = False
 
     @property
     def name(self) -> str:
@@ -74,7 +75,8 @@ class Planner:
         config, stats = self.ctx.config, self.ctx.stats
         start = time.perf_counter()
         trace, result = trace_loop(self.ctx.wrapper, components, state, strict=config.strict, rng=config.rng,
-                                   batch=config.batch_guidance is not False, after_step=eager_hook(self.ctx.watch))
+                                   batch=config.batch_guidance is not False, after_step=eager_hook(self.ctx.watch),
+                                   lift_floats=config.lift_floats)
         batching, records, failure = [], [], None
         try:  # before the guard: the constants the batched calls add are guarded like the others
             batching, records = self._batch(trace)
@@ -110,6 +112,8 @@ class Planner:
             plan.problems = [Unsupported(f"planning failed ({type(e).__name__}: {e})" + (f" {notes}" if notes else "")
                                          + ("" if isinstance(e, Unsupported) else "; please report this"))]
             self._fall_back(plan, e)
+        if trace.lifted and not isinstance(plan.executable, WholeLoop):  # only the whole loop reads them per call
+            plan.guard = plan_guard(trace, lifted=False)
         stats.plan_seconds += time.perf_counter() - start
         counter = self.backend.counter
         stats.compiles, stats.compile_seconds, stats.loaded = counter.count, counter.seconds, counter.loaded
@@ -146,6 +150,10 @@ class Planner:
         except Unsupported as e:
             return self._fall_back(plan, e)
         loop = plan.loop
+        if loop.growth and not self.warned_growth:  # once per compiled loop: explain() keeps saying it
+            self.warned_growth = True
+            warnings.warn(f"compile_loop: {self.name}: {len(loop.variants)} step graphs for {loop.num_steps} steps "
+                          f"(each compiled; a new N makes new ones): {loop.growth}", stacklevel=4)
         key = compile_key(loop, [plan.guard.inputs.data.get(k) for k in [*loop.state_slots, *loop.invariant_slots]],
                           {id(s.tensor) for read in trace.python.reads.values() for s in tensor_snaps(read.value)})
         fn = self.backend.cached(key)

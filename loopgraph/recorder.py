@@ -17,6 +17,7 @@ from torch.utils import _pytree as pytree
 
 from .records import StepTrace, Unsupported, func_name
 from .rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
+from .scalars import ARITHMETIC, TracedFloat
 
 __all__ = ["Recorder"]
 
@@ -86,6 +87,7 @@ class Recorder(TorchFunctionMode):
         self.data_set: dict[int, torch.Tensor] = {}  # tensors given a new value by `x.data = y`
         self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
         self._storages: dict[tuple, list[fx.Node]] = {}  # storage of each step input -> its placeholders
+        self.recorded = 0  # ops recorded so far (an op given a traced float and not recorded bakes it)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
@@ -158,12 +160,26 @@ class Recorder(TorchFunctionMode):
                 return node
             self._check_stale(value)
             return self._constant(value)
+        if type(value) is TracedFloat:  # the graph holds the float the call read (its position: _record)
+            return value.source.original
         return value  # Python scalars stay literals; analysis lifts those that differ between steps
 
     # -- the mode -------------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat = _leaves((args, kwargs), [])
+        floats = [v for v in flat if type(v) is TracedFloat]
+        if not floats:
+            return self._dispatch(func, args, kwargs, flat)
+        recorded = self.recorded
+        try:
+            return self._dispatch(func, args, kwargs, flat)
+        finally:
+            if self.recorded == recorded:  # evaluated now (a factory, an op on no loop data): its result bakes it
+                for v in floats:
+                    v.source.note(f"an argument of `{func_name(func)}` evaluated when tracing")
+
+    def _dispatch(self, func, args: tuple, kwargs: dict, flat: list):
         self.used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
         tainted = any(self.node_of(v) is not None for v in flat)
         name = func_name(func)
@@ -263,6 +279,7 @@ class Recorder(TorchFunctionMode):
 
     def _record(self, func, name, args, kwargs, out) -> None:
         graph = self.step.graph
+        self.recorded += 1
         self.step.block_ops[self.block] = self.step.block_ops.get(self.block, 0) + 1
         inplace = _is_inplace(name, kwargs)
         target = kwargs.get("out", args[0] if args else None) if inplace else None
@@ -281,6 +298,7 @@ class Recorder(TorchFunctionMode):
             node = graph.call_function(_GRAPH_EQUIVALENT.get(func, func), tuple(g_args), g_kwargs)
         if inplace:
             node.meta["mutates"] = True  # kept even when nothing uses its result (`out[..., 0::2] = x`)
+        _link_floats(node, name, args, kwargs)
         if inplace and isinstance(target, torch.Tensor):
             self.taint[id(target)] = (target, node if out is target else self.node_of(target))
         if isinstance(out, torch.Tensor):
@@ -290,6 +308,23 @@ class Recorder(TorchFunctionMode):
             for k, item in enumerate(out):
                 if isinstance(item, torch.Tensor):
                     self.taint[id(item)] = (item, graph.call_function(operator.getitem, (node, k)))
+
+
+def _link_floats(node: fx.Node, name: str, args: tuple, kwargs: dict) -> None:
+    """Note where the traced floats an op was given sit (scalars.py): a direct operand of arithmetic is a
+    position the plan may lift (``node.meta["sources"]``); anywhere else its value is baked."""
+    top = [*enumerate(args), *kwargs.items()]
+    for pos, v in top:
+        if type(v) is TracedFloat:
+            if name in ARITHMETIC:
+                node.meta.setdefault("sources", {})[pos] = v.source
+                v.source.linked = True
+            else:
+                v.source.note(f"an argument of `{name}` (which takes a Python number)")
+    direct = {id(v) for _, v in top}
+    for v in _leaves((args, kwargs), []):
+        if type(v) is TracedFloat and id(v) not in direct:
+            v.source.note(f"inside an argument of `{name}`")
 
 
 def _leaves(value: Any, into: list) -> list:

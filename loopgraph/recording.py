@@ -41,6 +41,7 @@ from . import class_hooks
 from .class_hooks import HEAPTYPE, Patcher
 from .code_reads import global_reads, is_user_code
 from .components import _TORCH_GLOBAL_HOOKS, _class_lookup, value_of
+from .scalars import Lifts
 from .snapshots import (
     ABSENT,
     ATOM_TYPES,
@@ -107,6 +108,7 @@ class Recording:
         self.reached: dict[int, Any] = {}  # functions, methods, partials, classes and modules found in attributes
         self.step: int | None = None
         self.block: str | None = None
+        self.lifts: Lifts | None = None  # hands out the floats the call reads as traced floats (scalars.py)
         self.busy = False
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
@@ -165,7 +167,10 @@ class Recording:
             return
         path = f"{self.paths[oid]}.{name}"
         here = attrs.get(name, ABSENT) if attrs is not None else value
-        self._add_read(Read(obj, holder, name, snapshot(here), path), key)
+        read = Read(obj, holder, name, snapshot(here), path)
+        self._add_read(read, key)
+        if type(here) is float and attrs is not None and self.lifts is not None:
+            self.lifts.attribute(obj, name, here, read)
         if name in _MODULE_CONTAINERS and isinstance(obj, torch.nn.Module) and isinstance(here, dict):
             for child_name, child in here.items():  # a module's children by their attribute paths
                 self._adopt(child, f"{self.paths[oid]}.{child_name}")
@@ -349,6 +354,7 @@ class Recording:
                 else:
                     originals.append(r.current())
                     self.end.append((r.obj, r.key, copy_value(originals[-1])))
+        self.kept = originals  # the values themselves
         self.present = {id(t) for value in originals for t in walk_tensors(value)}
         self.stable = [r for key, r in self.reads.items()
                        if key not in changed and (id(r.obj), r.key) not in self.writes]

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from .recording import Recording
+from .scalars import Source
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
 
@@ -132,6 +133,12 @@ class LoopTrace:
     python: Recording | None = None  # the Python state the call read and wrote (recording.record)
     usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
     components: Any = None           # the components object the call was made with
+    floats: list[Source] = field(default_factory=list)  # the floats it read, traced (scalars.py)
+
+    @property
+    def lifted(self) -> list[Source]:
+        """The floats the plan may take as inputs: used only as operands of step graph arithmetic."""
+        return [s for s in self.floats if s.lifted]
 
     def final_value(self, slot: str) -> Any:
         """A slot's value after the eager loop (BlockState or component state; None if gone)."""

@@ -10,7 +10,7 @@ import torch
 from .analysis import LoopPlan, SlotInfo
 from .batching import CallSite, step_ranges, describe_sites
 from .config import LoopStats
-from .executables import origin
+from .executables import WholeLoop, origin
 from .lower import module_ops
 from .passes import PassRecord
 from .planner import Plan
@@ -98,6 +98,7 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats, verbose: bool = False) 
             status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"
         lines.append(f"  {name} ({type(block).__name__}, {where}): {status}")
     lines += plan.executable.describe()
+    lines += _float_lines(plan.trace, lifted=isinstance(plan.executable, WholeLoop))
     if r.batching:
         lines += ["batched calls:", *describe_sites(list(r.batching))]
     if r.program is None:
@@ -106,6 +107,8 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats, verbose: bool = False) 
         lines.append(f"random draws (rng='counter'): seed {name} drawn per call from {source}")
     ops = ", ".join(str(v.ops) for v in r.variants)
     lines.append(f"step graphs: {len(r.variants)} for {r.program.num_steps} steps ({ops} ops)")
+    if r.program.growth:
+        lines.append(f"  more step graphs for more steps: {r.program.growth}")
     if not verbose:
         return lines + [_stats_line(stats), f"explain(verbose=True) adds the slot table ({len(r.slots)} slots), "
                                             f"each step graph's steps, the hoisted tables and the passes"]
@@ -129,3 +132,22 @@ def _stats_line(stats: LoopStats) -> str:
             f"plans={stats.plans} calls={stats.calls} compiled_calls={stats.compiled_calls} "
             f"eager_blocks={stats.eager_blocks} plan_s={stats.plan_seconds:.2f} "
             f"compile_s={stats.compile_seconds:.2f}")
+
+
+def _float_lines(trace, lifted: bool) -> list[str]:
+    """``explain()``'s lines on the floats a plan reads: inputs of the compiled loop, or guarded by value and why."""
+    lines = []
+    inputs = [s for s in trace.lifted if s.linked]
+    if lifted and inputs:
+        lines.append("floats as inputs (a new value runs this plan): " + ", ".join(
+            s.path + (f" (while {', '.join(f'{c.text(s.original)} is {c.outcome}' for c in s.checks)})"
+                      if s.checks else "") for s in inputs))
+    # the floats of inputs, blocks, guiders and schedulers whose value is guarded (a model's own, such as a norm's
+    # eps, are not listed)
+    kept = [s for s in trace.floats if (s.use is not None or not lifted and s.linked)
+            and not isinstance(getattr(s.read, "obj", None), torch.nn.Module)]
+    if kept:
+        shown = "; ".join(f"{s.path}, {s.use or 'the plan does not run the whole loop compiled'}" for s in kept[:4])
+        more = f"; and {len(kept) - 4} more" if len(kept) > 4 else ""
+        lines.append(f"floats guarded by value: {shown}{more}")
+    return lines

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .recording import Read
+from .scalars import Source
 from .snapshots import (
     ABSENT,
     ATOMS,
@@ -196,9 +197,10 @@ class StateGuard:
     ``==`` is Python's: 1 and 1.0 compare equal in the first group (the exact check, on a miss, compares types).
     """
 
-    def __init__(self, reads: list[Read], rules: dict[int, str]) -> None:
+    def __init__(self, reads: list[Read], rules: dict[int, str], floats: list[Source] = ()) -> None:
         self.rules = rules
         self.reads = reads
+        self.floats = list(floats)  # floats the plan takes as inputs (scalars.py): by type and outcomes, not value
         self.per_holder = _PerHolder()
         self.hooks = _EmptyHookDicts()
         self.identity: dict[type, _Group] = {}
@@ -212,7 +214,7 @@ class StateGuard:
             self._add(r)
         for r in owners.values():
             self._add(r)
-        objs = list({id(r.obj): r.obj for r in reads if r.holder is not None and r.owner_key is None
+        objs = list({id(r.obj): r.obj for r in [*reads, *(s.read for s in self.floats)] if r.holder is not None and r.owner_key is None
                      and not isinstance(r.obj, type)}.values())
         self.objects = objs                       # their class and __dict__ are what the reads assume
         self.object_state = [_class_and_dict(o) for o in objs]
@@ -265,6 +267,8 @@ class StateGuard:
             self._checks.append(lambda g=g, t=types, n=lens, v=values: _lists_match(g.current(), t, n, v))
         self._checks.append(lambda: list(map(_class_and_dict, self.objects)) == self.object_state)
         self._checks.append(lambda: all(same(r.current(), r.value, self.rules) for r in self.slow))
+        if self.floats:
+            self._checks.append(lambda: all(s.fits(s.read.current()) for s in self.floats))
 
     def __len__(self) -> int:
         return len(self.reads)
@@ -285,6 +289,9 @@ class StateGuard:
                 return f"an object's class changed: {type(o).__qualname__}, was {t.__qualname__}"
             if _getdict(o) is not d:
                 return f"an object's __dict__ was replaced ({type(o).__qualname__})"
+        for s in self.floats:
+            if not s.fits(s.read.current()):
+                return s.misfit(s.read.current())
         for r in self.reads:
             now = r.current()
             if not same(now, r.value, self.rules):

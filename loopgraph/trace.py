@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from .batching import CallWatcher
 from .blocks import run_block
-from .components import component_objects, component_tensors
+from .components import component_objects, component_tensors, set_attribute, value_of
 from .recorder import Recorder
 from .recording import TRACE_LOCK, Recording, record
 from .records import (
@@ -38,6 +38,7 @@ from .records import (
     func_name,
 )
 from .rng import CounterDraws
+from .scalars import Lifts, TracedFloat, floats_in, plain
 from .snapshots import walk_tensors
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name",
@@ -104,8 +105,8 @@ def _loop_tensors_in_containers(block_state, recorder: Recorder) -> list[str]:
 
 
 def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "eager",
-               batch: bool = False, after_step: Callable[[int, Any, dict], None] | None = None
-               ) -> tuple[LoopTrace, Any]:
+               batch: bool = False, after_step: Callable[[int, Any, dict], None] | None = None,
+               lift_floats: bool = True) -> tuple[LoopTrace, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
     The Python state the call reads and writes is recorded too (``recording.record``: the plan's guards and
@@ -114,7 +115,8 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
     policy of rng.py (recorded as graph ops) instead of from torch's generators. Returns the trace and the
     wrapper's own return value ``(components, state)``. ``batch=True`` also records the steps' module calls and
     traces repeated ones batched (batching.py). ``after_step(i, block_state, kwargs)`` runs after each step,
-    outside the recording (step callbacks: watch.py).
+    outside the recording (step callbacks: watch.py). ``lift_floats``: the floats the call reads from its inputs
+    and the objects it reaches are traced floats (scalars.py), so the plan may lift those only arithmetic uses.
 
     Holds ``recording.TRACE_LOCK``: one trace at a time per process.
     """
@@ -145,11 +147,17 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
         recorder.pre_loop = {id(v): v for k, v in vars(bs).items() if isinstance(v, torch.Tensor) and k not in exclude}
         with torch._C.DisableTorchFunction():
             seen["rng"] = _rng_states(vars(bs))
+        for k, v in list(vars(bs).items()):
+            if type(v) is float:
+                setattr(bs, k, lifts.input(k, v))
         return bs
 
     def set_block_state(st, bs):
         with python.paused():
             check_after(bs)
+            for k, v in list(vars(bs).items()):  # the caller gets the floats it gave, not traced ones
+                if type(v) is TracedFloat:
+                    setattr(bs, k, v.source.original)
         return intercept.originals["set_block_state"](st, bs)
 
     def check_after(bs):
@@ -182,7 +190,7 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
             _cut(step, key, comps, block_state)
 
     def _cut(step: StepTrace, key: str, comps, block_state) -> None:
-        step.slots_before[key] = dict(vars(block_state))
+        step.slots_before[key] = {k: plain(v) for k, v in vars(block_state).items()}
         step.nodes_before[key] = {k: n for k, v in vars(block_state).items()
                                   if (n := recorder.node_of(v)) is not None}
         step.held_before[key] = {k: (path, v, n) for k, (path, v) in
@@ -279,15 +287,17 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
         intercept = _Intercept(wrapper, methods)
         try:
             with record(_roots(wrapper, components)) as python, recorder:
+                lifts = python.lifts = Lifts(lift_floats, lambda: python.busy)
                 python.hide(wrapper, *methods)
-                with CallWatcher(recorder, python) if batch else contextlib.nullcontext():
+                with CallWatcher(recorder, python) if batch else contextlib.nullcontext(), lifts.active():
                     result = wrapper(components, state)
                 side_effects(None, None)
                 with torch._C.DisableTorchFunction(), python.paused():
                     python.finish(dict(wrapper.sub_blocks))
         finally:
             intercept.remove()
-    initial, final = seen.get("initial", {}), seen.get("final", {})
+    initial = seen.get("initial", {})
+    final = _settle_floats(python, seen.get("final", {}))
     draws = recorder.draws
     seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
                                       for key, (name, value) in draws.seeds.items()}
@@ -317,5 +327,24 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                       block_names=list(wrapper.sub_blocks), component_slots=component_slots,
                       final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}),
                       seeds=seeds, progress=seen.get("progress", False), python=python,
-                      usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids), components=components)
+                      usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids), components=components,
+                      floats=lifts.sources)
     return trace, result
+
+
+def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
+    """After the traced call: a traced float it left somewhere (an attribute, another BlockState slot) would be
+    replayed by compiled calls as this call's value, so its value stays guarded; the floats the call read take
+    the traced ones' places. Returns the final BlockState with them."""
+    for k, v in final.items():
+        for f in floats_in(v):
+            if not (v is f and f.source.kind == "input" and f.source.name == k):
+                f.source.note(f"kept in the BlockState slot {k!r}")
+    for value in python.kept:
+        for f in floats_in(value):
+            f.source.note("kept in an attribute the call wrote")
+    for write in python.writes.values():
+        if type(value_of(write.obj, write.name)) is TracedFloat:
+            set_attribute(write.obj, write.name, value_of(write.obj, write.name).source.original)
+    python.end = [(obj, name, plain(value)) for obj, name, value in python.end]
+    return {k: plain(v) for k, v in final.items()}

@@ -211,7 +211,8 @@ def test_counter_rng_in_half_precision_matches_the_eager_loop(dtype):
     setup = build_loop("dit-ddim", steps=3, sample_size=8, dtype=dtype)
     scheduler = setup.components.scheduler
     scheduler.config = dataclasses.replace(scheduler.config, eta=1.0)
-    fast = compile_loop(setup.wrapper, backend="eager", rng="counter")
+    # unbatched: a half GEMM over the batched guidance calls may round otherwise than two calls (CPUs differ)
+    fast = compile_loop(setup.wrapper, backend="eager", rng="counter", batch_guidance=False)
     for seed in (0, 1, 0):
         torch.manual_seed(seed)
         expected = eager_loop(setup.wrapper, setup.components, setup.new_state())[1].get("latents")
