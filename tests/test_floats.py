@@ -223,6 +223,43 @@ def test_a_plan_that_does_not_run_the_whole_loop_compiled_guards_its_floats_by_v
     assert "floats guarded by value: input 'guidance_scale'" in fast.explain()
 
 
+def test_a_models_float_inside_a_batched_guidance_call_is_guarded_by_value():
+    """Found by the fuzzer: the model's ``self.scale`` reached the step graph inside the two guidance calls, and the
+    batched call that replaced them did not read it per call; it was guarded by type, so a new scale was ignored."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = torch.nn.Linear(8, 8), 1.0
+
+        def forward(self, x, cond):
+            return torch.tanh(self.lin(x + cond)) * self.scale
+
+    class Guided(ModularPipelineBlocks):
+        inputs = [InputParam("latents"), InputParam("cond")]
+        intermediate_outputs = [OutputParam("noise_pred")]
+
+        def __call__(self, components, block_state, i, t):
+            cond = components.net(block_state.latents, block_state.cond)
+            uncond = components.net(block_state.latents, torch.zeros_like(block_state.cond))
+            block_state.noise_pred = uncond + 3.0 * (cond - uncond)
+            return components, block_state
+
+    class Loop(DenoiseLoop):
+        block_classes = [Guided, Step]
+
+    torch.manual_seed(0)
+    components = types.SimpleNamespace(net=Net())
+    fast = compile_loop(Loop(), backend="eager")
+    for scale in (1.0, 1.0, 0.4, 0.4):
+        components.net.scale = scale
+        _, state = fast(components, make_state())
+        _, expected = Loop()(components, make_state())
+        assert matches_eager(state.get("latents"), expected.get("latents")), scale
+    assert fast.stats.plans == 2 and fast.stats.compiled_calls == 2
+    components.net.scale = 0.7
+    assert "components['net'].scale is 0.7, was 1.0" in fast.guard_check(components, make_state())
+
+
 # -- the traced float itself ------------------------------------------------------------------------------------
 @pytest.fixture
 def traced():
