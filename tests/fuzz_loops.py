@@ -333,6 +333,45 @@ class DataOnInput(_Block):
         return components, bs
 
 
+class Strength(_Block):
+    """A float block input used in tensor math (lifted) and in a predicate (guarded by its outcome)."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("strength")]
+
+    def __call__(self, components, bs, i: int):
+        if bs.strength > 0.5:
+            bs.x = bs.x * (1.0 - 0.2 * bs.strength) + 0.01 * self.param
+        else:
+            bs.x = bs.x - bs.strength * 0.1 * bs.x
+        return components, bs
+
+
+class KeptScale(_Block):
+    """Keeps the guider's scale on itself (a value a compiled call replays: guarded by value) and uses it."""
+
+    components_used = ("guider",)
+
+    def __call__(self, components, bs, i: int):
+        self.last_scale = components.guider.guidance_scale
+        bs.x = bs.x * (1.0 - 0.01 * self.param * self.last_scale)
+        return components, bs
+
+
+class IndexedSchedule(_Block):
+    """A schedule tensor in the BlockState indexed by the step, from both ends (gathered per call)."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("sched")]
+
+    def __call__(self, components, bs, i: int):
+        sched = bs.sched
+        bs.x = bs.x + (sched[i + 1] - sched[i]) * self.param * bs.x + 0.01 * sched[-(i + 1)]
+        return components, bs
+
+
 STRENGTH = 0.5  # a global read by decorated methods and by the block defined late
 
 
@@ -379,7 +418,7 @@ def late_block() -> type[_Block]:
 BLOCKS: dict[str, Callable[[float], _Block]] = {cls.__name__: cls for cls in (
     Affine, StepFloat, KwargFloat, SchedStep, History, Guidance, Model, BranchOnStep, BranchOnData, InPlace,
     ViewInPlace, Cast, Random, Previews, CountCalls, TypeCheck, DataAssign, Undeclared, Aliased, UndeclaredHistory,
-    DataOnInput, NoGradGlobal, WrappedGlobal, SettingsModule)}
+    DataOnInput, NoGradGlobal, WrappedGlobal, SettingsModule, Strength, KeptScale, IndexedSchedule)}
 BLOCKS["Late"] = lambda param: late_block()(param)  # a new class per world
 
 
@@ -438,6 +477,8 @@ class World:
         self.reset = True
         self.aliased = False
         self.empty_prompts = False
+        self.strength = 0.7
+        self.power = 1.0
         self.given: dict[str, Any] = {}
 
     def inputs(self) -> dict[str, Any]:
@@ -447,7 +488,8 @@ class World:
         if self.empty_prompts:  # a warm-up on empty prompts: both guidance halves alike
             cond = torch.zeros(SHAPE)
         return {"x": x, "cond": cond, "uncond": torch.zeros(SHAPE), "a": a, "b": a if self.aliased else a.clone(),
-                "previews": []}
+                "previews": [], "strength": self.strength,
+                "sched": torch.linspace(1.0, 0.0, self.steps + 1) ** self.power}
 
     def call(self, runner) -> PipelineState:
         c = self.components
@@ -538,6 +580,10 @@ def change(world: World, kind: str, value: float) -> None:
         fuzz_settings.STRENGTH = round(2 * value, 2)
     elif kind == "settings_unread":
         fuzz_settings.UNREAD = round(2 * value, 2)
+    elif kind == "strength":
+        world.strength = round(value, 2)
+    elif kind == "schedule":
+        world.power = round(1.0 + 2 * value, 2)
     elif kind == "same":
         pass
     else:
@@ -547,7 +593,7 @@ def change(world: World, kind: str, value: float) -> None:
 CHANGES = ("same", "new_inputs", "new_n", "guidance_scale", "guidance_window", "swap_model", "patch_model",
            "model_flag", "model_scale", "block_attr", "no_reset", "alias", "set_rescale", "weights_in_place",
            "new_scheduler", "hook", "empty_prompts", "mix_rows", "dataclass_out", "global", "settings",
-           "settings_unread")
+           "settings_unread", "strength", "schedule")
 
 
 def equal(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
