@@ -578,6 +578,8 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
             tail.append(n)
             tail = n
     for n in sorted(region, key=order.__getitem__, reverse=True):
+        for source in n.meta.get("sources", {}).values():  # a float the batched call bakes: guarded by value
+            source.use = source.use or "an operand inside a model call batched for guidance"
         graph.erase_node(n)
     graph.lint()
     step.block_ops[block] = step.block_ops.get(block, 0) + len(added) - len(region)

@@ -153,7 +153,7 @@ class Planner:
         taken = {id(source) for v in loop.variants for _, _, source in v.sources}
         missed = [s for s in trace.lifted if s.linked and id(s) not in taken]
         for s in missed:  # it reached a step graph the plan could not make read it per call: guarded by value
-            s.use = "an operand in a step graph that does not read it per call (a model call batched for guidance)"
+            s.use = "an operand in a step graph that does not read it per call"
         if missed:
             plan.guard = plan_guard(trace)
         if loop.growth and not self.warned_growth:  # once per compiled loop: explain() keeps saying it

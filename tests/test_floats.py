@@ -225,7 +225,8 @@ def test_a_plan_that_does_not_run_the_whole_loop_compiled_guards_its_floats_by_v
 
 def test_a_models_float_inside_a_batched_guidance_call_is_guarded_by_value():
     """Found by the fuzzer: the model's ``self.scale`` reached the step graph inside the two guidance calls, and the
-    batched call that replaced them did not read it per call; it was guarded by type, so a new scale was ignored."""
+    batched call that replaced them did not read it per call (another call outside the batch did); it was guarded by
+    type, so a new scale was ignored inside the batched call."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -244,8 +245,18 @@ def test_a_models_float_inside_a_batched_guidance_call_is_guarded_by_value():
             block_state.noise_pred = uncond + 3.0 * (cond - uncond)
             return components, block_state
 
+    class Refine(ModularPipelineBlocks):  # one more call, not batched: the scale's position there is not enough
+        inputs = [InputParam("latents"), InputParam("noise_pred"), InputParam("cond")]
+        intermediate_outputs = [OutputParam("noise_pred")]
+
+        def __call__(self, components, block_state, i, t):
+            refined = components.net(block_state.latents, block_state.cond)
+            block_state.noise_pred = block_state.noise_pred + 0.1 * refined
+            return components, block_state
+
     class Loop(DenoiseLoop):
-        block_classes = [Guided, Step]
+        block_classes = [Guided, Refine, Step]
+        block_names = ["guided", "refine", "step"]
 
     torch.manual_seed(0)
     components = types.SimpleNamespace(net=Net())
