@@ -55,8 +55,8 @@ class Variant:
     # lifted floats a call fills in: (table index, its rows or None for all of them, where the value is read)
     sources: list[tuple[int, torch.Tensor | None, Source]] = field(default_factory=list)
     # step-indexed reads of an input (``sigmas[i]``) a call gathers into a table: (table index, the variant's
-    # steps, the input's name, the dim, the index at each of those steps)
-    gathers: list[tuple[int, torch.Tensor, str, int, torch.Tensor]] = field(default_factory=list)
+    # steps or None for all, the input's name, the dim, the index at each of those steps)
+    gathers: list[tuple[int, torch.Tensor | None, str, int, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -351,11 +351,14 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     # tensor made afresh each step (t, sigma, a timestep embedding), so a variant used by one step (the
     # first) does not bake its values and a new N reuses the compiled code. Python floats stay literals
     # unless they differ (some ops insist on a Python number).
+    # the slots as the step was given them (a plan with gathers has them)
+    inputs = next(iter(template.slots_before.values())) if gather and template.slots_before else {}
     lift_positions = [
         k for k, (node, pos, value) in enumerate(per_step[0])
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])
         or (pos is None and id(value) not in stable and value.numel() <= LIFT_MAX_NUMEL) or k in extra
         or any(row[k] is not None and row[k].lifted for row in read_at)
+        or gather and _gathers_always(node, pos, invariant_slots, inputs)
     ]
     literals = {k: value for k, (node, pos, value) in enumerate(per_step[0])
                 if pos is not None and k not in lift_positions and func_name(node.target) in ARITHMETIC}
@@ -422,12 +425,12 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.meta.get("mutates", False))
     module = fx.GraphModule(root, graph, class_name="FusedStep")
     tables, gathers = [], []
-    steps = torch.tensor([s.index for s in members], dtype=torch.int64)
+    every = [s.index for s in members] == list(range(n))
+    steps = None if every else torch.tensor([s.index for s in members], dtype=torch.int64)
     for k in lift_positions:
         if k in gathered:
             name, dim = gathered[k]
-            table, at = _gathered_table(template.slots_before[next(iter(template.slots_before))][name], dim,
-                                        [p[k][2] for p in per_step], steps, n)
+            table, at = _gathered_table(inputs[name], dim, [p[k][2] for p in per_step], steps, n)
             gathers.append((len(tables), steps, name, dim, at))
             tables.append(table)
             continue
@@ -443,19 +446,39 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
                    gathers=gathers)
 
 
-def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor, n: int
+# A small row of an input read at a fixed index in every step of a variant (``sigmas[0]`` in a first step of its
+# own) is gathered too: the input's length (N + 1 for a schedule) then stays out of every step graph. A larger row
+# (``prompt_embeds[0]``) is read in place: a table would copy it N times per call.
+_GATHER_ROW_NUMEL = 1024
+
+
+def _gathers_always(node: fx.Node, pos: Any, invariant_slots: list[str], inputs: dict[str, Any]) -> bool:
+    base = node.args[0] if type(pos) is tuple else None
+    if base is None or base.op != "placeholder" or base.target not in invariant_slots:
+        return False
+    x = inputs.get(base.target)
+    return isinstance(x, torch.Tensor) and x.numel() // max(x.shape[pos[1]], 1) <= _GATHER_ROW_NUMEL
+
+
+def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor | None, n: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``) at each of ``steps``, and those indices (made
-    non-negative); a call fills the rows from its own ``x`` (``gather``)."""
-    at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64)
+    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``) at each of ``steps`` (None: every step, in order),
+    and those indices (made non-negative, on ``x``'s device); a call fills the rows from its own ``x`` (``gather``)."""
+    at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64, device=x.device)
     table = x.new_zeros((n, *x.shape[:dim], *x.shape[dim + 1:]))
     gather(table, steps, x, dim, at)
     return table, at
 
 
-def gather(table: torch.Tensor, steps: torch.Tensor, x: torch.Tensor, dim: int, at: torch.Tensor) -> None:
-    """Rows ``steps`` of ``table`` = ``x`` at the indices ``at`` along ``dim`` (a call's schedule read by step)."""
-    table.index_copy_(0, steps, x.index_select(dim, at).movedim(dim, 0))
+def gather(table: torch.Tensor, steps: torch.Tensor | None, x: torch.Tensor, dim: int, at: torch.Tensor) -> None:
+    """Rows ``steps`` (None: all) of ``table`` = ``x`` at the indices ``at`` along ``dim`` (a call's schedule read
+    by step). ``x`` may live on another device than the table (a CPU schedule of a CUDA loop)."""
+    if steps is None and dim == 0 and x.device == table.device and x.dtype == table.dtype:
+        torch.index_select(x, 0, at, out=table)  # one op, in place (a CUDA graph keeps reading the same memory)
+    elif steps is None:
+        table.copy_(x.index_select(dim, at).movedim(dim, 0))
+    else:
+        table.index_copy_(0, steps, x.index_select(dim, at).movedim(dim, 0).to(table.device, table.dtype))
 
 
 def _read_rows(lift_positions: list[int], members: list[StepTrace], read_at: list[list]

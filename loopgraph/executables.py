@@ -115,7 +115,7 @@ class WholeLoop:
         self.buffers: dict[tuple, list[torch.Tensor]] = {}
         self.floats = [(tables[j], rows if rows is None else rows.to(tables[j].device), source)
                        for tables, v in zip(self.tables, loop.variants) for j, rows, source in v.sources]
-        self.gathers = [(tables[j], steps.to(tables[j].device), name, dim, at.to(tables[j].device))
+        self.gathers = [(tables[j], None if steps is None else steps.to(tables[j].device), name, dim, at)
                         for tables, v in zip(self.tables, loop.variants) for j, steps, name, dim, at in v.gathers]
 
     def execute(self, slots: dict[str, Any], bar=None, watch: StepWatch | None = None, traced: bool = False

@@ -31,6 +31,8 @@ class Step(ModularPipelineBlocks):
         eps = torch.tanh(x + t * 1e-3)
         if self.read == "sigmas":      # a block input indexed by the step: gathered per call
             dt = sigmas[i + 1] - sigmas[i]
+        elif self.read == "first":     # the same, and step 0 its own step graph: each gathers its own rows
+            dt = sigmas[i + 1] - sigmas[i] if i else (sigmas[1] - sigmas[0]) * 0.5
         elif self.read == "column":    # a 2-D input's column: x[:, i]
             dt = block_state.table[:, i].sum() * -0.01
         elif self.read == "computed":  # a tensor the step computes, indexed from the end: a device-side index
@@ -95,6 +97,15 @@ def test_a_step_indexed_schedule_is_one_step_graph_for_any_n_equal_to_eager(read
     if read != "computed":  # no input's length is in the compiled code (gathered, or not read): one compilation
         assert dynamo_utils.counters["stats"]["unique_graphs"] == 1 and fast.stats.step_graphs == 1
         assert "sigmas" not in fast.last_plan.invariant_slots and "table" not in fast.last_plan.invariant_slots
+
+
+def test_step_graphs_of_some_steps_gather_their_own_rows():
+    fast = compile_loop(loop_reading("first"), backend="eager", strict=True)
+    for n in (4, 6, 4):
+        _, state = fast(None, new_state(n))
+        assert matches_eager(state.get("latents"), eager("first", n)), n
+        assert f"step graphs: 2 for {n} steps" in fast.explain()
+    assert fast.stats.compiled_calls == 1 and fast.stats.step_graphs == 2
 
 
 def test_new_schedule_values_of_the_same_length_are_gathered_on_each_call():
