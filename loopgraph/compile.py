@@ -263,7 +263,7 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
         lift_floats: True (default) | False: a Python float the traced call read (a block input, a component's
             attribute) and used only as an operand of tensor arithmetic is an input of the compiled loop: a new
             guidance scale runs the same plan (``loopgraph.scalars``). False guards every float by value (for
-            code that hands a lifted float to C code loopgraph cannot see use it, such as numpy).
+            code whose C reads a float's value past its Python methods, such as ``"%f" % scale`` or ``struct.pack``).
 
     Returns:
         A ``CompiledLoop``: call it as ``components, state = fast(components, state)``.

@@ -12,8 +12,8 @@ of the same value that notes every use Python makes of it besides being a torch 
 A float used only as a direct operand of the step graphs' arithmetic is *lifted*: its positions become rows of
 the step tables, filled on every call from the value read then, and the plan guards its type, not its value (a new
 guidance scale is a new input, not a new plan). Any other use keeps the value guarded, and ``explain()`` says where
-it was used. C code that reads a float without Python's number protocol (numpy) is not seen: ``compile_loop(...,
-lift_floats=False)`` guards every float by value.
+it was used. numpy converts it with ``__float__`` (seen); C code that reads a float's value past its methods
+(``"%f" % scale``, ``struct.pack``) is not: ``compile_loop(..., lift_floats=False)`` guards every float by value.
 """
 
 from __future__ import annotations

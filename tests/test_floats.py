@@ -7,6 +7,7 @@ import math
 import types
 import warnings
 
+import numpy
 import pytest
 import torch
 
@@ -46,6 +47,8 @@ class Denoise(ModularPipelineBlocks):
             uncond = uncond + torch.full_like(uncond, scale) * 0.01
         if self.use == "kept":  # left where the call ends: a compiled call would replay it, so guarded
             components.guider.last = scale
+        if self.use == "numpy":  # numpy converts it with __float__: a tensor made from it, so guarded
+            scale = torch.from_numpy(numpy.array([scale], dtype=numpy.float32))
         block_state.noise_pred = uncond + scale * (cond - uncond)
         return components, block_state
 
@@ -154,6 +157,20 @@ def test_the_zoo_guider_lifts_its_scale_and_a_scale_of_one_turns_guidance_off_in
         assert matches_eager(state.get("latents"), expected), scale
         assert fast.stats.plans == plans, scale
     assert fast.stats.compiled_calls == 3
+
+
+def test_a_float_numpy_reads_is_guarded_by_value():
+    """numpy converts the float through ``__float__`` (a Python use), so a tensor it makes from it is not baked
+    silently: the float is guarded by value."""
+    fast = compile_loop(loop_using("numpy"), backend="eager")
+    components = components_with()
+    for scale, plans in [(4.0, 1), (4.0, 1), (5.0, 2)]:
+        components.guider.scale = scale
+        _, state = fast(components, make_state(scale))
+        expected = run(loop_using("numpy"), components_with(scale), scale)
+        assert matches_eager(state.get("latents"), expected.get("latents")), scale
+        assert fast.stats.plans == plans
+    assert "components['guider'].scale, used by Python (__float__)" in fast.explain()
 
 
 @pytest.mark.parametrize("use, why", [
