@@ -162,6 +162,8 @@ class Recorder(TorchFunctionMode):
             return self._constant(value)
         if type(value) is TracedFloat:  # the graph holds the float the call read (its position: _record)
             return value.source.original
+        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+            return value.item()  # a numpy scalar: torch takes it as the Python number (Dynamo refuses it in a graph)
         return value  # Python scalars stay literals; analysis lifts those that differ between steps
 
     # -- the mode -------------------------------------------------------------------------------------------

@@ -173,6 +173,26 @@ def test_a_float_numpy_reads_is_guarded_by_value():
     assert "components['guider'].scale, used by Python (__float__)" in fast.explain()
 
 
+def test_a_numpy_scalar_operand_compiles_and_equals_eager():
+    class Damp(ModularPipelineBlocks):  # a numpy scalar as an op's operand (a scheduler's numpy arithmetic)
+        inputs = [InputParam("latents")]
+
+        def __call__(self, components, block_state, i, t):
+            block_state.latents = block_state.latents * numpy.float32(0.99) + numpy.float64(0.01) * t
+            return components, block_state
+
+    class Loop(DenoiseLoop):
+        block_classes = [Damp]
+        block_names = ["damp"]
+
+    fast = compile_loop(Loop(), backend="eager", strict=True)
+    for _ in range(2):
+        _, state = fast(None, make_state())
+        _, expected = Loop()(None, make_state())
+        assert matches_eager(state.get("latents"), expected.get("latents"))
+    assert fast.stats.compiled_calls == 1
+
+
 @pytest.mark.parametrize("use, why", [
     ("python", "used by Python (__mul__)"),
     ("factory", "an argument of `full_like` (which takes a Python number)"),
