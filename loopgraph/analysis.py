@@ -144,15 +144,15 @@ def classify_slots(trace: LoopSteps, needed_at_end: set[str]) -> dict[str, SlotI
 
 # -- step signatures --------------------------------------------------------------------------------------------
 def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, Any, Any]]:
-    """Per-step values in graph order: (node, argument position or keyword, None for a get_attr, or ("index", dim)
-    for a step index, value).
+    """Per-step values in graph order: (node, argument position or keyword, None for a get_attr, or ("index", dim,
+    width) for a step index, value).
 
     Python floats passed directly (positionally or by keyword: ``clamp(min=-c)``), ints passed directly to
-    arithmetic (``x * scale + i``) and the int of ``x[i]`` / ``x[:, i]`` on loop data (a schedule indexed by the
-    step) can become table rows; a number inside a list or tuple argument cannot, and is part of the step's
-    signature instead."""
+    arithmetic (``x * scale + i``), the int of ``x[i]`` / ``x[:, i]`` on loop data and the start of ``x[i:i + k]``
+    on a step input (a schedule indexed by the step) can become table rows; a number inside a list or tuple
+    argument cannot, and is part of the step's signature instead."""
     found = []
-    mutated = _mutated(step.graph)
+    mutated, shapes = _mutated(step.graph), _input_shapes(step)
     for node in step.graph.nodes:
         if node.op == "get_attr":
             found.append((node, None, step.constants[node.target]))
@@ -160,11 +160,19 @@ def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, Any, Any]]:
             for pos, arg in [*enumerate(node.args), *node.kwargs.items()]:
                 if _liftable_number(node, pos, arg):
                     found.append((node, pos, arg))
-            dim = _step_index_dim(node, mutated)
-            if dim is not None:
+            at = _step_index(node, mutated, shapes)
+            if at is not None:
+                dim, width = at
                 index = node.args[1]
-                found.append((node, ("index", dim), index if type(index) is int else index[dim]))
+                entry = index if type(index) is not tuple else index[dim]
+                found.append((node, ("index", dim, width), entry.start if type(entry) is slice else entry))
     return found
+
+
+def _input_shapes(step: StepTrace) -> dict[str, torch.Size]:
+    """The shapes of the tensors the step was given, by slot (the step graph's placeholders)."""
+    given = next(iter(step.slots_before.values()), {})
+    return {k: v.shape for k, v in given.items() if isinstance(v, torch.Tensor)}
 
 
 def _liftable_number(node: fx.Node, pos: int | str, arg: Any) -> bool:
@@ -179,28 +187,38 @@ def _mutated(graph: fx.Graph) -> set[fx.Node]:
     return {n.args[0] for n in graph.nodes if n.meta.get("mutates") and n.args and isinstance(n.args[0], fx.Node)}
 
 
-def _step_index_dim(node: fx.Node, mutated: set[fx.Node]) -> int | None:
-    """The dim of the one int in an index ``x[i]``, ``x[:, i]`` (other entries full slices) on loop data, whose
-    result may be a copy instead of a view (neither it nor ``x`` is changed in place): that int may become a
-    device-side index (``take_at``). None for any other node."""
+def _step_index(node: fx.Node, mutated: set[fx.Node], shapes: dict[str, torch.Size]) -> tuple[int, int | None] | None:
+    """(dim, width) of the one entry of an index on loop data that may take the step's value, the other entries
+    full slices: an int (``x[i]``, ``x[:, i]``; width None) or, on a step input, a slice within its bounds
+    (``x[i:i + k]``, ``x[:, i:i + 2]``; width k). Its result may be a copy instead of a view (neither it nor ``x``
+    is changed in place), so the int or the start may become a device-side index (``take_at``). None for any
+    other node."""
     if func_name(node.target) != "__getitem__" or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
         return None
     index = node.args[1]
-    if type(index) is int:
-        dim = 0
-    elif type(index) is tuple and [type(e) for e in index].count(int) == 1 and all(
-            type(e) is int or e == slice(None) for e in index):
-        dim = next(d for d, e in enumerate(index) if type(e) is int)
-    else:
+    entries = index if type(index) is tuple else (index,)
+    picked = [d for d, e in enumerate(entries) if e != slice(None)]
+    if len(picked) != 1 or not all(type(e) in (int, slice) for e in entries):
         return None
+    dim, entry = picked[0], entries[picked[0]]
     if node in mutated or node.args[0] in mutated:
         return None
-    return dim
+    if type(entry) is int:
+        return dim, None
+    base = node.args[0]
+    shape = shapes.get(base.target) if base.op == "placeholder" else None
+    if (shape is None or entry.step is not None or type(entry.start) is not int or type(entry.stop) is not int
+            or not 0 <= entry.start < entry.stop <= shape[dim]):  # Python clamps a slice past the end: not that
+        return None
+    return dim, entry.stop - entry.start
 
 
-def take_at(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+def take_at(x: torch.Tensor, dim: int, index: torch.Tensor, width: int | None = None) -> torch.Tensor:
     """``x`` at ``index`` along ``dim`` (a 0-d int64 tensor, negative from the end): ``x[i]`` or ``x[:, i]`` with
-    the step's ``i`` read from a table at the device-side step counter."""
+    the step's ``i`` read from a table at the device-side step counter; with ``width``, ``x[i:i + width]`` (``i``
+    not negative)."""
+    if width is not None:
+        return torch.index_select(x, dim, index + torch.arange(width, device=x.device))
     index = torch.where(index < 0, index + x.shape[dim], index)
     return torch.index_select(x, dim, index.reshape(1)).squeeze(dim)
 
@@ -210,7 +228,7 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
     # does not make the step different: unused placeholders are left out.
     live = [n for n in step.graph.nodes if n.op != "placeholder" or n.users]
     index = {node: k for k, node in enumerate(live)}
-    mutated = _mutated(step.graph)
+    mutated, shapes = _mutated(step.graph), _input_shapes(step)
 
     def enc(a: Any, top: bool = False, node: fx.Node | None = None, pos: Any = None) -> Any:
         if isinstance(a, fx.Node):
@@ -231,10 +249,8 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
             parts.append(("get_attr", key))
         elif node.op == "placeholder":
             parts.append(("placeholder", node.target, len(node.users) > 0))
-        elif _step_index_dim(node, mutated) is not None:  # x[i]: the step's i may be a table row
-            at = node.args[1]
-            parts.append((node.op, str(node.target), enc(node.args[0]), "step index",
-                          tuple("i" if type(e) is int else repr(e) for e in (at if type(at) is tuple else ()))))
+        elif (at := _step_index(node, mutated, shapes)) is not None:  # x[i]: the step's i may be a table row
+            parts.append((node.op, str(node.target), enc(node.args[0]), "step index", at))
         else:
             parts.append((node.op, str(node.target), tuple(enc(a, True, node, pos) for pos, a in enumerate(node.args)),
                           tuple((k, enc(v, True, node, k)) for k, v in node.kwargs.items())))
@@ -401,12 +417,12 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         kwargs = dict(fx.map_arg(node.kwargs, lambda a: env[a]))
         step_index = step_indices.get(id(node))
         if step_index is not None and step_index in lift_nodes:  # x[i] with the step's i
-            base, dim = node.args[0], candidates[step_index][1][1]
+            base, (_, dim, width) = node.args[0], candidates[step_index][1]
             if gather and base.op == "placeholder" and base.target in invariant_slots:  # gathered per call
                 env[node] = lift_nodes[step_index]
-                gathered[step_index] = (base.target, dim)
+                gathered[step_index] = (base.target, dim, width)
             else:  # a device-side index into a tensor the step computes
-                env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[step_index]))
+                env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[step_index], width))
             continue
         for pos in [*range(len(args)), *kwargs]:
             k = cand_index.get((id(node), pos))
@@ -429,8 +445,8 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     steps = None if every else torch.tensor([s.index for s in members], dtype=torch.int64)
     for k in lift_positions:
         if k in gathered:
-            name, dim = gathered[k]
-            table, at = _gathered_table(inputs[name], dim, [p[k][2] for p in per_step], steps, n)
+            name, dim, width = gathered[k]
+            table, at = _gathered_table(inputs[name], dim, [p[k][2] for p in per_step], steps, n, width)
             gathers.append((len(tables), steps, name, dim, at))
             tables.append(table)
             continue
@@ -460,25 +476,37 @@ def _gathers_always(node: fx.Node, pos: Any, invariant_slots: list[str], inputs:
     return isinstance(x, torch.Tensor) and x.numel() // max(x.shape[pos[1]], 1) <= _GATHER_ROW_NUMEL
 
 
-def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor | None, n: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``) at each of ``steps`` (None: every step, in order),
-    and those indices (made non-negative, on ``x``'s device); a call fills the rows from its own ``x`` (``gather``)."""
-    at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64, device=x.device)
-    table = x.new_zeros((n, *x.shape[:dim], *x.shape[dim + 1:]))
+def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor | None, n: int,
+                    width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``; with ``width``, ``x[..., i:i + width, ...]``) at
+    each of ``steps`` (None: every step, in order), and the indices read (made non-negative, on ``x``'s device;
+    one row of ``width`` per step for a slice); a call fills the rows from its own ``x`` (``gather``)."""
+    if width is None:
+        at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64, device=x.device)
+        row = [*x.shape[:dim], *x.shape[dim + 1:]]
+    else:
+        at = torch.tensor([[i + j for j in range(width)] for i in indices], dtype=torch.int64, device=x.device)
+        row = [*x.shape[:dim], width, *x.shape[dim + 1:]]
+    table = x.new_zeros((n, *row))
     gather(table, steps, x, dim, at)
     return table, at
 
 
 def gather(table: torch.Tensor, steps: torch.Tensor | None, x: torch.Tensor, dim: int, at: torch.Tensor) -> None:
     """Rows ``steps`` (None: all) of ``table`` = ``x`` at the indices ``at`` along ``dim`` (a call's schedule read
-    by step). ``x`` may live on another device than the table (a CPU schedule of a CUDA loop)."""
-    if steps is None and dim == 0 and x.device == table.device and x.dtype == table.dtype:
+    by step; a 2-D ``at``: a slice of ``at.shape[1]`` per step). ``x`` may live on another device than the table
+    (a CPU schedule of a CUDA loop)."""
+    if steps is None and dim == 0 and at.dim() == 1 and x.device == table.device and x.dtype == table.dtype:
         torch.index_select(x, 0, at, out=table)  # one op, in place (a CUDA graph keeps reading the same memory)
-    elif steps is None:
-        table.copy_(x.index_select(dim, at).movedim(dim, 0))
+        return
+    rows = x.index_select(dim, at.flatten())
+    if at.dim() == 2:
+        rows = rows.unflatten(dim, tuple(at.shape))
+    rows = rows.movedim(dim, 0)
+    if steps is None:
+        table.copy_(rows)
     else:
-        table.index_copy_(0, steps, x.index_select(dim, at).movedim(dim, 0).to(table.device, table.dtype))
+        table.index_copy_(0, steps, rows.to(table.device, table.dtype))
 
 
 def _read_rows(lift_positions: list[int], members: list[StepTrace], read_at: list[list]

@@ -1,7 +1,8 @@
-"""A schedule indexed by the step in a block (issue 30): ``sigmas[i]``, ``sigmas[i + 1]``, ``x[:, i]`` and ``x + i``
-give one step graph for any N. An input indexed by the step is gathered into a table per call (the compiled code
-does not depend on its length), a tensor the step computes is indexed at a device-side step index; where step graphs
-still grow with N a warning and ``explain()`` say which op and what to change. Every call equals eager's."""
+"""A schedule indexed by the step in a block (issue 30): ``sigmas[i]``, ``sigmas[i + 1]``, ``x[:, i]``, ``x[i:i + 2]``
+and ``x + i`` give one step graph for any N. An input indexed by the step is gathered into a table per call (the
+compiled code does not depend on its length), a tensor the step computes is indexed at a device-side step index;
+where step graphs still grow with N a warning and ``explain()`` say which op and what to change. Every call equals
+eager's."""
 
 import warnings
 
@@ -33,6 +34,11 @@ class Step(ModularPipelineBlocks):
             dt = sigmas[i + 1] - sigmas[i]
         elif self.read == "first":     # the same, and step 0 its own step graph: each gathers its own rows
             dt = sigmas[i + 1] - sigmas[i] if i else (sigmas[1] - sigmas[0]) * 0.5
+        elif self.read == "slice":     # a slice of an input by the step: x[i:i + 2], gathered per call
+            pair = sigmas[i:i + 2]
+            dt = pair[1] - pair[0]
+        elif self.read == "window":    # a slice of the carried latents by the step: a device-side index
+            dt = x[:, i % 4:i % 4 + 3].mean() * 0.01 - 0.03
         elif self.read == "column":    # a 2-D input's column: x[:, i]
             dt = block_state.table[:, i].sum() * -0.01
         elif self.read == "computed":  # a tensor the step computes, indexed from the end: a device-side index
@@ -83,7 +89,7 @@ def eager(read: str, n: int) -> torch.Tensor:
     return state.get("latents")
 
 
-@pytest.mark.parametrize("read", ["sigmas", "column", "computed", "int"])
+@pytest.mark.parametrize("read", ["sigmas", "slice", "window", "column", "computed", "int"])
 def test_a_step_indexed_schedule_is_one_step_graph_for_any_n_equal_to_eager(read):
     import torch._dynamo.utils as dynamo_utils
 
