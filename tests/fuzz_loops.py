@@ -360,7 +360,7 @@ class KeptScale(_Block):
 
 
 class IndexedSchedule(_Block):
-    """A schedule tensor in the BlockState indexed by the step, from both ends (gathered per call)."""
+    """A schedule tensor in the BlockState indexed by the step, from both ends, and sliced (gathered per call)."""
 
     @property
     def inputs(self):
@@ -368,7 +368,8 @@ class IndexedSchedule(_Block):
 
     def __call__(self, components, bs, i: int):
         sched = bs.sched
-        bs.x = bs.x + (sched[i + 1] - sched[i]) * self.param * bs.x + 0.01 * sched[-(i + 1)]
+        pair = sched[i:i + 2]  # a slice by the step, too
+        bs.x = bs.x + (sched[i + 1] - sched[i]) * self.param * bs.x + 0.01 * sched[-(i + 1)] + 0.001 * pair.sum()
         return components, bs
 
 
