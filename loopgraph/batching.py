@@ -500,6 +500,25 @@ class _Constants:
         return graph.get_attr(name)
 
 
+def _batched_floats(batch: BatchedCall) -> tuple[dict[fx.Node, dict], set[tuple[fx.Node, Any]]]:
+    """The traced floats (scalars.py) the batched call's ops read, and the calls' (node, position) they stand for.
+
+    The batched call is traced after the calls (the floats are plain there); when its ops are the calls' ops in
+    order (only the batch size changed), an op whose calls all read the same float at a position reads it there
+    too. Any other float the calls read is baked by the batched call (``_splice`` guards it by value)."""
+    ops = [n for n in batch.graph.nodes if n.op == "call_function"]
+    per_call = [[n for n in c.nodes if n.op == "call_function"] for c in batch.calls]
+    if any(len(nodes) != len(ops) or any(a.target != b.target for a, b in zip(nodes, ops)) for nodes in per_call):
+        return {}, set()
+    carried, covered = {}, set()
+    for k, op in enumerate(ops):
+        first = per_call[0][k].meta.get("sources")
+        if first and all(nodes[k].meta.get("sources") == first for nodes in per_call[1:]):
+            carried[op] = dict(first)
+            covered |= {(nodes[k], pos) for nodes in per_call for pos in first}
+    return carried, covered
+
+
 def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str | None:
     """Replace the calls' regions in ``step.graph`` by the batched call; None when done, else why not (and the
     graph untouched)."""
@@ -526,6 +545,7 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
         return "the call's input is computed from an earlier call's result"
 
     constants = _Constants(step, usage)
+    carried, covered = _batched_floats(batch)
     anchor, block = calls[-1].nodes[0], calls[0].block
     first = calls[0]
     env: dict[fx.Node, fx.Node] = {}
@@ -551,6 +571,8 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
                 env[n] = graph.call_function(n.target, fx.map_arg(n.args, env.__getitem__),
                                              fx.map_arg(n.kwargs, env.__getitem__))
                 env[n].meta.update(n.meta)
+                if n in carried:  # the floats every call read there: read per call by the batched op too
+                    env[n].meta["sources"] = carried[n]
                 added.append(env[n])
         for k, out in enumerate(batch.out_nodes):
             if out is None:
@@ -578,8 +600,9 @@ def _splice(step: StepTrace, batch: BatchedCall, usage: TensorUse | None) -> str
             tail.append(n)
             tail = n
     for n in sorted(region, key=order.__getitem__, reverse=True):
-        for source in n.meta.get("sources", {}).values():  # a float the batched call bakes: guarded by value
-            source.use = source.use or "an operand inside a model call batched for guidance"
+        for pos, source in n.meta.get("sources", {}).items():
+            if (n, pos) not in covered:  # a float the batched call bakes: guarded by value
+                source.use = source.use or "an operand inside a model call batched for guidance"
         graph.erase_node(n)
     graph.lint()
     step.block_ops[block] = step.block_ops.get(block, 0) + len(added) - len(region)

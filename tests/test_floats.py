@@ -260,52 +260,73 @@ def test_a_plan_that_does_not_run_the_whole_loop_compiled_guards_its_floats_by_v
     assert "floats guarded by value: input 'guidance_scale'" in fast.explain()
 
 
-def test_a_models_float_inside_a_batched_guidance_call_is_guarded_by_value():
-    """Found by the fuzzer: the model's ``self.scale`` reached the step graph inside the two guidance calls, and the
-    batched call that replaced them did not read it per call (another call outside the batch did); it was guarded by
-    type, so a new scale was ignored inside the batched call."""
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin, self.scale = torch.nn.Linear(8, 8), 1.0
+class ScaledNet(torch.nn.Module):
+    """A model that multiplies by its own float; ``extra_when_batched``: its batched call runs one more op."""
 
-        def forward(self, x, cond):
-            return torch.tanh(self.lin(x + cond)) * self.scale
+    def __init__(self, extra_when_batched: bool = False):
+        super().__init__()
+        self.lin, self.scale, self.extra_when_batched = torch.nn.Linear(8, 8), 1.0, extra_when_batched
 
-    class Guided(ModularPipelineBlocks):
-        inputs = [InputParam("latents"), InputParam("cond")]
-        intermediate_outputs = [OutputParam("noise_pred")]
+    def forward(self, x, cond):
+        h = torch.tanh(self.lin(x + cond))
+        if self.extra_when_batched and x.shape[0] > 2:
+            h = h + 0.0
+        return h * self.scale
 
-        def __call__(self, components, block_state, i, t):
-            cond = components.net(block_state.latents, block_state.cond)
-            uncond = components.net(block_state.latents, torch.zeros_like(block_state.cond))
-            block_state.noise_pred = uncond + 3.0 * (cond - uncond)
-            return components, block_state
 
-    class Refine(ModularPipelineBlocks):  # one more call, not batched: the scale's position there is not enough
-        inputs = [InputParam("latents"), InputParam("noise_pred"), InputParam("cond")]
-        intermediate_outputs = [OutputParam("noise_pred")]
+class Guided(ModularPipelineBlocks):  # the model twice per step: one batched call
+    inputs = [InputParam("latents"), InputParam("cond")]
+    intermediate_outputs = [OutputParam("noise_pred")]
 
-        def __call__(self, components, block_state, i, t):
-            refined = components.net(block_state.latents, block_state.cond)
-            block_state.noise_pred = block_state.noise_pred + 0.1 * refined
-            return components, block_state
+    def __call__(self, components, block_state, i, t):
+        cond = components.net(block_state.latents, block_state.cond)
+        uncond = components.net(block_state.latents, torch.zeros_like(block_state.cond))
+        block_state.noise_pred = uncond + 3.0 * (cond - uncond)
+        return components, block_state
 
-    class Loop(DenoiseLoop):
-        block_classes = [Guided, Refine, Step]
-        block_names = ["guided", "refine", "step"]
 
+class Refine(ModularPipelineBlocks):  # the model once more, in another block: not batched
+    inputs = [InputParam("latents"), InputParam("noise_pred"), InputParam("cond")]
+    intermediate_outputs = [OutputParam("noise_pred")]
+
+    def __call__(self, components, block_state, i, t):
+        refined = components.net(block_state.latents, block_state.cond)
+        block_state.noise_pred = block_state.noise_pred + 0.1 * refined
+        return components, block_state
+
+
+class GuidedLoop(DenoiseLoop):
+    block_classes = [Guided, Refine, Step]
+    block_names = ["guided", "refine", "step"]
+
+
+def run_model_scales(extra_when_batched: bool, scales):
     torch.manual_seed(0)
-    components = types.SimpleNamespace(net=Net())
-    fast = compile_loop(Loop(), backend="eager")
-    for scale in (1.0, 1.0, 0.4, 0.4):
+    components = types.SimpleNamespace(net=ScaledNet(extra_when_batched))
+    fast = compile_loop(GuidedLoop(), backend="eager")
+    for scale in scales:
         components.net.scale = scale
         _, state = fast(components, make_state())
-        _, expected = Loop()(components, make_state())
+        _, expected = GuidedLoop()(components, make_state())
         assert matches_eager(state.get("latents"), expected.get("latents")), scale
+    return fast
+
+
+def test_a_models_float_inside_batched_guidance_calls_is_read_per_call():
+    """The model's ``self.scale`` inside the two guidance calls batched as one, and in a third call: an input of the
+    compiled loop at each of its places (the batched call's op reads it where both calls did)."""
+    fast = run_model_scales(False, (1.0, 1.0, 0.4, 0.4, 0.7))
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 4
+    assert "floats as inputs (a new value runs this plan): components['net'].scale" in fast.explain()
+
+
+def test_a_float_a_batched_call_bakes_is_guarded_by_value():
+    """Found by the fuzzer: the batched call's ops are not the calls' ops (here it runs one more), so it bakes the
+    scale; it was guarded by type while the third call's place was read per call, and a new scale was ignored
+    inside the batched call."""
+    fast = run_model_scales(True, (1.0, 1.0, 0.4, 0.4))
     assert fast.stats.plans == 2 and fast.stats.compiled_calls == 2
-    components.net.scale = 0.7
-    assert "components['net'].scale is 0.7, was 1.0" in fast.guard_check(components, make_state())
+    assert "batched calls:" in fast.explain() and "one batched call" in fast.explain()
 
 
 # -- the traced float itself ------------------------------------------------------------------------------------
