@@ -424,15 +424,22 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             else:  # a device-side index into a tensor the step computes
                 env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[step_index], width))
             continue
+        lifted_here = False
         for pos in [*range(len(args)), *kwargs]:
             k = cand_index.get((id(node), pos))
             if k is not None and k in lift_nodes:  # a Python float that changes per step becomes a 0-d table row
+                lifted_here = True
                 if isinstance(pos, int):
                     args[pos] = lift_nodes[k]
                 else:
                     kwargs[pos] = lift_nodes[k]
         env[node] = graph.call_function(node.target, tuple(args), kwargs)
         env[node].meta["mutates"] = node.meta.get("mutates", False)
+        if lifted_here and node.meta.get("0-d") and not node.meta.get("mutates"):
+            # between 0-d tensors the table row's dtype counts where the Python number's did not (a half sigma
+            # times a float32 row is float32; an int32 counter plus an int64 row is int64): computed at the row's
+            # precision, as eager computes a half op with a number, and cast back to the dtype eager gave
+            env[node] = graph.call_function(torch.Tensor.to, (env[node], node.meta["dtype"]))
     outs = []
     for name in state_slots:
         node = template.outputs.get(name)

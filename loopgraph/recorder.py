@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import sys
 import traceback
 from typing import Any, Iterator
 
@@ -162,7 +163,8 @@ class Recorder(TorchFunctionMode):
             return self._constant(value)
         if type(value) is TracedFloat:  # the graph holds the float the call read (its position: _record)
             return value.source.original
-        if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and isinstance(value, numpy.generic):
             return value.item()  # a numpy scalar: torch takes it as the Python number (Dynamo refuses it in a graph)
         return value  # Python scalars stay literals; analysis lifts those that differ between steps
 
@@ -306,6 +308,7 @@ class Recorder(TorchFunctionMode):
         if isinstance(out, torch.Tensor):
             self.taint[id(out)] = (out, node)
             node.meta["dtype"] = out.dtype
+            node.meta["0-d"] = out.dim() == 0  # a Python number operand then sets no dtype a 0-d table row would
         elif isinstance(out, (tuple, list)):
             for k, item in enumerate(out):
                 if isinstance(item, torch.Tensor):

@@ -173,6 +173,45 @@ def test_a_float_numpy_reads_is_guarded_by_value():
     assert "components['guider'].scale, used by Python (__float__)" in fast.explain()
 
 
+def test_a_lifted_number_with_a_0d_tensor_keeps_eagers_dtype_and_value():
+    """A 0-d half tensor times a lifted scale and a 0-d int32 tensor plus the step's int: between 0-d tensors a
+    table row's dtype would promote (float32, int64) where the Python number did not; the loop compiles and every
+    value and dtype equals eager's."""
+    import torch._dynamo.utils as dynamo_utils
+
+    class Zero(ModularPipelineBlocks):
+        inputs = [InputParam("latents"), InputParam("sigma"), InputParam("guidance_scale"), InputParam("count")]
+        intermediate_outputs = [OutputParam("latents"), OutputParam("scaled"), OutputParam("counted")]
+
+        def __call__(self, components, block_state, i, t):
+            block_state.scaled = block_state.sigma * block_state.guidance_scale
+            block_state.counted = block_state.count + i
+            block_state.latents = block_state.latents + block_state.scaled * 0.1 + block_state.counted * 0.01
+            return components, block_state
+
+    class Loop(DenoiseLoop):
+        block_classes = [Zero]
+        block_names = ["zero"]
+
+    def zero_state(scale):
+        state = make_state(scale)
+        state.set("latents", state.get("latents").half())
+        state.set("sigma", torch.tensor(0.3, dtype=torch.half))
+        state.set("count", torch.tensor(5, dtype=torch.int32))
+        return state
+
+    fast = compile_loop(Loop(), backend="eager", strict=True)
+    dynamo_utils.counters.clear()
+    for scale in (0.7, 0.9, 0.9, 1.3):
+        _, state = fast(None, zero_state(scale))
+        _, expected = Loop()(None, zero_state(scale))
+        for name in ("latents", "scaled", "counted"):
+            got, want = state.get(name), expected.get(name)
+            assert got.dtype == want.dtype and torch.equal(got, want), (name, scale)
+    assert fast.stats.plans == 1 and fast.stats.compiled_calls == 3
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
+
+
 def test_a_numpy_scalar_operand_compiles_and_equals_eager():
     class Damp(ModularPipelineBlocks):  # a numpy scalar as an op's operand (a scheduler's numpy arithmetic)
         inputs = [InputParam("latents")]
