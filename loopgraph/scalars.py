@@ -251,13 +251,6 @@ class Lifts:
             for name, fn in patched.items():
                 setattr(math, name, fn)
 
-    def lifted(self) -> list[Source]:
-        return [s for s in self.sources if s.lifted]
-
-    def guarded(self) -> list[Source]:
-        """Floats that reached the step graphs but steer Python too: guarded by value."""
-        return [s for s in self.sources if s.linked and s.use is not None]
-
 
 def plain(value: Any) -> Any:
     """``value`` with a traced float replaced by the float the call read."""

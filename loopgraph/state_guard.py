@@ -214,8 +214,8 @@ class StateGuard:
             self._add(r)
         for r in owners.values():
             self._add(r)
-        objs = list({id(r.obj): r.obj for r in [*reads, *(s.read for s in self.floats)] if r.holder is not None and r.owner_key is None
-                     and not isinstance(r.obj, type)}.values())
+        objs = list({id(r.obj): r.obj for r in [*reads, *(s.read for s in self.floats)]
+                     if r.holder is not None and r.owner_key is None and not isinstance(r.obj, type)}.values())
         self.objects = objs                       # their class and __dict__ are what the reads assume
         self.object_state = [_class_and_dict(o) for o in objs]
         self._freeze()
