@@ -13,7 +13,9 @@ A float used only as a direct operand of the step graphs' arithmetic is *lifted*
 the step tables, filled on every call from the value read then, and the plan guards its type, not its value (a new
 guidance scale is a new input, not a new plan). Any other use keeps the value guarded, and ``explain()`` says where
 it was used. numpy converts it with ``__float__`` (seen); C code that reads a float's value past its methods
-(``"%f" % scale``, ``struct.pack``) is not: ``compile_loop(..., lift_floats=False)`` guards every float by value.
+(``"%f" % scale``, ``struct.pack``, a ``math`` function bound before the trace) is not: an attribute read with no
+use seen is guarded by value, but a BlockState input used only there, or a float also used as an operand, is not
+caught: ``compile_loop(..., lift_floats=False)`` guards every float by value.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ class Source:
 
     @property
     def lifted(self) -> bool:
-        """Whether a call may read it anew: it reached the step graphs only as an operand of arithmetic (or not at
-        all), and Python only evaluated predicates on it (``checks``)."""
-        return self.use is None
+        """Whether a call may read it anew: it reached the step graphs only as an operand of arithmetic, or Python
+        only evaluated predicates on it (``checks``), or it is a BlockState input with no use seen (most are never
+        read: a block's state holds every input). An attribute read with no use seen is not: C code may have read
+        it past its methods (``from math import sqrt`` bound before the trace) into a value the graph bakes."""
+        return self.use is None and (self.kind == "input" or self.linked or bool(self.checks))
 
     @property
     def path(self) -> str:

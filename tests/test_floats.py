@@ -4,6 +4,7 @@ type and by the outcomes of the predicates Python evaluated on it (``math.isclos
 keeps it guarded by value. Every call equals eager's."""
 
 import math
+from math import sqrt as bound_sqrt  # bound at import: the trace's math patch misses it
 import types
 import warnings
 
@@ -47,6 +48,8 @@ class Denoise(ModularPipelineBlocks):
             uncond = uncond + torch.full_like(uncond, scale) * 0.01
         if self.use == "kept":  # left where the call ends: a compiled call would replay it, so guarded
             components.guider.last = scale
+        if self.use == "bound":  # a math function bound before the trace reads it in C, unseen: no use seen
+            scale = bound_sqrt(scale) ** 2
         if self.use == "numpy":  # numpy converts it with __float__: a tensor made from it, so guarded
             scale = torch.from_numpy(numpy.array([scale], dtype=numpy.float32))
         block_state.noise_pred = uncond + scale * (cond - uncond)
@@ -157,6 +160,20 @@ def test_the_zoo_guider_lifts_its_scale_and_a_scale_of_one_turns_guidance_off_in
         assert matches_eager(state.get("latents"), expected), scale
         assert fast.stats.plans == plans, scale
     assert fast.stats.compiled_calls == 3
+
+
+def test_a_float_read_with_no_use_seen_is_guarded_by_value():
+    """A float read and then used where the traced float cannot see (``from math import sqrt``, bound before the
+    trace, reads it in C) reaches the step graph as another float: it was taken as an input with no use, so a new
+    value was silently ignored. A float that reaches no step graph and no predicate is guarded by value."""
+    fast = compile_loop(loop_using("bound"), backend="eager")
+    components = components_with()
+    for scale, plans in [(4.0, 1), (4.0, 1), (5.0, 2)]:
+        components.guider.scale = scale
+        _, state = fast(components, make_state(scale))
+        expected = run(loop_using("bound"), components_with(scale), scale)
+        assert matches_eager(state.get("latents"), expected.get("latents")), scale
+        assert fast.stats.plans == plans
 
 
 def test_a_float_numpy_reads_is_guarded_by_value():
