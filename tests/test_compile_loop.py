@@ -370,7 +370,8 @@ def test_explain_and_graph():
     assert "denoiser (LoopDenoiser, " in summary and "loops.py:" in summary and "compiled (" in summary
     assert "step graphs: 3 for 4 steps (" in summary and "stats: compiles=" in summary
     assert "slots:" not in summary and "explain(verbose=True) adds the slot table" in summary
-    assert len(summary.splitlines()) <= 16, summary  # a summary first (floats: at most 2 lines) (diffusers' Wan loop printed ~150 lines)
+    # a summary first (diffusers' Wan loop printed ~150 lines); the floats take at most 2 lines of it
+    assert len(summary.splitlines()) <= 16, summary
     text = fast.explain(verbose=True)
     assert text.startswith(summary.splitlines()[0]) and "explain(verbose=True)" not in text
     assert "latents                      carried" in text
