@@ -344,7 +344,10 @@ class Recording:
         for key, r in self.reads.items():
             if (id(r.obj), r.key) in self.writes or isinstance(r.obj, (type, types.ModuleType, dict)):
                 continue
-            if (r.key == "__dict__" or isinstance(r.value, ContainerSnap)) and not same(r.current(), r.value):
+            # a container holding other tensors of equal values changed too: eager segments may have set it to a
+            # step's state on the way, and eager's own objects are the new ones
+            if ((r.key == "__dict__" or isinstance(r.value, ContainerSnap))
+                    and not same(r.current(), r.value, default="identity+value")):
                 changed.add(key)
                 if r.key == "__dict__":  # watched whole: every attribute as it is now (and the gone ones gone)
                     now = vars(r.obj)

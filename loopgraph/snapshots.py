@@ -108,21 +108,22 @@ def snapshot(value: Any, depth: int = 0) -> Any:
 ATOM_TYPES = set(ATOMS)
 
 
-def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None) -> bool:
+def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None, default: str = "value") -> bool:
     """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
-    ``tensor_rule``; by value when no rule is given)."""
+    ``tensor_rule``; by ``default`` when no rule is given)."""
     if isinstance(snap, TensorSnap):
         return isinstance(current, torch.Tensor) and tensor_matches(current, snap, (tensor_rules or {}).get(
-            id(snap.tensor), "value"))
+            id(snap.tensor), default))
     if isinstance(snap, ContainerSnap):
         if type(current) is not snap.type:
             return False
         if isinstance(snap.items, dict):
             return (current.keys() == snap.items.keys()
-                    and all(same(current[k], s, tensor_rules) for k, s in snap.items.items()))
+                    and all(same(current[k], s, tensor_rules, default) for k, s in snap.items.items()))
         if isinstance(snap.items, frozenset):
             return frozenset(current) == snap.items
-        return len(current) == len(snap.items) and all(same(c, s, tensor_rules) for c, s in zip(current, snap.items))
+        return len(current) == len(snap.items) and all(same(c, s, tensor_rules, default)
+                                                       for c, s in zip(current, snap.items))
     if type(snap) in ATOM_TYPES:
         if type(current) is not type(snap):
             return False

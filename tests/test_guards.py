@@ -1224,3 +1224,24 @@ def test_r7_data_assignment_on_an_input_then_a_rebind_changes_the_callers_tensor
         got = quiet(run_loop, fast, x_fast, 3)
         assert matches_eager(got, want), k
         assert torch.equal(x_fast, x_eager), f"call {k}: the caller's tensor is {x_fast}, eager left {x_eager}"
+
+
+# == round three: found by issue 30's campaigns =======================================================================
+def test_r8_a_list_shifted_element_by_element_beside_an_eager_block_is_written_back():
+    # found by the fuzzer: History shifts ``stamps`` one element at a time; the second plan's traced call ended with
+    # the values it started with (new tensors, equal values), so the list was taken as unchanged and never written
+    # back, while the eager segments had set it to step 0's state before the eager block of step 1
+    from .fuzz_loops import LoopSpec, World, change, reset_globals
+
+    reset_globals()
+    spec = LoopSpec(blocks=(("BranchOnData", 0.25), ("History", 0.25)), steps=2)
+    eager, compiled = World(spec), World(spec)
+    fast = compile_loop(compiled.loop, backend="eager")
+    for k, kind in enumerate(["same", "same", "block_attr", "same", "same"]):
+        change(eager, kind, 0.2)
+        change(compiled, kind, 0.2)
+        eager.call(eager.loop)
+        quiet(compiled.call, fast)
+        got, want = compiled.components.history.stamps, eager.components.history.stamps
+        assert [t.item() for t in got] == [t.item() for t in want], f"call {k} after {kind}"
+    assert fast.stats.compiled_calls >= 2  # the failing calls ran the eager-segments plan
