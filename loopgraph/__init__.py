@@ -1,11 +1,11 @@
 """loopgraph: fast, faithful diffusion denoising loops written as modular pipeline blocks.
 
 The flow:
-    block API (``blocks``, ``state``, ``pipeline``)  — diffusers-compatible, runs eagerly
-    → ``compile_loop(wrapper)``: trace one iteration (and the Python state it reads and writes) → guard the plan
-      → analyse slots → hoist the schedule into per-step tables → lower the BlockState to buffers → compile once
-      → run all N steps without Python per step, while the guards hold
-    → ``loopgraph bench``: eager vs compiled-denoiser vs compiled-loop throughput.
+    the block API (``loopgraph.modular_pipelines``): diffusers-compatible, runs eagerly
+    -> ``compile_loop(wrapper)`` (compile.py): trace one call (trace/, pystate/) -> guard the plan (guards/)
+      -> passes: slots, per-step tables, batched calls, kernels (passes/) -> lower and compile once (backend/)
+      -> run all N steps without Python per step, while the guards hold (runtime/)
+    -> ``loopgraph bench``: eager vs compiled-denoiser vs compiled-loop throughput.
 
 The reference denoising loops (tiny DiT / UNet, schedulers, guidance) live in ``loopgraph.zoo``.
 """
@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 from .compile import CompileConfig, CompiledLoop, compile_loop
-from .blocks import AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks, SequentialPipelineBlocks
-from .pipeline import ModularPipeline
+from .modular_pipelines.blocks import (AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks,
+                                      SequentialPipelineBlocks)
+from .modular_pipelines.pipeline import ModularPipeline
+from .modular_pipelines.state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
+from .runtime.watch import Interrupted, StepEvent, stream
 from .whole_pipeline import compile_pipeline, compiled_loops, explain
-from .state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
-from .watch import Interrupted, StepEvent, stream
 
 
 class _SourceTreeKernels(importlib.abc.MetaPathFinder):

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from .cache import CacheStore, cache_root, listing
+    from .backend.disk_cache import CacheStore, cache_root, listing
 
     root = args.dir or cache_root(True)
     if root is None:

@@ -1,19 +1,8 @@
 """``compile_loop``: the public entry point, and ``CompiledLoop``, the drop-in replacement for a loop wrapper.
 
-A call finds a plan whose guard holds, or makes one, and runs the plan's executable. The stages, and the file
-that owns each (docs/how-compile-loop-works.md, "Architecture"):
-
-    trace       run the wrapper's own __call__ for real, recording each loop_step   trace.py, recorder.py, records.py
-                and the Python state it reads and writes          recording.py, class_hooks.py, components.py
-    guard       what a later call must match to reuse the plan; the plan cache      guards.py, state_guard.py
-    passes      plan the loop (slots, variants, tables), lift new literals, fuse
-                kernels, place tables on the device                      passes.py, analysis.py, kernel_pass.py
-    partition   eager segments around blocks that must run eagerly                partition.py
-    lower       the whole loop as while_loops over a device step counter         lower.py (cudagraph.py on CUDA)
-    compile     once per (structure, shapes), cached by key                      backend.py
-    verify      against the eager result the plan was traced from               verify.py
-    run         an executable: whole loop, CUDA graph, eager segments, eager;
-                results written back as eager leaves them                        executables.py, segments.py
+A call finds a plan whose guard holds, or makes one (planner.py: trace -> guards -> passes -> backend -> verify),
+and runs the plan's executable (runtime/). Each stage is a package; docs/how-compile-loop-works.md,
+"Architecture", maps every stage to its package and files.
 """
 
 from __future__ import annotations
@@ -26,16 +15,16 @@ import warnings
 
 import torch
 
-from .backend import Backend
-from .blocks import ModularPipelineBlocks
+from .backend.compiler import Backend
 from .config import CompileConfig, LoopStats
-from .executables import CallFailed, Context, Eager
-from .guards import PlanCache
+from .guards.plan_guard import PlanCache
+from .modular_pipelines.blocks import ModularPipelineBlocks
 from .planner import Planner
-from .records import Unsupported
 from .report import PlanReport, explain_lines, report
+from .runtime.executables import CallFailed, Context, Eager
+from .runtime.watch import StepWatch
+from .trace.ir import Unsupported
 from .verify import matches_eager, max_error, tolerance
-from .watch import StepWatch
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +235,8 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
         static_shapes: raise instead of re-planning when shapes or component state change.
         check: compare the first compiled run with the eager run it was traced from (fall back if they differ).
         fused_kernels: "auto" (on CUDA) | True | False: replace guidance + scheduler updates with fused Triton
-            kernels (``loopgraph.kernel_pass``); True forces them on CPU too (needs TRITON_INTERPRET=1; testing).
+            kernels (``loopgraph.passes.fused_kernels``); True forces them on CPU too (needs TRITON_INTERPRET=1;
+            testing).
         rng: how random ops inside the loop (a stochastic sampler's noise) draw. "eager" (default): from
             torch's generators, as eager does, so results equal eager's exactly; a block that draws runs
             eagerly each step between compiled segments (on CUDA, no whole-loop graph). "counter": inside the
@@ -254,15 +244,15 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
             per generator per call, same distribution as eager, not the same values.
         max_plans: plans kept (least recently used out); an evicted one re-plans with one traced eager call.
         batch_guidance: "auto" (default) | True | False: a model called once per guidance batch in a step runs
-            once on the batches concatenated (``loopgraph.batching``), where the batched call, traced, gives the
-            separate calls' results; True also warns about call sites left apart, False never batches.
-        cache: True (default) | False | a folder: the persistent cache of compiled loops (``loopgraph.cache``), so
-            that a new process loads the compiled loop instead of compiling it (its first call still traces: one
-            eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns it off), else the user cache
+            once on the batches concatenated (``loopgraph.passes.batching``), where the batched call, traced,
+            gives the separate calls' results; True also warns about call sites left apart, False never batches.
+        cache: True (default) | False | a folder: the persistent cache of compiled loops
+            (``loopgraph.backend.disk_cache``), so that a new process loads the compiled loop instead of compiling
+            it (its first call still traces: one eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns it off), else the user cache
             directory (``~/.cache/loopgraph``); False: compiled in this process only. Inductor only.
         lift_floats: True (default) | False: a Python float the traced call read (a block input, a component's
             attribute) and used only as an operand of tensor arithmetic is an input of the compiled loop: a new
-            guidance scale runs the same plan (``loopgraph.scalars``). False guards every float by value (for
+            guidance scale runs the same plan (``loopgraph.trace.floats``). False guards every float by value (for
             code whose C reads a float's value past its Python methods, such as ``"%f" % scale`` or ``struct.pack``).
 
     Returns:

@@ -50,14 +50,15 @@ class CompileConfig:
     # Plans kept per compiled loop (most recently used first to stay): a sweep over guidance scales or prompts
     # of new shapes re-plans an evicted one with one traced eager call; its compiled code is kept apart.
     max_plans: int = 16
-    # One model call per step for all guidance batches (batching.py): "auto" batches the repeated calls whose
+    # One model call per step for all guidance batches (passes/batching.py): "auto" batches the repeated calls whose
     # batched call was verified while tracing; True also warns about those left apart; False never batches.
     batch_guidance: bool | str = "auto"
-    # The persistent cache of compiled loops (cache.py, artifacts.py): True: $LOOPGRAPH_CACHE_DIR (an empty string:
-    # off), else the user cache directory; a folder; False: compile in this process only (torch.compile).
+    # The persistent cache of compiled loops (backend/disk_cache.py, backend/artifacts.py): True:
+    # $LOOPGRAPH_CACHE_DIR (an empty string: off), else the user cache directory; a folder; False: compile in this
+    # process only (torch.compile).
     cache: bool | str | os.PathLike = True
     # Python floats the traced call read that only feed tensor arithmetic (a guidance scale) become inputs of the
-    # compiled loop, guarded by type (scalars.py); False: every float the call read is guarded by value.
+    # compiled loop, guarded by type (trace/floats.py); False: every float the call read is guarded by value.
     lift_floats: bool = True
 
     def __post_init__(self) -> None:
@@ -94,7 +95,7 @@ class CompileConfig:
 
 class Resolved(NamedTuple):
     cuda_graphs: bool      # the whole loop as one CUDA graph
-    fused_kernels: bool    # guidance + scheduler updates as fused Triton kernels (kernel_pass.py)
+    fused_kernels: bool    # guidance + scheduler updates as fused Triton kernels (passes/fused_kernels.py)
 
 
 @dataclass
@@ -108,5 +109,5 @@ class LoopStats:
     plans: int = 0
     plan_seconds: float = 0.0
     compile_seconds: float = 0.0
-    loaded: int = 0            # compiled code loaded from the persistent cache instead of compiled (cache.py)
+    loaded: int = 0            # compiled code loaded from the persistent cache instead of compiled (disk_cache.py)
     guard_seconds: float = 0.0  # checking the plans' guards, over all calls (the cost of never a wrong plan)

@@ -12,10 +12,18 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from .analysis import LoopPlan
-from .batching import CallSite, batch_calls
-from .backend import Backend, compile_key
-from .executables import (
+from .backend.compiler import Backend, compile_key
+from .backend.lower import op_count
+from .guards.plan_guard import PlanGuard, plan_guard, stable_guard
+from .passes.batching import CallSite, batch_calls
+from .passes.loop_plan import LoopPlan
+from .passes.partition import Segment, eager_blocks, plan_segments, restores
+from .passes.run import PassInput, PassRecord, passes_for, run_passes
+from .pystate.attribute_log import TRACE_LOCK
+from .pystate.snapshots import tensor_snaps
+from .rng import seed_sources
+from .runtime.eager_segments import EagerSegments
+from .runtime.executables import (
     Context,
     Eager,
     Executable,
@@ -23,16 +31,8 @@ from .executables import (
     WholeLoopCudaGraph,
     loop_device,
 )
-from .guards import PlanGuard, plan_guard, stable_guard
-from .lower import op_count
-from .partition import Segment, eager_blocks, plan_segments, restores
-from .passes import PassInput, PassRecord, passes_for, run_passes
-from .recording import TRACE_LOCK
-from .rng import seed_sources
-from .segments import EagerSegments
-from .snapshots import tensor_snaps
-from .trace import LoopTrace, Unsupported, trace_loop
-from .watch import eager_hook
+from .runtime.watch import eager_hook
+from .trace.tracer import LoopTrace, Unsupported, trace_loop
 
 __all__ = ["Plan", "Planner"]
 
@@ -40,7 +40,7 @@ __all__ = ["Plan", "Planner"]
 @dataclass(eq=False)  # compared by identity: the plan cache removes a plan by identity, never field by field
 class Plan:
     trace: LoopTrace
-    guard: PlanGuard                        # what a call must match to reuse the plan (guards.py)
+    guard: PlanGuard                        # what a call must match to reuse the plan (guards/plan_guard.py)
     executable: Executable
     problems: list[Unsupported] = field(default_factory=list)
     passes: list[PassRecord] = field(default_factory=list)
@@ -120,7 +120,7 @@ class Planner:
         return plan, result
 
     def _batch(self, trace: LoopTrace) -> tuple[list[CallSite], list[PassRecord]]:
-        """The "batch calls" stage (batching.py): the step graphs rewritten before anything plans from them."""
+        """The "batch calls" stage (passes/batching.py): the step graphs rewritten before anything plans from them."""
         if self.ctx.config.batch_guidance is False:
             return [], []
         start = time.perf_counter()
@@ -181,7 +181,7 @@ class Planner:
     def _compile_whole_loop(self, loop: LoopPlan, device, cuda_graphs: bool):
         """CUDA: the steps captured into one CUDA graph; otherwise (and with cuda_graphs=False) the while_loops."""
         if cuda_graphs:
-            from .cudagraph import WholeLoopGraph
+            from .backend.cudagraph import WholeLoopGraph
 
             ops = op_count(loop)
             return WholeLoopGraph(loop, lambda module, whole: self.backend.step(module, whole, device, ops),

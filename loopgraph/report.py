@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import LoopPlan, SlotInfo
-from .batching import CallSite, step_ranges, describe_sites
+from .backend.lower import module_ops
 from .config import LoopStats
-from .executables import WholeLoop, origin
-from .lower import module_ops
-from .passes import PassRecord
+from .passes.batching import CallSite, step_ranges, describe_sites
+from .passes.loop_plan import LoopPlan, SlotInfo
+from .passes.run import PassRecord
 from .planner import Plan
 from .rng import describe_source
+from .runtime.executables import WholeLoop, origin
 
 __all__ = ["PlanReport", "VariantReport", "SegmentReport", "report", "explain_lines"]
 
@@ -42,7 +42,7 @@ class PlanReport:
     """The most recent plan of a compiled loop, read-only: how it runs and why."""
 
     kind: str                              # the executable: "whole loop on state buffers", "eager segments", ...
-    executable: object                     # the executable itself (``executables.py``)
+    executable: object                     # the executable itself (``runtime/executables.py``)
     program: LoopPlan | None               # the whole loop's final program (after the passes), if planned whole
     slots: dict[str, SlotInfo]
     state_slots: tuple[str, ...]

@@ -35,7 +35,7 @@ def _per_test_timeout():
         signal.signal(signal.SIGALRM, previous)
 
 
-# The persistent cache of compiled loops (loopgraph.cache) is off for the suite: compile-count tests count
+# The persistent cache of compiled loops (loopgraph.backend.disk_cache) is off for the suite: compile-count tests count
 # torch.compile's compilations, and a loop another test (or an earlier run) compiled would load instead.
 # tests/test_cache.py turns it on with folders of its own.
 os.environ["LOOPGRAPH_CACHE_DIR"] = ""

@@ -1,4 +1,4 @@
-"""Batched guidance passes (loopgraph.batching): repeated model calls in a step run as one batched call.
+"""Batched guidance passes (loopgraph.passes.batching): repeated model calls in a step run as one batched call.
 
 Equality with eager first (the zoo presets with guidance on, off and windowed; a user block calling the model
 twice; the diffusers loops), then the structure (one model region per step where there were two), every case

@@ -1,4 +1,5 @@
-"""The persistent cache of compiled loops (loopgraph.cache: the files; loopgraph.artifacts: AOTInductor packages).
+"""The persistent cache of compiled loops (loopgraph.backend.disk_cache: the files; loopgraph.backend.artifacts:
+AOTInductor packages).
 
 The suite runs with the cache off (conftest.py); these tests turn it on with folders of their own. Processes:
 two compile one entry at once, a new process loads it (no Inductor compilation, counted by torch's machinery in
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.artifacts import WholeLoopProgram, _key, _specs, environment, lift_constants
-from loopgraph.cache import CacheStore, cache_root
+from loopgraph.backend.artifacts import WholeLoopProgram, _key, _specs, environment, lift_constants
+from loopgraph.backend.disk_cache import CacheStore, cache_root
 from loopgraph.verify import matches_eager
 
 from .background import background
@@ -198,9 +199,9 @@ def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path
 
 def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eager(tmp_path):
     from tests.test_eager_segments import RescaleLatents
-    from loopgraph.backend import Backend
+    from loopgraph.backend.compiler import Backend
+    from loopgraph.backend.lower import run_step
     from loopgraph.config import CompileConfig
-    from loopgraph.lower import run_step
     from loopgraph.zoo.loops import DenoiseLoop
 
     class RescaleLoop(DenoiseLoop):  # a block with data-dependent Python: eager between compiled segments
@@ -378,7 +379,7 @@ def test_cache_command_lists_and_clears(tmp_path, capsys):
 
 
 def test_cache_list_says_what_tells_two_entries_of_one_loop_apart(tmp_path):
-    from loopgraph.cache import listing
+    from loopgraph.backend.disk_cache import listing
 
     store = CacheStore(tmp_path)
     common = dict(what="DenoiseLoop: whole loop: 2 step graph(s)", steps="any N >= 2", code="c0ffee", inputs="i1",

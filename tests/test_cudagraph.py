@@ -6,10 +6,10 @@ import torch
 from torch.utils._pytree import tree_leaves as pytree_leaves
 
 from loopgraph import compile_loop
-from loopgraph.cudagraph import WholeLoopGraph
-from loopgraph.lower import run_step
-from loopgraph.zoo.loops import build_loop
+from loopgraph.backend.cudagraph import WholeLoopGraph
+from loopgraph.backend.lower import run_step
 from loopgraph.verify import matches_eager
+from loopgraph.zoo.loops import build_loop
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
 

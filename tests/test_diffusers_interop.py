@@ -17,9 +17,10 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 
-from loopgraph import compile_loop, executables
+from loopgraph import compile_loop
 from loopgraph.bench import count_python_calls
 from loopgraph.compile import matches_eager
+from loopgraph.runtime import executables
 
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,

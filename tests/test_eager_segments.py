@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from loopgraph import ComponentSpec, InputParam, ModularPipelineBlocks, compile_loop
-from loopgraph.state import values_equal
-from loopgraph.zoo.loops import build_loop
+from loopgraph.modular_pipelines.state import values_equal
 from loopgraph.verify import matches_eager
+from loopgraph.zoo.loops import build_loop
 
 from .test_compile_loop import Loop, Scale, run_loop
 

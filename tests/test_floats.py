@@ -21,7 +21,7 @@ from loopgraph import (
     compile_loop,
 )
 from loopgraph.compile import matches_eager
-from loopgraph.scalars import Lifts, Source, TracedFloat
+from loopgraph.trace.floats import Lifts, Source, TracedFloat
 from loopgraph.zoo.loops import build_loop
 
 

@@ -81,7 +81,7 @@ def test_the_kernels_import_from_a_source_tree_with_nothing_installed():
     code = ("import sys\n"
             "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
             f"sys.path.insert(0, {str(ROOT)!r})\n"
-            "import loopgraph.kernels._common as common, loopgraph.kernel_pass\n"
+            "import loopgraph.kernels._common as common, loopgraph.passes.fused_kernels\n"
             "print(common.__file__)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TRITON_INTERPRET": "1"})

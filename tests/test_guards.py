@@ -21,7 +21,7 @@ import torch
 from loopgraph import ComponentSpec, InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam
 from loopgraph import PipelineState, compile_loop
 from loopgraph.compile import matches_eager
-from loopgraph.state import values_equal
+from loopgraph.modular_pipelines.state import values_equal
 from loopgraph.zoo.loops import build_loop
 from loopgraph.zoo.models import build_denoiser
 
@@ -770,7 +770,7 @@ def test_15_an_error_while_planning_returns_eagers_result_and_falls_back(monkeyp
     def broken(*args, **kwargs):
         raise KeyError("a planning bug")
 
-    monkeypatch.setattr("loopgraph.passes.plan_loop", broken)
+    monkeypatch.setattr("loopgraph.passes.run.plan_loop", broken)
     loop = Loop.from_blocks_dict({"shift": Shift})
     fast = compile_loop(loop, backend="eager")
     with pytest.warns(UserWarning, match=r"runs eagerly: planning failed \(KeyError: 'a planning bug'\)"):

@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from loopgraph import compile_loop, executables
+from loopgraph import compile_loop
 from loopgraph.bench import count_python_calls
+from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 
 from .test_compile_loop import Loop, run_loop

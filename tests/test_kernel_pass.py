@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.analysis import loop_steps, plan_loop
 from loopgraph.config import CompileConfig
-from loopgraph.kernel_pass import find_guided_updates, fuse_guided_updates, fuse_loop_kernels
-from loopgraph.trace import trace_loop
+from loopgraph.passes.fused_kernels import find_guided_updates, fuse_guided_updates, fuse_loop_kernels
+from loopgraph.passes.loop_plan import loop_steps, plan_loop
+from loopgraph.trace.tracer import trace_loop
 from loopgraph.zoo.guidance import ClassifierFreeGuidance
 from loopgraph.zoo.loops import build_loop
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import loopgraph.kernels._common as common
+from loopgraph.kernels._common import BLOCK_SIZE
 from loopgraph.kernels.cfg_ddim import cfg_ddim, cfg_ddim_reference
 from loopgraph.kernels.cfg_euler import cfg_euler, cfg_euler_reference
 from loopgraph.kernels.cfg_flow_euler import cfg_flow_euler, cfg_flow_euler_reference
-from loopgraph.kernels._common import BLOCK_SIZE
 from loopgraph.zoo.guidance import ClassifierFreeGuidance
 from loopgraph.zoo.schedulers import build_scheduler
 

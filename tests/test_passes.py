@@ -5,9 +5,9 @@ import torch
 
 from loopgraph import compile_loop
 
-from loopgraph.analysis import loop_steps, plan_loop
-from loopgraph.lower import lower
-from loopgraph.trace import Unsupported, trace_loop
+from loopgraph.backend.lower import lower
+from loopgraph.passes.loop_plan import loop_steps, plan_loop
+from loopgraph.trace.tracer import Unsupported, trace_loop
 from loopgraph.zoo.loops import build_loop
 
 
@@ -84,16 +84,16 @@ def test_a_slot_read_but_neither_carried_nor_invariant_is_unsupported_not_a_valu
 
 
 def test_an_unsupported_loop_found_while_planning_falls_back_and_names_the_pass(monkeypatch):
-    import loopgraph.passes
+    import loopgraph.passes.run
 
-    real = loopgraph.passes.loop_steps
+    real = loopgraph.passes.run.loop_steps
 
     def latents_as_schedule(trace):
         steps = real(trace)
         steps.schedule.add("latents")
         return steps
 
-    monkeypatch.setattr("loopgraph.passes.loop_steps", latents_as_schedule)
+    monkeypatch.setattr("loopgraph.passes.run.loop_steps", latents_as_schedule)
     setup = build_loop("dit", steps=3, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
     reason = r"runs eagerly: .*slot 'latents' is read before it is written.*\(pass 'plan'\)"
@@ -110,7 +110,7 @@ def test_a_bug_in_a_pass_names_the_pass_and_asks_for_a_report(monkeypatch):
     def broken(loop, given):
         raise IndexError("a pass bug")
 
-    monkeypatch.setattr("loopgraph.passes.place_tables", broken)
+    monkeypatch.setattr("loopgraph.passes.run.place_tables", broken)
     setup = build_loop("dit", steps=3, sample_size=8)
     fast = compile_loop(setup.wrapper, backend="eager")
     with pytest.warns(UserWarning, match=r"planning failed \(IndexError: a pass bug\) raised in loopgraph pass "

@@ -12,11 +12,12 @@ import warnings
 import pytest
 import torch
 
-from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop, executables
+from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop
 from loopgraph.bench import count_python_calls
 from loopgraph.rng import SEED_HIGH, counter_draw, draw_spec, eager_loop, philox4x32
-from loopgraph.zoo.loops import build_loop
+from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
+from loopgraph.zoo.loops import build_loop
 
 from .test_compile_loop import Loop, Scale
 

@@ -8,6 +8,7 @@ stopped the suite at collection.
 
 import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,27 @@ def test_kernels_imported_from_the_repository_root_is_not_the_repositorys_folder
         assert seen["file"] is not None and Path(seen["file"]).resolve().parent == location, seen
     else:
         assert not seen["available"], "transformers took a namespace portion of the tree for Hugging Face's kernels"
+
+
+def architecture_map() -> set[str]:
+    """The modules docs/how-compile-loop-works.md's "Architecture" table names, as paths under loopgraph/."""
+    text = (ROOT / "docs" / "how-compile-loop-works.md").read_text()
+    section = text.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[1].startswith("`"):
+            continue
+        where = cells[1].strip("`")
+        files = re.findall(r"`([a-z_]+\.py)`", cells[2])
+        assert where.endswith("/") == bool(files), f"row {cells[0]!r}: a package lists its files, a module none"
+        named |= {where + f for f in files} if files else {where}
+    return named
+
+
+def test_the_architecture_table_names_every_module_of_the_package_and_nothing_else():
+    package = ROOT / "loopgraph"
+    tree = {str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    named = architecture_map()
+    assert named == tree, (f"in the tree, not in docs' Architecture table: {sorted(tree - named)}; "
+                           f"in the table, not in the tree: {sorted(named - tree)}")

@@ -9,17 +9,11 @@ import warnings
 import pytest
 import torch
 
-from loopgraph import (
-    InputParam,
-    LoopSequentialPipelineBlocks,
-    ModularPipelineBlocks,
-    OutputParam,
-    PipelineState,
-    compile_loop,
-    executables,
-)
+from loopgraph import (InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState,
+                       compile_loop)
 from loopgraph.bench import count_python_calls
 from loopgraph.compile import matches_eager
+from loopgraph.runtime import executables
 
 
 class Step(ModularPipelineBlocks):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from loopgraph import (Interrupted, SequentialPipelineBlocks, StepEvent, compile_loop, compile_pipeline,
-                       compiled_loops, executables, stream)
+                       compiled_loops, stream)
 from loopgraph.bench import count_python_calls
+from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
@@ -359,7 +360,7 @@ def test_a_cuda_graph_plan_with_callbacks_runs_its_compiled_steps_one_by_one(mon
     """The whole-loop CUDA graph is one launch: a call with step callbacks runs the graph's compiled steps one
     by one instead, calling back between them. On CPU here, with the uncompiled steps (as test_cudagraph does);
     a call without callbacks would capture, which needs CUDA: it is made to fail loudly."""
-    from loopgraph.cudagraph import WholeLoopGraph
+    from loopgraph.backend.cudagraph import WholeLoopGraph
 
     from .test_cudagraph import uncompiled_step
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..state import BlockState
+from ..modular_pipelines.state import BlockState
 
 __all__ = ["ClassifierFreeGuidance"]
 

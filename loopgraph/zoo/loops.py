@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ..blocks import LoopSequentialPipelineBlocks, ModularPipelineBlocks
-from ..pipeline import ModularPipeline
-from ..state import ComponentSpec, InputParam, OutputParam, PipelineState
+from ..modular_pipelines.blocks import LoopSequentialPipelineBlocks, ModularPipelineBlocks
+from ..modular_pipelines.pipeline import ModularPipeline
+from ..modular_pipelines.state import ComponentSpec, InputParam, OutputParam, PipelineState
 from .guidance import ClassifierFreeGuidance
 from .models import build_denoiser
 from .schedulers import build_scheduler

@@ -31,7 +31,7 @@ import torch
 __all__ = ["ARITHMETIC", "Source", "TracedFloat", "Lifts", "floats_in", "plain"]
 
 # Ops whose Python-float operand may as well be a 0-d tensor: a float read from a block input or an attribute is
-# lifted only there (other ops insist on a Python number), and so is one that differs between plans (passes.py).
+# lifted only there (other ops insist on a Python number), and so is one that differs between plans (passes/run.py).
 ARITHMETIC = {"add", "sub", "mul", "div", "true_divide", "rsub", "__add__", "__radd__", "__sub__", "__rsub__",
               "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "add_", "sub_", "mul_", "div_", "__iadd__",
               "__isub__", "__imul__", "__itruediv__"}
@@ -67,7 +67,7 @@ class Source:
 
     def note(self, what: str) -> None:
         if self.use is None:
-            from .recorder import _user_location
+            from .taint import _user_location
 
             self.use = f"{what} ({_user_location()})"
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .state import _atoms_only
+from ..modular_pipelines.state import _atoms_only
 
 __all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorSnap", "copy_value", "describe", "difference", "same",
            "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]

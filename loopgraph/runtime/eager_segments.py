@@ -1,5 +1,5 @@
 """Eager segments: per step, the compiled segments between blocks that must run eagerly (data-dependent Python,
-random ops with ``rng="eager"``), and those blocks called for real (planned by partition.py)."""
+random ops with ``rng="eager"``), and those blocks called for real (planned by passes/partition.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,23 @@ from typing import Any, Callable
 
 import torch
 
-from .blocks import run_block
-from .components import (
+from ..guards.attribute_guard import StateGuard
+from ..guards.plan_guard import tensor_spec
+from ..modular_pipelines.blocks import run_block
+from ..modular_pipelines.state import BlockState, values_equal
+from ..passes.partition import Segment, segment_end
+from ..pystate.components import (
     component_objects,
     component_tensors,
     put,
     set_attribute,
     value_of,
 )
+from ..pystate.snapshots import copy_value
+from ..rng import CounterDraws, draw_seeds
+from ..trace.ir import LoopTrace
+from ..verify import check_slots
 from .executables import Context, drawing, origin, progress, write_back
-from .guards import tensor_spec
-from .partition import Segment, segment_end
-from .records import LoopTrace
-from .rng import CounterDraws, draw_seeds
-from .snapshots import copy_value
-from .state import BlockState, values_equal
-from .state_guard import StateGuard
-from .verify import check_slots
 from .watch import Reader, timestep
 
 __all__ = ["EagerSegments"]
@@ -90,7 +90,7 @@ class EagerSegments:
     def _run_segments(self, components, slots: dict[str, Any], draws: CounterDraws, bar=None):
         """Returns the final tainted slot values, and the BlockState when an eager block did something the trace
         did not show (other slots, shapes or Python state): then the rest of the loop ran eagerly. After each
-        step: the progress bar, step callbacks and an interruption (watch.py)."""
+        step: the progress bar, step callbacks and an interruption (runtime/watch.py)."""
         trace, wrapper = self.trace, self.ctx.wrapper
         total = len(trace.steps)
         env = {k: v for k, v in slots.items() if k in self.data_slots}

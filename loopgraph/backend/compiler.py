@@ -1,5 +1,5 @@
 """The one place loopgraph compiles: ``torch.compile`` with scoped Inductor options, or the persistent cache's
-AOTInductor packages (artifacts.py); the compile counter, the key of compiled code and the (bounded) in-process
+AOTInductor packages (backend/artifacts.py); the compile counter, the key of compiled code and the (bounded) in-process
 cache of it."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import torch
 
-from .analysis import LoopPlan
+from ..config import CODE_CACHE_FACTOR, SEPARATE_HOST_BUILD_OPS, CompileConfig
+from ..passes.loop_plan import LoopPlan
 from .artifacts import Artifact, SegmentProgram, StepProgram, WholeLoopProgram
-from .cache import open_store
-from .config import CODE_CACHE_FACTOR, SEPARATE_HOST_BUILD_OPS, CompileConfig
+from .disk_cache import open_store
 from .lower import lower, module_ops, named_function, run_step, op_count
 
 __all__ = ["Backend", "CompileCounter", "compile_key"]
@@ -38,7 +38,7 @@ class Backend:
         self.code: OrderedDict[Any, Callable] = OrderedDict()
         self.bound = CODE_CACHE_FACTOR * config.max_plans
         self._pool = None
-        # the persistent cache (cache.py): Inductor's code only (the other backends are for debugging)
+        # the persistent cache (backend/disk_cache.py): Inductor's code only (the other backends are for debugging)
         self.store = open_store(config.cache) if config.backend == "inductor" else None
         self.label = ""   # the loop's name in log lines and cache entries (set by CompiledLoop)
 
@@ -49,7 +49,7 @@ class Backend:
         return self._stored(WholeLoopProgram(loop), device, lambda: self.compile(lower(loop), device, ops))
 
     def step(self, module: torch.fx.GraphModule, whole_tables: bool, device: torch.device, ops: int) -> Callable:
-        """One step at a device counter, ``(carried, invariants, tables, i) -> outputs`` (cudagraph.py)."""
+        """One step at a device counter, ``(carried, invariants, tables, i) -> outputs`` (backend/cudagraph.py)."""
         def in_process():
             def loop_step(carried, invariants, tables, i):
                 return run_step(module, whole_tables, carried, invariants, tables, i)
@@ -59,7 +59,7 @@ class Backend:
         return self._stored(StepProgram(module, whole_tables), device, in_process)
 
     def segment_step(self, module: torch.fx.GraphModule, device: torch.device) -> Callable:
-        """A compiled segment's step graph, ``(*inputs, *rows) -> outputs`` (segments.py)."""
+        """A compiled segment's step graph, ``(*inputs, *rows) -> outputs`` (runtime/eager_segments.py)."""
         return self._stored(SegmentProgram(module), device, lambda: self.compile(module, device, module_ops(module)))
 
     def _stored(self, program, device: torch.device, in_process: Callable[[], Callable]) -> Callable:

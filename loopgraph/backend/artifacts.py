@@ -1,4 +1,4 @@
-"""Compiled code that outlives the process: AOTInductor packages in the persistent cache (cache.py).
+"""Compiled code that outlives the process: AOTInductor packages in the persistent cache (backend/disk_cache.py).
 
 Inductor's own caches do not cover the whole loop: its FX-graph cache refuses any graph holding a ``while_loop``,
 and even a cached graph is traced again by Dynamo in every process. So the compiled code is made here as an
@@ -15,8 +15,8 @@ and one package serves any weights of the same shapes.
 Three programs are stored, one per way a plan runs:
 
     WholeLoopProgram   the lowered loop (lower.lower_lifted): every step, while_loops, a C++ loop on CPU
-    StepProgram        one step at a device counter, for the whole-loop CUDA graph (cudagraph.py)
-    SegmentProgram     one compiled segment's step graph, between eager blocks (segments.py)
+    StepProgram        one step at a device counter, for the whole-loop CUDA graph (backend/cudagraph.py)
+    SegmentProgram     one compiled segment's step graph, between eager blocks (runtime/eager_segments.py)
 
 ``Artifact`` is the callable a plan runs: on its first call (and on inputs of other specs) it makes the key,
 loads the package or builds and stores it, then calls it. The key covers what the code depends on: the lifted
@@ -45,8 +45,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .analysis import LoopPlan
-from .cache import FORMAT, CacheStore
+from ..passes.loop_plan import LoopPlan
+from .disk_cache import FORMAT, CacheStore
 from .lower import lower_lifted, run_step
 
 logger = logging.getLogger("loopgraph.compile")
@@ -130,7 +130,7 @@ class WholeLoopProgram:
 
 class StepProgram:
     """One step of a variant at a device counter, ``(carried, invariants, tables, i) -> outputs``: the whole-loop
-    CUDA graph's step (cudagraph.py)."""
+    CUDA graph's step (backend/cudagraph.py)."""
 
     kind = "step"
 
@@ -154,7 +154,7 @@ class StepProgram:
 
 
 class SegmentProgram:
-    """A compiled segment's step graph, ``(*inputs, *table rows) -> outputs`` (segments.py)."""
+    """A compiled segment's step graph, ``(*inputs, *table rows) -> outputs`` (runtime/eager_segments.py)."""
 
     kind = "segment step"
 
@@ -380,7 +380,7 @@ def _key(program, specs: tuple, options: dict, env: dict) -> str:
 @functools.lru_cache(maxsize=None)
 def _loopgraph_source() -> str:
     """A digest of loopgraph's own source (the package and its kernels): code built by another loopgraph misses."""
-    root = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for folder in (root, root.parent / "kernels"):
         for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():

@@ -35,9 +35,15 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-__all__ = ["global_reads", "is_user_code"]
+__all__ = ["global_reads", "is_user_code", "is_engine_file"]
 
-_ENGINE_DIR = __file__.rsplit("/", 1)[0] + "/"  # loopgraph's own modules (the zoo is user code, in a subfolder)
+_PACKAGE_DIR = __file__.rsplit("/", 2)[0] + "/"  # loopgraph/
+_ZOO_DIR = _PACKAGE_DIR + "zoo/"
+
+
+def is_engine_file(filename: str) -> bool:
+    """Whether ``filename`` is one of loopgraph's engine modules (the zoo's loops are user code)."""
+    return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_ZOO_DIR)
 
 
 class CodeNames(NamedTuple):
@@ -84,7 +90,7 @@ def is_user_code(namespace: dict) -> bool:
     if not filename:  # a C extension's submodule, a namespace package: as its top-level package
         package = sys.modules.get(top)
         return package is None or vars(package) is namespace or is_user_code(vars(package))
-    return filename.rsplit("/", 1)[0] + "/" != _ENGINE_DIR
+    return not is_engine_file(filename)
 
 
 def functions_of(value: Any) -> list[types.FunctionType]:

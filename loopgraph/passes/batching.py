@@ -29,10 +29,10 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from .records import LoopTrace, StepTrace, TensorUse, func_name
-from .snapshots import walk_tensors
-from .state import values_equal
-from .verify import matches_eager, max_error
+from ..modular_pipelines.state import values_equal
+from ..pystate.snapshots import walk_tensors
+from ..trace.ir import LoopTrace, StepTrace, TensorUse, func_name
+from ..verify import matches_eager, max_error
 
 __all__ = ["ModuleCall", "BatchedCall", "CallSite", "CallWatcher", "batch_calls", "describe_sites"]
 
@@ -501,7 +501,7 @@ class _Constants:
 
 
 def _batched_floats(batch: BatchedCall) -> tuple[dict[fx.Node, dict], set[tuple[fx.Node, Any]]]:
-    """The traced floats (scalars.py) the batched call's ops read, and the calls' (node, position) they stand for.
+    """The traced floats (trace/floats.py) the batched call's ops read, and the calls' (node, position) they stand for.
 
     The batched call is traced after the calls (the floats are plain there); when its ops are the calls' ops in
     order (only the batch size changed), an op whose calls all read the same float at a position reads it there

@@ -6,7 +6,7 @@ keeps a ``PassRecord``; a failure names its pass. Today's order:
 
     plan            group the steps into variants, lift per-step values into tables (analysis.plan_loop)
     lift literals   lift the arithmetic floats that differ from the first plan of the same structure
-    fuse kernels    guidance + scheduler updates as fused Triton kernels (kernel_pass.py; CUDA by default)
+    fuse kernels    guidance + scheduler updates as fused Triton kernels (passes/fused_kernels.py; CUDA by default)
     place tables    the per-step tables on the loop's device, their row count N an unbacked size
 
 Before them, on the trace itself (so eager segments see it too), the planner runs "batch calls"
@@ -22,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from .analysis import LoopPlan, loop_steps, plan_loop
-from .records import LoopTrace, Unsupported
+from ..trace.ir import LoopTrace, Unsupported
+from .loop_plan import LoopPlan, loop_steps, plan_loop
 
 __all__ = ["PassInput", "PassRecord", "run_passes", "passes_for"]
 
@@ -73,7 +73,7 @@ def lift_literals(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:
 
 
 def fuse_kernels(loop: LoopPlan, given: PassInput) -> tuple[LoopPlan, str]:
-    from .kernel_pass import (
+    from .fused_kernels import (
         fuse_loop_kernels,  # imports Triton: only where the kernels can run
     )
 

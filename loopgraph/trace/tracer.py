@@ -23,12 +23,14 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .batching import CallWatcher
-from .blocks import run_block
-from .components import component_objects, component_tensors, set_attribute, value_of
-from .recorder import Recorder
-from .recording import TRACE_LOCK, Recording, record
-from .records import (
+from ..modular_pipelines.blocks import run_block
+from ..passes.batching import CallWatcher
+from ..pystate.attribute_log import TRACE_LOCK, Recording, record
+from ..pystate.components import component_objects, component_tensors, set_attribute, value_of
+from ..pystate.snapshots import walk_tensors
+from ..rng import CounterDraws
+from .floats import Lifts, TracedFloat, floats_in, plain
+from .ir import (
     ComponentSlot,
     LoopTrace,
     SeedDraw,
@@ -37,9 +39,7 @@ from .records import (
     Unsupported,
     func_name,
 )
-from .rng import CounterDraws
-from .scalars import Lifts, TracedFloat, floats_in, plain
-from .snapshots import walk_tensors
+from .taint import Recorder
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name",
            "trace_loop"]
@@ -114,9 +114,9 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
     may need them, copies of the loop tensors. ``rng="counter"`` draws the steps' random numbers by the seed
     policy of rng.py (recorded as graph ops) instead of from torch's generators. Returns the trace and the
     wrapper's own return value ``(components, state)``. ``batch=True`` also records the steps' module calls and
-    traces repeated ones batched (batching.py). ``after_step(i, block_state, kwargs)`` runs after each step,
-    outside the recording (step callbacks: watch.py). ``lift_floats``: the floats the call reads from its inputs
-    and the objects it reaches are traced floats (scalars.py), so the plan may lift those only arithmetic uses.
+    traces repeated ones batched (passes/batching.py). ``after_step(i, block_state, kwargs)`` runs after each step,
+    outside the recording (step callbacks: runtime/watch.py). ``lift_floats``: the floats the call reads from its inputs
+    and the objects it reaches are traced floats (trace/floats.py), so the plan may lift those only arithmetic uses.
 
     Holds ``recording.TRACE_LOCK``: one trace at a time per process.
     """

@@ -4,7 +4,7 @@ The lowered function runs every step of the plan: each *run* of consecutive step
 ``torch.while_loop`` whose body reads its per-step table rows at a device-side counter ``i`` and calls the
 variant's fused step. The run bounds and the tables are inputs, so a new N with the same run pattern reuses
 the compiled code. On CPU, Inductor with ``cpp_wrapper`` turns each while_loop into a C++ loop: no Python
-per step. On CUDA the same per-step function is captured N times into one CUDA graph (cudagraph.py).
+per step. On CUDA the same per-step function is captured N times into one CUDA graph (backend/cudagraph.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch._higher_order_ops.while_loop import while_loop, while_loop_op
 
-from .analysis import LoopPlan
+from ..passes.loop_plan import LoopPlan
 
 __all__ = ["row", "run_step", "named_function", "lower", "lower_lifted", "op_count", "module_ops"]
 
@@ -31,7 +31,7 @@ def run_step(module: torch.fx.GraphModule, whole_tables: bool, carried, invarian
              i: torch.Tensor, constants=()) -> list[torch.Tensor]:
     """One step of a variant (its ``module``) at step counter ``i``: its table rows (or, when the kernel pass
     made it take ``whole_tables``, the tables themselves and the counter) after the carried state and the
-    invariants; a module whose constants were lifted into inputs (artifacts.py) takes them first."""
+    invariants; a module whose constants were lifted into inputs (backend/artifacts.py) takes them first."""
     rows = [*tables, i] if whole_tables else [row(t, i) for t in tables]
     return list(module(*constants, *carried, *invariants, *rows))
 
@@ -93,9 +93,9 @@ def lower(plan: LoopPlan) -> Callable:
 def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule], export: bool = False) -> Callable:
     """The whole loop over the variants' step ``modules`` as a function ``(state, invariants, tables, ends, start,
     constants) -> final state``: ``constants[v]`` go first into variant v's module (empty unless its constants
-    were lifted into inputs, artifacts.py). Nothing is written in place.
+    were lifted into inputs, backend/artifacts.py). Nothing is written in place.
 
-    ``export``: for ``torch.export`` (artifacts.py), the while_loop operator is called directly with the loop's
+    ``export``: for ``torch.export`` (backend/artifacts.py), the while_loop operator is called directly with the loop's
     other tensors as its explicit inputs. ``torch.while_loop`` outside ``torch.compile`` traces its body with
     Dynamo first: 16 s of the default loop's 48 s first call (export now 1.6 s)."""
     pattern = [v for v, _, _ in plan.runs]

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .analysis import LoopPlan, LoopSteps, plan_loop
-from .records import LoopTrace, StepTrace, Unsupported
-from .snapshots import same
-from .state import values_equal
+from ..modular_pipelines.state import values_equal
+from ..pystate.snapshots import same
+from ..trace.ir import LoopTrace, StepTrace, Unsupported
+from .loop_plan import LoopPlan, LoopSteps, plan_loop
 
 __all__ = ["Segment", "eager_blocks", "plan_segments", "segment_end", "restores"]
 
@@ -29,7 +29,8 @@ class Segment:
 
 def eager_blocks(trace: LoopTrace, problems: list[Unsupported]) -> set[str]:
     """The blocks that can run eagerly between compiled segments, or an empty set (the whole loop runs eagerly):
-    every problem is data-dependent Python, a random op or a side effect inside a block, and some block is left to compile."""
+    every problem is data-dependent Python, a random op or a side effect inside a block, and some block is left to
+    compile."""
     confined = all(p.block and p.reason.startswith(("data-dependent Python", "random op", "side effect")) for p in problems)
     blocks = {p.block for p in problems}
     if not confined or not trace.steps or blocks >= set(trace.block_names):

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .analysis import LoopPlan
+from ..passes.loop_plan import LoopPlan
 
 __all__ = ["WholeLoopGraph"]
 

@@ -26,9 +26,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .config import LIFT_MAX_NUMEL
-from .records import StepTrace, Unsupported, func_name
-from .scalars import ARITHMETIC, Source
+from ..config import LIFT_MAX_NUMEL
+from ..trace.floats import ARITHMETIC, Source
+from ..trace.ir import StepTrace, Unsupported, func_name
 
 
 __all__ = ["SlotInfo", "Variant", "LoopPlan", "LoopSteps", "loop_steps", "classify_slots", "plan_loop"]
@@ -360,7 +360,7 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
                    stable: set[int], signature: tuple, extra: set[int], gather: bool = False) -> Variant:
     template = members[0]
     per_step = [_lift_candidates(s) for s in members]
-    # the floats a call reads and the plan takes as inputs (scalars.py), by candidate, per step
+    # the floats a call reads and the plan takes as inputs (trace/floats.py), by candidate, per step
     read_at = [[(node.meta.get("sources") or {}).get(pos) if pos is not None else None for node, pos, _ in c]
                for c in per_step]
     # Lifted into per-step tables: every value that differs between this variant's steps, and every small

@@ -21,7 +21,7 @@ Objects whose class cannot take the hooks (C types such as ``types.SimpleNamespa
 
 Module-level globals are reads too, as they are when the call ends: the globals, the closure variables and the
 attributes of user modules (``settings.STRENGTH``) that the code of user modules reachable from the call loads
-(code_reads.py: through decorators, partials and bound methods; not the standard library's nor installed
+(pystate/user_globals.py: through decorators, partials and bound methods; not the standard library's nor installed
 libraries'), a user object such a global holds (compared whole); and torch's global module hooks.
 """
 
@@ -38,10 +38,10 @@ from typing import Any, Iterator
 import torch
 
 from . import class_hooks
+from ..modular_pipelines.state import _atoms_only
+from ..trace.floats import Lifts
 from .class_hooks import HEAPTYPE, Patcher
-from .code_reads import global_reads, is_user_code
 from .components import _TORCH_GLOBAL_HOOKS, _class_lookup, value_of
-from .scalars import Lifts
 from .snapshots import (
     ABSENT,
     ATOM_TYPES,
@@ -53,7 +53,7 @@ from .snapshots import (
     snapshot,
     walk_tensors,
 )
-from .state import _atoms_only
+from .user_globals import global_reads, is_user_code
 
 __all__ = ["Read", "Recording", "TRACE_LOCK", "Write", "record"]
 
@@ -108,7 +108,7 @@ class Recording:
         self.reached: dict[int, Any] = {}  # functions, methods, partials, classes and modules found in attributes
         self.step: int | None = None
         self.block: str | None = None
-        self.lifts: Lifts | None = None  # hands out the floats the call reads as traced floats (scalars.py)
+        self.lifts: Lifts | None = None  # hands out the floats the call reads as traced floats (trace/floats.py)
         self.busy = False
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
@@ -288,7 +288,7 @@ class Recording:
         return list({id(c): c for obj in self.objects.values() for c in type(obj).__mro__}.values())
 
     def _read_globals(self, blocks: dict[str, Any]) -> None:
-        """Reads of the module globals and user-module attributes the call's code can load (code_reads.py), from
+        """Reads of the module globals and user-module attributes the call's code can load (user_globals.py), from
         the watched objects' classes and the functions, classes and modules the call found in attributes; and
         torch's global module hooks. A global the call changed is read as it was when the call started, and only
         when code other than the blocks that change it loads it (``_guard_changed_global``)."""

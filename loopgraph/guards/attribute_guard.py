@@ -14,9 +14,8 @@ from typing import Any, Callable
 
 import torch
 
-from .recording import Read
-from .scalars import Source
-from .snapshots import (
+from ..pystate.attribute_log import Read
+from ..pystate.snapshots import (
     ABSENT,
     ATOMS,
     ContainerSnap,
@@ -26,6 +25,7 @@ from .snapshots import (
     same,
     tensor_snaps,
 )
+from ..trace.floats import Source
 
 __all__ = ["StateGuard", "tensor_rules"]
 
@@ -200,7 +200,7 @@ class StateGuard:
     def __init__(self, reads: list[Read], rules: dict[int, str], floats: list[Source] = ()) -> None:
         self.rules = rules
         self.reads = reads
-        self.floats = list(floats)  # floats the plan takes as inputs (scalars.py): by type and outcomes, not value
+        self.floats = list(floats)  # floats the plan takes as inputs (trace/floats.py): by type and outcomes, not value
         self.per_holder = _PerHolder()
         self.hooks = _EmptyHookDicts()
         self.identity: dict[type, _Group] = {}

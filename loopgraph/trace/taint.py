@@ -16,9 +16,10 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .records import StepTrace, Unsupported, func_name
-from .rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
-from .scalars import ARITHMETIC, TracedFloat
+from ..pystate.user_globals import is_engine_file
+from ..rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
+from .floats import ARITHMETIC, TracedFloat
+from .ir import StepTrace, Unsupported, func_name
 
 __all__ = ["Recorder"]
 
@@ -51,8 +52,6 @@ _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itrued
 # torch.* function with the same signature instead.
 _GRAPH_EQUIVALENT = {torch.Tensor.unflatten: torch.unflatten}
 
-_LOOPGRAPH_DIR = __file__.rsplit("/", 1)[0]
-
 
 def _is_inplace(name: str, kwargs: dict) -> bool:
     return (name.endswith("_") and not name.startswith("__")) or name in _INPLACE_DUNDERS or "out" in kwargs
@@ -61,8 +60,8 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
 def _user_location() -> str:
     """file:line of the innermost frame outside torch and loopgraph (the user's code that did it)."""
     for frame in reversed(traceback.extract_stack()[:-2]):
-        # the engine's own modules are skipped, not its subpackages (the zoo's blocks and schedulers are user code)
-        if "/torch/" in frame.filename or frame.filename.rsplit("/", 1)[0] == _LOOPGRAPH_DIR:
+        # the engine's own modules are skipped, not the zoo's (its blocks and schedulers are user code)
+        if "/torch/" in frame.filename or is_engine_file(frame.filename):
             continue
         return f"{frame.filename}:{frame.lineno}"
     return "<unknown>"
@@ -316,7 +315,7 @@ class Recorder(TorchFunctionMode):
 
 
 def _link_floats(node: fx.Node, name: str, args: tuple, kwargs: dict) -> None:
-    """Note where the traced floats an op was given sit (scalars.py): a direct operand of arithmetic is a
+    """Note where the traced floats an op was given sit (trace/floats.py): a direct operand of arithmetic is a
     position the plan may lift (``node.meta["sources"]``); anywhere else its value is baked."""
     top = [*enumerate(args), *kwargs.items()]
     for pos, v in top:

@@ -1,5 +1,5 @@
 """What a traced call recorded: its steps (``StepTrace``), the whole loop (``LoopTrace``), and why a step cannot be
-compiled (``Unsupported``). Made by trace.py and recorder.py; read by every later stage."""
+compiled (``Unsupported``). Made by trace/tracer.py and trace/taint.py; read by every later stage."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.fx as fx
 
-from .recording import Recording
-from .scalars import Source
+from ..pystate.attribute_log import Recording
+from .floats import Source
 
 __all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
 
@@ -85,7 +85,7 @@ class StepTrace:
     # the draws the step had made per seed (the counts an eager block starts from)
     seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
     draws_before: dict[str, dict[str, int]] = field(default_factory=dict)
-    # batching.py: the step's top-level calls of modules with parameters, the batched retraces of repeated
+    # passes/batching.py: the step's top-level calls of modules with parameters, the batched retraces of repeated
     # ones (module id -> its ``BatchedCall``) and the repeated calls that cannot join a batch (with why)
     calls: list = field(default_factory=list)
     batched: dict[int, Any] = field(default_factory=dict)
@@ -133,7 +133,7 @@ class LoopTrace:
     python: Recording | None = None  # the Python state the call read and wrote (recording.record)
     usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
     components: Any = None           # the components object the call was made with
-    floats: list[Source] = field(default_factory=list)  # the floats it read, traced (scalars.py)
+    floats: list[Source] = field(default_factory=list)  # the floats it read, traced (trace/floats.py)
 
     @property
     def lifted(self) -> list[Source]:

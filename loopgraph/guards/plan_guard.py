@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from .scalars import Source
-from .snapshots import describe
-from .state import _atoms_only, values_equal
-from .state_guard import StateGuard, tensor_rules
+from ..modular_pipelines.state import _atoms_only, values_equal
+from ..pystate.snapshots import describe
+from ..trace.floats import Source
+from .attribute_guard import StateGuard, tensor_rules
 
 __all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard",
            "tensor_rules", "tensor_spec"]
@@ -90,7 +90,7 @@ class InputGuard:
         floats = floats or {}
         self.data = {k: tensor_spec(v) for k, v in slots.items()
                      if isinstance(v, torch.Tensor) and k not in schedule_inputs}
-        self.floats = floats  # floats the plan takes as inputs: by type and the predicates' outcomes (scalars.py)
+        self.floats = floats  # floats the plan takes as inputs: by type and the predicates' outcomes (trace/floats.py)
         ids = {id(slots[k]): k for k in self.data}
         self.schedule = {k: copy.deepcopy(match_form(v, ids)) for k, v in slots.items()
                          if k not in self.data and k not in floats}
@@ -141,7 +141,7 @@ def _spec_text(spec: tuple) -> str:
 
 def plan_guard(trace, lifted: bool = True) -> PlanGuard:
     """The guard of a plan made from ``trace`` (a ``trace.LoopTrace``). ``lifted``: the floats the plan takes as
-    inputs (``trace.lifted``, scalars.py) are guarded by type, not value."""
+    inputs (``trace.lifted``, trace/floats.py) are guarded by type, not value."""
     python, usage = trace.python, trace.usage
     floats = trace.lifted if lifted else []
     by_type = {id(s.read) for s in floats if s.kind == "attribute"}

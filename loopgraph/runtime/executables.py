@@ -1,8 +1,8 @@
 """The ways a plan runs, behind one small protocol, and the write-back they share.
 
     WholeLoop           the lowered loop (while_loops; a C++ loop on CPU) on preallocated state buffers
-    WholeLoopCudaGraph  the N steps captured into one CUDA graph (cudagraph.py), replayed per call
-    EagerSegments       compiled segments between blocks that run eagerly each step (segments.py)
+    WholeLoopCudaGraph  the N steps captured into one CUDA graph (backend/cudagraph.py), replayed per call
+    EagerSegments       compiled segments between blocks that run eagerly each step (runtime/eager_segments.py)
     Eager               the wrapper itself (a loop that cannot be compiled)
 
 Each has ``kind`` (what ``explain()`` and ``last_plan`` say), ``verify()`` (run on the traced call's inputs and
@@ -23,14 +23,14 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from .analysis import LoopPlan, gather
-from .components import put, set_attribute
-from .config import CompileConfig, LoopStats
-from .records import LoopTrace
-from .rng import CounterDraws, CounterMode, draw_seeds, eager_loop
-from .snapshots import copy_value
-from .state import BlockState
-from .verify import check_slots
+from ..config import CompileConfig, LoopStats
+from ..modular_pipelines.state import BlockState
+from ..passes.loop_plan import LoopPlan, gather
+from ..pystate.components import put, set_attribute
+from ..pystate.snapshots import copy_value
+from ..rng import CounterDraws, CounterMode, draw_seeds, eager_loop
+from ..trace.ir import LoopTrace
+from ..verify import check_slots
 from .watch import Reader, StepWatch, eager_hook, eager_steps, timestep
 
 __all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
@@ -44,7 +44,7 @@ class Context:
     wrapper: Any
     config: CompileConfig
     stats: LoopStats
-    watch: StepWatch  # step callbacks and the interrupt flag (watch.py)
+    watch: StepWatch  # step callbacks and the interrupt flag (runtime/watch.py)
 
 
 class Executable(Protocol):
@@ -249,7 +249,7 @@ class WholeLoopCudaGraph(WholeLoop):
 
 def origin(fn) -> str:
     """Where compiled code came from: loaded from the persistent cache, compiled and stored, or compiled in this
-    process (backend.py, artifacts.py)."""
+    process (backend/compiler.py, backend/artifacts.py)."""
     return getattr(fn, "origin", None) or "not compiled yet (on its first call)"
 
 

@@ -13,7 +13,7 @@ import torch
 from .snapshots import ABSENT
 
 if TYPE_CHECKING:
-    from .recording import Recording
+    from .attribute_log import Recording
 
 __all__ = ["HEAPTYPE", "Patcher", "active"]
 
@@ -48,7 +48,7 @@ def _getattribute_hook(original):
                 _logged(rec, rec.on_read, self, name, ABSENT)
                 raise
             _logged(rec, rec.on_read, self, name, value)
-        if type(value) is float and rec.lifts is not None:  # a float the call may use as an input (scalars.py)
+        if type(value) is float and rec.lifts is not None:  # a float the call may use as an input (trace/floats.py)
             return rec.lifts.attribute(self, name, value)
         return value
 

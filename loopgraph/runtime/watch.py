@@ -173,7 +173,7 @@ def eager_steps(wrapper, hook: Callable[[int, Any, dict], None]):
     """For one eager call of ``wrapper`` in this thread: its ``loop_step`` followed by ``hook``. An instance
     attribute, so it holds ``TRACE_LOCK`` (as a trace, which patches the same wrapper, does) and calls from other
     threads get the original."""
-    from .recording import TRACE_LOCK
+    from ..pystate.attribute_log import TRACE_LOCK
 
     with TRACE_LOCK:
         loop_step, count, thread = wrapper.loop_step, [0], threading.get_ident()
@@ -210,8 +210,8 @@ def stream(target: Any, *args, every: int = 1, tensors: tuple[str, ...] | list[s
         >>> for event in loopgraph.stream(fast, components, state, every=5):
         ...     show(event.step, event.tensors["latents"])
     """
-    from .compile import CompiledLoop
-    from .whole_pipeline import compiled_loops
+    from ..compile import CompiledLoop
+    from ..whole_pipeline import compiled_loops
 
     loops = [target] if isinstance(target, CompiledLoop) else [
         site.compiled for site in compiled_loops(target) if isinstance(site.compiled, CompiledLoop)]

@@ -27,8 +27,8 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.fx as fx
 
-from .analysis import LoopPlan
-from .lower import row
+from ..backend.lower import row
+from .loop_plan import LoopPlan
 
 __all__ = ["Match", "find_guided_updates", "fuse_guided_updates", "fuse_loop_kernels"]
 
