@@ -763,29 +763,6 @@ def markdown_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(report: dict[str, Any], plot: str = "bench.png") -> str:
-    """A recorded run as Markdown: where, with what, the command, the table and its legend, the findings (targets
-    on the default loop) and the plot."""
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
-    floor = report["floor"]
-    lines = [f"- device: {report['device']} ({report['device_type']})", f"- versions: {versions}",
-             f"- command: `{report['command']}`", f"- run: {report['started']} to {report['finished']}", "",
-             markdown_table(report), "", LEGEND, "",
-             floor_line(floor) + ".", ""]
-    lines += [f"- {line}" for line in findings(report)]
-    lines += [f"- batched calls ({r['method']}): {r['batched_calls']}" for r in report["results"]
-              if r.get("batched_calls")]
-    lines += [f"- not reported: {r['method']}: {r['reason']}" for r in report["rejected"]]
-    lines += [f"- skipped: {r['method']}: {r['reason']}" for r in report.get("skipped", ())]
-    if report.get("cold_start"):
-        from .cold_start import markdown_table as cold_table
-
-        lines += ["", "Cold start (fresh processes; the second shares the first's caches):", "",
-                  cold_table(report["cold_start"])]
-    lines += ["", f"![per-step time and scaling with N]({plot})", ""]
-    return "\n".join(lines)
-
-
 def write_report(report: dict[str, Any], out: Path) -> list[Path]:
     """Write ``bench.json``, ``bench.csv`` and ``bench.png`` into ``out``; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
