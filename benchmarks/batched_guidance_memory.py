@@ -11,7 +11,7 @@ import time
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.bench import peak_memory
+from loopgraph.bench.measure import peak_memory
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 

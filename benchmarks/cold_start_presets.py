@@ -1,4 +1,4 @@
-"""Cold start on several loops: each method's first result in fresh processes (loopgraph.cold_start), one preset
+"""Cold start on several loops: each method's first result in fresh processes (loopgraph.bench.cold_start), one preset
 after another; writes cold_start.json and cold_start.md into the output folder.
 
     python benchmarks/cold_start_presets.py OUT [--presets dit,flux,wan,qwenimage,sdxl] [--steps 20]
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loopgraph.cold_start import COLD_METHODS, markdown_table, measure
+from loopgraph.bench.cold_start import COLD_METHODS, markdown_table, measure
 
 
 def main() -> int:

@@ -2,7 +2,8 @@
 
 import torch
 
-from loopgraph.bench import BenchConfig, build_setup, make_method
+from loopgraph.bench.loop import BenchConfig, build_setup
+from loopgraph.bench.methods import make_method
 
 METHODS = ("eager", "compile_denoiser", "compile_loop")
 

@@ -24,7 +24,8 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 from loopgraph import InputParam, ModularPipelineBlocks, OutputParam, compile_loop
-from loopgraph.bench import _cpu_name, _versions, count_python_calls
+from loopgraph.bench.measure import count_python_calls
+from loopgraph.bench.report import _cpu_name, _versions
 from loopgraph.verify import matches_eager
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "examples"))

@@ -10,7 +10,9 @@ raises the activation peak of the model call: one batch of 2B instead of two of 
 import pytest
 import torch
 
-from loopgraph.bench import BenchConfig, build_setup, make_method, peak_memory
+from loopgraph.bench.loop import BenchConfig, build_setup
+from loopgraph.bench.measure import peak_memory
+from loopgraph.bench.methods import make_method
 from loopgraph.verify import matches_eager
 
 from common import time_loop

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch._inductor import config as inductor_config
 
-from loopgraph.bench import BenchConfig, build_setup, make_method
+from loopgraph.bench.loop import BenchConfig, build_setup
+from loopgraph.bench.methods import make_method
 
 
 @pytest.mark.parametrize("steps", (5, 20, 50))

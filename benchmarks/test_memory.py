@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import METHODS, prepared, time_loop
-from loopgraph.bench import peak_memory
+from loopgraph.bench.measure import peak_memory
 
 
 @pytest.mark.parametrize("method", METHODS)

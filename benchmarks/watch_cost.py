@@ -16,7 +16,7 @@ from pathlib import Path
 
 import loopgraph
 from loopgraph import compile_loop
-from loopgraph.bench import _cpu_name, _versions
+from loopgraph.bench.report import _cpu_name, _versions
 from loopgraph.verify import matches_eager
 
 METHODS = ["none", "progress", "callback every 1", "callback every 5", "stream every 5"]

@@ -27,7 +27,7 @@ def _model_override(text: str) -> tuple[str, object]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .bench import METHODS
+    from .bench.methods import METHODS
 
     parser = argparse.ArgumentParser(prog="loopgraph", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -110,7 +110,9 @@ def _bench(args: argparse.Namespace) -> int:
               "(`make run` installs it)", file=sys.stderr)
         return 2
 
-    from .bench import LEGEND, default_out, findings, floor_line, render_table, run_bench, user_loop, write_report
+    from .bench.loop import user_loop
+    from .bench.report import LEGEND, default_out, findings, floor_line, render_table, write_report
+    from .bench.run import run_bench
 
     try:
         config = _config(args)
@@ -137,7 +139,7 @@ def _bench(args: argparse.Namespace) -> int:
         if row.get("batched_calls"):
             console.print(f"batched calls ({row['method']}): {row['batched_calls']}")
     if report.get("cold_start"):
-        from .cold_start import markdown_table as cold_table
+        from .bench.cold_start import markdown_table as cold_table
 
         console.print("cold start (fresh processes; the second shares the first's caches):")
         console.print(cold_table(report["cold_start"]), markup=False)
@@ -148,7 +150,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace):
     """The ``BenchConfig`` of ``loopgraph bench``'s arguments (``ValueError`` names a bad one)."""
-    from .bench import BenchConfig, with_overrides
+    from .bench.loop import BenchConfig, with_overrides
 
     base = BenchConfig.quick() if args.quick else BenchConfig()
     config = with_overrides(

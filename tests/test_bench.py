@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from loopgraph.__main__ import _config, _parser
-from loopgraph.bench import (LEGEND, BenchConfig, _check, _COLUMNS, count_python_calls, findings, make_method,
-                             markdown_table, _Method, _plot, _report, peak_memory, run_loop, UserLoop,
-                             user_loop)
+from loopgraph.bench.loop import BenchConfig, UserLoop, user_loop
+from loopgraph.bench.measure import _Method, count_python_calls, peak_memory
+from loopgraph.bench.methods import make_method
+from loopgraph.bench.report import _COLUMNS, LEGEND, _plot, _report, findings, markdown_table
+from loopgraph.bench.run import _check, run_loop
 from loopgraph.compile import compile_loop, matches_eager
 
 from .background import background

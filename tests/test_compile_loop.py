@@ -13,7 +13,7 @@ import torch
 
 from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
 from loopgraph import SequentialPipelineBlocks, compile_loop
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.compile import CompiledLoop, matches_eager
 from loopgraph.runtime import executables
 from loopgraph.zoo.loops import build_loop

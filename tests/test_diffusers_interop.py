@@ -18,7 +18,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 from loopgraph import compile_loop
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.compile import matches_eager
 from loopgraph.runtime import executables
 

@@ -63,7 +63,7 @@ def test_the_quick_starts_compiled_loop_and_pipeline_equal_eager():
 
 
 def test_docs_examples_my_loop_loads_as_the_benchs_loop(monkeypatch):
-    from loopgraph.bench import user_loop
+    from loopgraph.bench.loop import user_loop
 
     monkeypatch.syspath_prepend(str(EXAMPLES))  # `cd docs/examples && loopgraph bench --loop my_loop:setup`
     monkeypatch.delitem(sys.modules, "my_loop", raising=False)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 

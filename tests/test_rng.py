@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.rng import SEED_HIGH, counter_draw, draw_spec, eager_loop, philox4x32
 from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager

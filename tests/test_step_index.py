@@ -11,7 +11,7 @@ import torch
 
 from loopgraph import (InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState,
                        compile_loop)
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.compile import matches_eager
 from loopgraph.runtime import executables
 

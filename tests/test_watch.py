@@ -10,7 +10,7 @@ import torch
 
 from loopgraph import (Interrupted, SequentialPipelineBlocks, StepEvent, compile_loop, compile_pipeline,
                        compiled_loops, stream)
-from loopgraph.bench import count_python_calls
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop

@@ -13,7 +13,7 @@ first call) from the parent's side.
     compile_loop_nocache compile_loop(cache=False): compiled in each process (Inductor's caches warm in the
                          second, but its FX-graph cache refuses the loop's while_loop graph)
 
-Run as ``python -m loopgraph.cold_start PRESET STEPS METHOD`` it is the child process: it prints one JSON line.
+Run as ``python -m loopgraph.bench.cold_start PRESET STEPS METHOD`` it is the child process: it prints one JSON line.
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .loop import BenchConfig, build_setup
+from .methods import make_method
+
 __all__ = ["COLD_METHODS", "measure", "markdown_table"]
 
 COLD_METHODS = ("eager", "compile_denoiser", "compile_loop_nocache", "compile_loop")
 
 
 def _child(preset: str, steps: int, method: str) -> None:
-    from .bench import BenchConfig, build_setup, make_method  # torch is imported already (by ``loopgraph``)
-
-    imported = time.perf_counter()
+    imported = time.perf_counter()  # after the imports (torch, loopgraph): "build_s" is building the loop only
     setup = build_setup(BenchConfig(preset=preset, steps=steps, device="cpu"))
     run = make_method(method, setup)
     state = setup.new_state()
@@ -61,8 +62,8 @@ def measure(preset: str = "dit", steps: int = 20, methods=COLD_METHODS,
                 if progress:
                     progress(f"cold start: {method}, {process} process")
                 start = time.perf_counter()
-                result = subprocess.run([sys.executable, "-m", "loopgraph.cold_start", preset, str(steps), method],
-                                        env=env, capture_output=True, text=True, timeout=3600)
+                child = [sys.executable, "-m", "loopgraph.bench.cold_start", preset, str(steps), method]
+                result = subprocess.run(child, env=env, capture_output=True, text=True, timeout=3600)
                 seconds = time.perf_counter() - start
                 if progress:
                     progress(None)  # done
