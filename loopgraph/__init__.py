@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 from .compile import CompileConfig, CompiledLoop, compile_loop
-from .modular_pipelines.blocks import (AutoPipelineBlocks, LoopSequentialPipelineBlocks, ModularPipelineBlocks,
-                                      SequentialPipelineBlocks)
+from .modular_pipelines.auto_blocks import AutoPipelineBlocks
+from .modular_pipelines.blocks import ModularPipelineBlocks
+from .modular_pipelines.loop_blocks import LoopSequentialPipelineBlocks
+from .modular_pipelines.sequential_blocks import SequentialPipelineBlocks
 from .modular_pipelines.pipeline import ModularPipeline
 from .modular_pipelines.state import BlockState, ComponentSpec, ConfigSpec, InputParam, OutputParam, PipelineState
 from .runtime.watch import Interrupted, StepEvent, stream

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from loopgraph import compile_loop
-from loopgraph.backend.artifacts import WholeLoopProgram, _key, _specs, environment, lift_constants
+from loopgraph.backend.cache_key import _key, _specs, environment
 from loopgraph.backend.disk_cache import CacheStore, cache_root
+from loopgraph.backend.programs import WholeLoopProgram, lift_constants
 from loopgraph.verify import matches_eager
 
 from .background import background

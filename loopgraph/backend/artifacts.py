@@ -2,38 +2,21 @@
 
 Inductor's own caches do not cover the whole loop: its FX-graph cache refuses any graph holding a ``while_loop``,
 and even a cached graph is traced again by Dynamo in every process. So the compiled code is made here as an
-AOTInductor package instead: the program is exported (``torch.export``, tables' length N dynamic) and compiled by
-``aoti_compile_and_package`` into one file, loaded by AOTInductor's package loader (milliseconds) in a later
-process.
+AOTInductor package instead: the program (backend/programs.py) is exported (``torch.export``, tables' length N
+dynamic) and compiled by ``aoti_compile_and_package`` into one file, loaded by AOTInductor's package loader
+(milliseconds) in a later process, or on CPU called through its C interface (``CModel``, the GIL released).
 Measured: docs/benchmarks/cpu-cold-start.
 
-Weights are not in the package. A step graph's constants (the model's parameters and buffers, the scheduler's
-tensors) are *lifted*: they become leading inputs of the exported program, and every call passes the step
-graphs' own tensors, so the code reads the live parameters (an in-place update is seen, as with torch.compile)
-and one package serves any weights of the same shapes.
-
-Three programs are stored, one per way a plan runs:
-
-    WholeLoopProgram   the lowered loop (lower.lower_lifted): every step, while_loops, a C++ loop on CPU
-    StepProgram        one step at a device counter, for the whole-loop CUDA graph (backend/cudagraph.py)
-    SegmentProgram     one compiled segment's step graph, between eager blocks (runtime/eager_segments.py)
-
-``Artifact`` is the callable a plan runs: on its first call (and on inputs of other specs) it makes the key,
-loads the package or builds and stores it, then calls it. The key covers what the code depends on: the lifted
-graphs' code, the specs (shape, strides, dtype, device) of every input and which inputs are one tensor, the
-compile options and Inductor's settings, and this process's torch / triton / Python versions, loopgraph's source,
-the CPU's vector ISA or the GPU's architecture.
+``Artifact`` is the callable a plan runs: on its first call (and on inputs of other specs) it makes the key
+(backend/cache_key.py), loads the package or builds and stores it, then calls it.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import hashlib
 import logging
-import platform
-import sys
 import tempfile
 import time
 import warnings
@@ -43,134 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
 
-from ..passes.loop_plan import LoopPlan
-from .disk_cache import FORMAT, CacheStore
-from .lower import lower_lifted, run_step
+from .cache_key import _inductor_settings, _key, _specs, environment
+from .disk_cache import CacheStore
 
 logger = logging.getLogger("loopgraph.compile")
 
-__all__ = ["Artifact", "WholeLoopProgram", "StepProgram", "SegmentProgram", "lift_constants", "environment"]
-
-
-def lift_constants(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
-    """A copy of ``gm`` whose tensor attributes (parameters, buffers) are its leading inputs, one per distinct
-    tensor, and their attribute names in ``gm`` in that order. Raises ``TypeError`` on an attribute that is not a
-    tensor (it could not be passed in)."""
-    graph = copy.deepcopy(gm.graph)
-    first = next(iter(graph.nodes))
-    names: list[str] = []
-    inputs: dict[int, fx.Node] = {}
-    for node in [n for n in graph.nodes if n.op == "get_attr"]:
-        value = _attr(gm, node.target)
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"step graph attribute {node.target!r} is a {type(value).__name__}, not a tensor")
-        if id(value) not in inputs:
-            with graph.inserting_before(first):
-                inputs[id(value)] = graph.placeholder(f"constant_{len(names)}")
-            names.append(node.target)
-        node.replace_all_uses_with(inputs[id(value)])
-        graph.erase_node(node)
-    return fx.GraphModule(torch.nn.Module(), graph), names
-
-
-def _attr(module: torch.nn.Module, target: str) -> Any:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
-
-
-class _Lifted:
-    """A step graph with its constants lifted: the lifted module, and how to read the constants' live values."""
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        self.source = module
-        self.module, self.names = lift_constants(module)
-        self.code = self.module.code
-
-    def constants(self) -> list[torch.Tensor]:
-        return [_attr(self.source, name) for name in self.names]
-
-
-class WholeLoopProgram:
-    """The lowered loop over flat inputs: every variant's constants, the state, the invariants, every variant's
-    tables, ends, start -> the final state. Called like lower.lower's function: ``(buffers, invariants, tables,
-    ends, start)``, the final state written into ``buffers``."""
-
-    kind = "whole loop"
-
-    def __init__(self, plan: LoopPlan) -> None:
-        self.steps = [_Lifted(v.module) for v in plan.variants]
-        self.run = lower_lifted(plan, [s.module for s in self.steps], export=True)
-        self.code = [s.code for s in self.steps] + [repr([v for v, _, _ in plan.runs]),
-                                                    repr([v.whole_tables for v in plan.variants])]
-        self.describe = f"whole loop: {len(plan.variants)} step graph(s), runs {[v for v, _, _ in plan.runs]}"
-
-    def flatten(self, buffers, invariants, tables, ends, start) -> tuple[list[torch.Tensor], list[int], tuple]:
-        """The flat inputs, which of them are tables (their length N is dynamic), and the sizes of their groups."""
-        constants = [c for s in self.steps for c in s.constants()]
-        counts = ([len(s.names) for s in self.steps], len(buffers), len(invariants), [len(vt) for vt in tables])
-        flat = [*constants, *buffers, *invariants, *(t for vt in tables for t in vt), ends, start]
-        first = len(constants) + len(buffers) + len(invariants)
-        return flat, list(range(first, first + sum(map(len, tables)))), counts
-
-    def run_flat(self, counts: tuple, flat: list) -> tuple:
-        n_consts, n_state, n_inv, n_tables = counts
-        constants = [_take(flat, n) for n in n_consts]
-        state, invariants = _take(flat, n_state), _take(flat, n_inv)
-        tables = [_take(flat, n) for n in n_tables]
-        ends, start = flat
-        return tuple(self.run(state, invariants, tables, ends, start, constants))
-
-    def finish(self, args, outputs):
-        for buffer, final in zip(args[0], outputs):
-            buffer.copy_(final)
-
-
-class StepProgram:
-    """One step of a variant at a device counter, ``(carried, invariants, tables, i) -> outputs``: the whole-loop
-    CUDA graph's step (backend/cudagraph.py)."""
-
-    kind = "step"
-
-    def __init__(self, module: fx.GraphModule, whole_tables: bool) -> None:
-        self.step, self.whole_tables = _Lifted(module), whole_tables
-        self.code = [self.step.code, repr(whole_tables)]
-        self.describe = "one step graph"
-
-    def flatten(self, carried, invariants, tables, i):
-        constants = self.step.constants()
-        counts = (len(constants), len(carried), len(invariants), len(tables))
-        first = len(constants) + len(carried) + len(invariants)
-        return [*constants, *carried, *invariants, *tables, i], list(range(first, first + len(tables))), counts
-
-    def run_flat(self, counts: tuple, flat: list) -> tuple:
-        constants, carried, invariants, tables = (_take(flat, n) for n in counts)
-        return tuple(run_step(self.step.module, self.whole_tables, carried, invariants, tables, flat[0], constants))
-
-    def finish(self, args, outputs):
-        return list(outputs)
-
-
-class SegmentProgram:
-    """A compiled segment's step graph, ``(*inputs, *table rows) -> outputs`` (runtime/eager_segments.py)."""
-
-    kind = "segment step"
-
-    def __init__(self, module: fx.GraphModule) -> None:
-        self.step = _Lifted(module)
-        self.code = [self.step.code]
-        self.describe = "one segment step graph"
-
-    def flatten(self, *args):
-        return [*self.step.constants(), *args], [], ()
-
-    def run_flat(self, counts: tuple, flat: list) -> tuple:
-        return tuple(self.step.module(*flat))
-
-    def finish(self, args, outputs):
-        return outputs
+__all__ = ["Artifact"]
 
 
 class _Exported(torch.nn.Module):
@@ -182,12 +44,6 @@ class _Exported(torch.nn.Module):
 
     def forward(self, *flat):
         return self.program.run_flat(self.counts, list(flat))
-
-
-def _take(flat: list, n: int) -> list:
-    taken = flat[:n]
-    del flat[:n]
-    return taken
 
 
 class Artifact:
@@ -355,97 +211,3 @@ class CModel:
         self._check(self.run(self.handle, inputs, len(handles), outputs, self.outputs, None, None), "run")
         return torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs(
             [_new_capsule(h, None, None) for h in outputs])
-
-
-def _specs(flat: list[torch.Tensor], tables: list[int]) -> tuple:
-    """What the compiled code depends on in its inputs: each one's spec (a table's length N aside, when it is
-    exported dynamic) and which inputs are one tensor."""
-    tables_set = set(tables)
-    first: dict[int, int] = {}
-    specs = []
-    for k, t in enumerate(flat):
-        shape = tuple(t.shape)
-        if k in tables_set and shape[0] >= 2:
-            shape = ("N", *shape[1:])
-        specs.append((shape, t.stride()[1:] if k in tables_set else t.stride(), t.dtype, t.device.type,
-                      first.setdefault(id(t), k)))
-    return tuple(specs)
-
-
-def _key(program, specs: tuple, options: dict, env: dict) -> str:
-    text = repr((FORMAT, program.kind, program.code, specs, sorted(options.items()), sorted(env.items())))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-@functools.lru_cache(maxsize=None)
-def _loopgraph_source() -> str:
-    """A digest of loopgraph's own source (the package and its kernels): code built by another loopgraph misses."""
-    root = Path(__file__).resolve().parent.parent
-    digest = hashlib.sha256()
-    for folder in (root, root.parent / "kernels"):
-        for path in sorted(folder.rglob("*.py")) if folder.is_dir() else ():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=None)
-def _device_fingerprint(device_type: str, index: int | None) -> str:
-    """The GPU's architecture, or the CPU's: ATen's vector capability and a digest of the CPU's feature flags
-    (code built for AVX-512 must not load where there is none). Cheap: Inductor's own ISA probe compiles."""
-    if device_type == "cuda":
-        props = torch.cuda.get_device_properties(index or 0)
-        return f"cuda sm_{props.major}{props.minor} {props.name}"
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = platform.processor()
-    return (f"{device_type} {platform.machine()} {torch.backends.cpu.get_cpu_capability()} "
-            f"flags:{hashlib.sha256(flags.encode()).hexdigest()[:12]}")
-
-
-def environment(device: torch.device) -> dict[str, str]:
-    """What, besides the program, the compiled code depends on: checked again when an entry is loaded. The
-    Inductor settings are the process's (``torch._inductor.config``, which a user may change: ``freezing``,
-    ``cpp.simdlen``...), as Inductor's own FX-graph cache keys them."""
-    from torch._inductor import config as inductor_config
-
-    return {"torch": torch.__version__, "triton": _triton(), "python": ".".join(map(str, sys.version_info[:3])),
-            "loopgraph": _loopgraph_source(), "device": _device_fingerprint(device.type, device.index),
-            "inductor_config": _inductor_hash()}
-
-
-def _inductor_settings() -> dict[str, str]:
-    """The Inductor settings the key hashes, by name, as text: those Inductor's own FX-graph cache hashes. Left
-    out: the compile-ignored ones, those under its ``_cache_config_ignore_prefix`` (``compile_threads`` follows
-    the process's CPU affinity: two processes of one machine would compile one loop twice) and
-    ``aot_inductor.metadata`` (which AOTInductor fills in place while it compiles). Empty where this torch does
-    not say which they are."""
-    from torch._inductor import config as inductor_config
-
-    try:  # aot_inductor.metadata: AOTInductor adds the device to it, in place, while it compiles
-        settings = inductor_config._get_dict(ignored_keys=[*inductor_config._compile_ignored_keys,
-                                                           "aot_inductor.metadata"],
-                                             ignored_prefixes=list(inductor_config._cache_config_ignore_prefix))
-    except (AttributeError, TypeError):
-        return {}
-    return {k: repr(v)[:80] for k, v in sorted(settings.items())}
-
-
-def _inductor_hash() -> str:
-    from torch._inductor import config as inductor_config
-
-    settings = _inductor_settings()
-    if not settings:
-        return inductor_config.get_hash().hex()
-    return hashlib.md5(repr(sorted(settings.items())).encode(), usedforsecurity=False).hexdigest()
-
-
-@functools.lru_cache(maxsize=None)
-def _triton() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("triton")
-    except Exception:  # noqa: BLE001 — not installed
-        return "none"

@@ -12,9 +12,10 @@ import torch
 
 from ..config import CODE_CACHE_FACTOR, SEPARATE_HOST_BUILD_OPS, CompileConfig
 from ..passes.loop_plan import LoopPlan
-from .artifacts import Artifact, SegmentProgram, StepProgram, WholeLoopProgram
+from .artifacts import Artifact
 from .disk_cache import open_store
 from .lower import lower, module_ops, named_function, run_step, op_count
+from .programs import SegmentProgram, StepProgram, WholeLoopProgram
 
 __all__ = ["Backend", "CompileCounter", "compile_key"]
 

@@ -10,7 +10,8 @@ renamed into place, the metadata last, so a reader sees a whole entry or none, a
 at once each leave a whole entry (the last rename wins). A reader checks the checksum and the versions before it
 hands the file out: a corrupt or foreign entry is removed, with a warning, and built again.
 
-What is stored, and how its key is made, is ``backend/artifacts.py``'s business; this file only keeps files.
+What is stored, and how its key is made, is ``backend/artifacts.py``'s and ``backend/cache_key.py``'s business;
+this file only keeps files.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def run_step(module: torch.fx.GraphModule, whole_tables: bool, carried, invarian
              i: torch.Tensor, constants=()) -> list[torch.Tensor]:
     """One step of a variant (its ``module``) at step counter ``i``: its table rows (or, when the kernel pass
     made it take ``whole_tables``, the tables themselves and the counter) after the carried state and the
-    invariants; a module whose constants were lifted into inputs (backend/artifacts.py) takes them first."""
+    invariants; a module whose constants were lifted into inputs (backend/programs.py) takes them first."""
     rows = [*tables, i] if whole_tables else [row(t, i) for t in tables]
     return list(module(*constants, *carried, *invariants, *rows))
 
@@ -93,7 +93,7 @@ def lower(plan: LoopPlan) -> Callable:
 def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule], export: bool = False) -> Callable:
     """The whole loop over the variants' step ``modules`` as a function ``(state, invariants, tables, ends, start,
     constants) -> final state``: ``constants[v]`` go first into variant v's module (empty unless its constants
-    were lifted into inputs, backend/artifacts.py). Nothing is written in place.
+    were lifted into inputs, backend/programs.py). Nothing is written in place.
 
     ``export``: for ``torch.export`` (backend/artifacts.py), the while_loop operator is called directly with the loop's
     other tensors as its explicit inputs. ``torch.while_loop`` outside ``torch.compile`` traces its body with

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from ..modular_pipelines.blocks import LoopSequentialPipelineBlocks, ModularPipelineBlocks
+from ..modular_pipelines.blocks import ModularPipelineBlocks
+from ..modular_pipelines.loop_blocks import LoopSequentialPipelineBlocks
 from ..modular_pipelines.pipeline import ModularPipeline
 from ..modular_pipelines.state import ComponentSpec, InputParam, OutputParam, PipelineState
 from .guidance import ClassifierFreeGuidance
