@@ -7,6 +7,7 @@ makes the plan run eagerly, with a warning that says why; ``strict=True`` raises
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -78,8 +79,8 @@ class Planner:
                                    batch=config.batch_guidance is not False, after_step=eager_hook(self.ctx.watch),
                                    lift_floats=config.lift_floats)
         batching, records, failure = [], [], None
-        try:  # before the guard: the constants the batched calls add are guarded like the others
-            batching, records = self._batch(trace)
+        try:  # a new trace: the guard is built from it, so it checks the constants the batched calls add
+            trace, batching, records = self._batch(trace)
         except Exception as e:  # a bug: this plan runs eagerly (below, "please report this")
             if config.strict:
                 raise
@@ -112,20 +113,21 @@ class Planner:
             plan.problems = [Unsupported(f"planning failed ({type(e).__name__}: {e})" + (f" {notes}" if notes else "")
                                          + ("" if isinstance(e, Unsupported) else "; please report this"))]
             self._fall_back(plan, e)
-        if trace.lifted and not isinstance(plan.executable, WholeLoop):  # only the whole loop reads them per call
-            plan.guard = plan_guard(trace, lifted=False)
+        if plan.trace.lifted and not isinstance(plan.executable, WholeLoop):  # only the whole loop reads them per call
+            plan.guard = plan_guard(plan.trace, lifted=False)
         stats.plan_seconds += time.perf_counter() - start
         counter = self.backend.counter
         stats.compiles, stats.compile_seconds, stats.loaded = counter.count, counter.seconds, counter.loaded
         return plan, result
 
-    def _batch(self, trace: LoopTrace) -> tuple[list[CallSite], list[PassRecord]]:
-        """The "batch calls" stage (passes/batching.py): the step graphs rewritten before anything plans from them."""
+    def _batch(self, trace: LoopTrace) -> tuple[LoopTrace, list[CallSite], list[PassRecord]]:
+        """The "batch calls" pass (passes/batching.py): a new trace, its step graphs rewritten, that everything
+        after it plans from."""
         if self.ctx.config.batch_guidance is False:
-            return [], []
+            return trace, [], []
         start = time.perf_counter()
         try:
-            sites, summary = batch_calls(trace)
+            trace, sites, summary = batch_calls(trace)
         except Exception as e:
             e.add_note("raised in loopgraph pass 'batch calls'")
             raise
@@ -135,7 +137,7 @@ class Planner:
                     warnings.warn(f"compile_loop: {self.name}: {s.module} ({s.calls} calls per step in block "
                                   f"{s.block!r}) is not batched in {len(s.other_steps)} step(s): {s.reason}",
                                   stacklevel=4)
-        return sites, [PassRecord("batch calls", time.perf_counter() - start, summary)]
+        return trace, sites, [PassRecord("batch calls", time.perf_counter() - start, summary)]
 
     def _whole_loop(self, plan: Plan) -> None:
         trace, config = plan.trace, self.ctx.config
@@ -151,10 +153,11 @@ class Planner:
             return self._fall_back(plan, e)
         loop = plan.loop
         taken = {id(source) for v in loop.variants for _, _, source in v.sources}
-        missed = [s for s in trace.lifted if s.linked and id(s) not in taken]
-        for s in missed:  # it reached a step graph the plan could not make read it per call: guarded by value
-            s.use = "an operand in a step graph that does not read it per call"
-        if missed:
+        missed = {id(s) for s in trace.lifted if s.linked and id(s) not in taken}
+        if missed:  # it reached a step graph the plan could not make read it per call: guarded by value
+            use = "an operand in a step graph that does not read it per call"
+            trace = plan.trace = dataclasses.replace(trace, floats=[
+                dataclasses.replace(s, use=use) if id(s) in missed else s for s in trace.floats])
             plan.guard = plan_guard(trace)
         if loop.growth and not self.warned_growth:  # once per compiled loop: explain() keeps saying it
             self.warned_growth = True

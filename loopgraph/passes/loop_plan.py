@@ -171,7 +171,7 @@ def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, Any, Any]]:
 
 def _input_shapes(step: StepTrace) -> dict[str, torch.Size]:
     """The shapes of the tensors the step was given, by slot (the step graph's placeholders)."""
-    given = next(iter(step.slots_before.values()), {})
+    given = next(iter(step.cuts.values())).slots if step.cuts else {}
     return {k: v.shape for k, v in given.items() if isinstance(v, torch.Tensor)}
 
 
@@ -368,7 +368,7 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     # first) does not bake its values and a new N reuses the compiled code. Python floats stay literals
     # unless they differ (some ops insist on a Python number).
     # the slots as the step was given them (a plan with gathers has them)
-    inputs = next(iter(template.slots_before.values())) if gather and template.slots_before else {}
+    inputs = next(iter(template.cuts.values())).slots if gather and template.cuts else {}
     lift_positions = [
         k for k, (node, pos, value) in enumerate(per_step[0])
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])

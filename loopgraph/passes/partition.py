@@ -79,7 +79,7 @@ def segment_end(segments: list[Segment], k: int) -> str:
 
 
 def restores(trace: LoopTrace, eager: set[str]) -> dict[tuple[int, str], list[tuple]]:
-    """(step, eager block) -> the attributes (keys of ``StepTrace.python_before``) that compiled blocks wrote or
+    """(step, eager block) -> the attributes (keys of ``Cut.python``) that compiled blocks wrote or
     changed in place since the previous eager block: compiled segments run no Python, so these are set as the
     traced call had them before the eager block runs. What an eager block writes is its own (this call's) value."""
     written: dict[tuple, set] = {}
@@ -92,10 +92,10 @@ def restores(trace: LoopTrace, eager: set[str]) -> dict[tuple[int, str], list[tu
         cuts = [*trace.block_names, "__end__"]
         for block, after in zip(cuts, cuts[1:]):
             if block in eager:
-                found[(step.index, block)] = [k for k in pending if k in step.python_before[block]]
+                found[(step.index, block)] = [k for k in pending if k in step.cuts[block].python]
                 pending = set()
                 continue
-            before, now = step.python_before[block], step.python_before[after]
+            before, now = step.cuts[block].python, step.cuts[after].python
             pending |= written.get((step.index, block), set())
             pending |= {k for k, (_, _, value) in now.items()  # changed in place (or first read and changed)
                         if (not values_equal(before[k][2], value) if k in before
@@ -106,8 +106,7 @@ def restores(trace: LoopTrace, eager: set[str]) -> dict[tuple[int, str], list[tu
 def _tainted_before(step: StepTrace, key: str) -> dict[str, fx.Node]:
     """Slot -> node of every tainted tensor before block ``key``: the BlockState's, the components', and the
     random draws' seeds (inputs of the whole step, even one first drawn later in it)."""
-    return {**step.nodes_before[key], **{slot: node for slot, (_, _, node) in step.held_before[key].items()},
-            **{slot: node for slot, (node, _) in step.seeds.items()}}
+    return {**step.cuts[key].tainted(), **{slot: node for slot, (node, _) in step.seeds.items()}}
 
 
 def _cut_step(step: StepTrace, blocks: list[str], end: str) -> StepTrace:

@@ -64,8 +64,8 @@ class EagerSegments:
         checked, calls = 0, stats.segment_calls
         for step in trace.steps:
             for k, seg in enumerate(self.segments):
-                start_values = step.values_before.get(seg.blocks[0])
-                end_values = step.values_before.get(segment_end(self.segments, k))
+                start_values = step.cuts[seg.blocks[0]].values
+                end_values = step.cuts[segment_end(self.segments, k)].values
                 if seg.eager or start_values is None or end_values is None:
                     continue
                 env = {**{n: v.clone() for n, v in start_values.items()}, **seeds}
@@ -102,26 +102,27 @@ class EagerSegments:
                     self._call_segment(k, env, i, step)
                     continue
                 name = seg.blocks[0]
-                block_state = _eager_block_state(trace, step.slots_before[name], step.nodes_before[name], env, slots)
+                cut = step.cuts[name]
+                block_state = _eager_block_state(trace, cut.slots, cut.nodes, env, slots)
                 # the Python state the compiled blocks before it would have left (they run no Python), holding this
                 # call's loop tensors (a scheduler's history)
                 for key in self.restores.get((i, name), ()):
-                    obj, attr, value = step.python_before[name][key]
+                    obj, attr, value = cut.python[key]
                     set_attribute(obj, attr, copy_value(value))
-                for slot, (path, _, _) in step.held_before[name].items():
+                for slot, (path, _, _) in cut.held.items():
                     put(components, path, env[slot])
-                with drawing(self.ctx.config, draws, i, step.draws_before[name]):
+                with drawing(self.ctx.config, draws, i, cut.draws):
                     components, block_state = run_block(name, wrapper.sub_blocks[name], components, block_state,
                                                         **step.kwargs)
                 rest = trace.block_names[trace.block_names.index(name) + 1:]
                 after = rest[0] if rest else "__end__"
-                held = _held_tensors(wrapper, components, step.held_before[after])
+                held = _held_tensors(wrapper, components, step.cuts[after].held)
                 if held is None or not self._as_traced(step, after, block_state, held, slots):
                     warnings.warn(f"compile_loop: block {name!r} did not do at step {i} what it did when traced "
                                   f"(other slots, shapes or Python state): the rest of the loop runs eagerly",
                                   stacklevel=4)
                     return {}, self._finish_eagerly(components, block_state, step, rest, draws, bar)
-                env.update({slot: vars(block_state)[slot] for slot in step.nodes_before[after]})
+                env.update({slot: vars(block_state)[slot] for slot in step.cuts[after].nodes})
                 env.update(held)
             self._after_step(i, total, {**slots, **env}, list(env), bar)
         return env, None
@@ -143,7 +144,7 @@ class EagerSegments:
                 for n in [*loop.state_slots, *loop.invariant_slots]]
         outputs = self.fns[k][v](*args, *[table[i] for table in loop.variants[v].tables])
         if step is not None:
-            before, after = step.slots_before[seg.blocks[0]], step.slots_before[segment_end(self.segments, k)]
+            before, after = step.cuts[seg.blocks[0]].slots, step.cuts[segment_end(self.segments, k)].slots
         for name, out in zip(loop.state_slots, outputs):
             current = env.get(name)
             if (step is not None and isinstance(current, torch.Tensor) and name in before
@@ -157,13 +158,14 @@ class EagerSegments:
                    slots: dict[str, Any]) -> bool:
         """Whether an eager block left the slots and the Python state as in the traced run."""
         trace = self.trace
-        expected, tainted = step.slots_before[after], step.nodes_before[after]
+        cut = step.cuts[after]
+        expected, tainted = cut.slots, cut.nodes
         got = vars(block_state)
         if got.keys() != expected.keys():
             return False
         # slots that held one tensor when traced must still do: the compiled graph cannot tell them apart
         shared: dict[Any, Any] = {}  # traced node -> this call's tensor
-        nodes = [(node, held[slot]) for slot, (_, _, node) in step.held_before[after].items()]
+        nodes = [(node, held[slot]) for slot, (_, _, node) in cut.held.items()]
         for node, value in nodes + [(node, got[slot]) for slot, node in tainted.items()]:
             if shared.setdefault(node, value) is not value:
                 return False
@@ -179,7 +181,7 @@ class EagerSegments:
         # tensors components hold: this call's, compared by shape and dtype), and every other read as it was
         loop_ids = {id(t) for t in held.values()}
         return all(_same_state(value_of(obj, name), value, loop_ids)
-                   for obj, name, value in step.python_before[after].values()) and self.stable.holds()
+                   for obj, name, value in cut.python.values()) and self.stable.holds()
 
     def _finish_eagerly(self, components, block_state: BlockState, step, rest: list[str],
                         draws: CounterDraws, bar=None) -> BlockState:

@@ -3,6 +3,7 @@ compiled (``Unsupported``). Made by trace/tracer.py and trace/taint.py; read by 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -12,7 +13,7 @@ import torch.fx as fx
 from ..pystate.attribute_log import Recording
 from .floats import Source
 
-__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
+__all__ = ["Cut", "StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
 
 
 class Unsupported(Exception):
@@ -55,9 +56,39 @@ class SeedDraw(NamedTuple):
     value: torch.Tensor                 # the seed (0-d int64)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Cut:
+    """The loop's state at one point of a step, before a block or at "__end__" (eager segments cut steps there).
+
+    ``slots``: the BlockState (shallow); ``nodes``: its slots that hold tainted tensors, with their nodes;
+    ``held``: the tainted tensors the components hold (slot -> where, value, node); ``python``: the Python state
+    (``Recording.state_now``: what was written so far and the non-module reads); ``draws``: rng="counter", the
+    draws made so far per seed (where an eager block starts); ``values``: copies of the loop tensors, taken in the
+    steps where eager segments check their compiled parts against them (else None)."""
+
+    slots: dict[str, Any]
+    nodes: dict[str, fx.Node]
+    held: dict[str, tuple[tuple, torch.Tensor, fx.Node]]
+    python: dict
+    draws: dict[str, int]
+    values: dict[str, torch.Tensor] | None = None
+
+    def tainted(self) -> dict[str, fx.Node]:
+        """Slot -> node of every tainted tensor here: the BlockState's and the components'."""
+        return {**self.nodes, **{slot: node for slot, (_, _, node) in self.held.items()}}
+
+    def renamed(self, nodes: dict[fx.Node, fx.Node]) -> Cut:
+        """This cut with its nodes mapped through ``nodes`` (a node not in it stays)."""
+        return dataclasses.replace(self, nodes={k: nodes.get(n, n) for k, n in self.nodes.items()},
+                                   held={k: (path, v, nodes.get(n, n)) for k, (path, v, n) in self.held.items()})
+
+
+@dataclass(frozen=True)
 class StepTrace:
-    """One iteration: its graph, which slots fed it, what it left in the BlockState, and per-block effects."""
+    """One iteration: its graph, which slots fed it, what it left in the BlockState, and per-block effects.
+
+    Frozen: the tracer fills its graph and containers while the step runs; after the trace nothing changes it. A
+    pass that rewrites a step works on ``copied()`` and returns a new trace."""
 
     index: int
     graph: fx.Graph
@@ -70,26 +101,43 @@ class StepTrace:
     writes: dict[str, set[str]] = field(default_factory=dict)  # block -> slots it wrote
     block_ops: dict[str, int] = field(default_factory=dict)    # block -> recorded ops
     kwargs: dict[str, Any] = field(default_factory=dict)       # the loop_step keyword arguments
-    # Before each block, and at "__end__": the BlockState (shallow), which of its slots hold tainted tensors
-    # (slot -> node), the tainted tensors the components hold (component slot -> where, value, node) and,
-    # when asked for, the components' Python state. Eager segments cut the step here.
-    slots_before: dict[str, dict[str, Any]] = field(default_factory=dict)
-    nodes_before: dict[str, dict[str, fx.Node]] = field(default_factory=dict)
-    held_before: dict[str, dict[str, tuple[tuple, torch.Tensor, fx.Node]]] = field(default_factory=dict)
-    # the Python state there (``Recording.state_now``: what was written so far and the non-module reads), and
-    # copies of the loop tensors there (slot -> tensor; taken in steps where eager segments may need them, so
-    # compiled segments are checked against them without calling any block again)
-    python_before: dict[str, dict] = field(default_factory=dict)
-    values_before: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    # rng="counter": the seeds' placeholders in this step (seed name -> node, value), and before each block
-    # the draws the step had made per seed (the counts an eager block starts from)
+    # before each block, and at "__end__": the loop's state there (eager segments cut the step at these)
+    cuts: dict[str, Cut] = field(default_factory=dict)
+    # rng="counter": the seeds' placeholders in this step (seed name -> node, value)
     seeds: dict[str, tuple[fx.Node, torch.Tensor]] = field(default_factory=dict)
-    draws_before: dict[str, dict[str, int]] = field(default_factory=dict)
     # passes/batching.py: the step's top-level calls of modules with parameters, the batched retraces of repeated
     # ones (module id -> its ``BatchedCall``) and the repeated calls that cannot join a batch (with why)
     calls: list = field(default_factory=list)
     batched: dict[int, Any] = field(default_factory=dict)
     unbatched: list[tuple[Any, str]] = field(default_factory=list)
+
+    def copied(self, sources: dict[int, Source]) -> StepTrace:
+        """A copy with a graph of its own, and everything that names a node (outputs, cuts, seeds, module calls) on
+        the new graph's nodes; ``sources``: the new trace's floats, by the id of the one each copies."""
+        graph, nodes = fx.Graph(), {}
+        graph.graph_copy(self.graph, nodes)
+        for new in nodes.values():
+            if new.meta.get("sources"):
+                new.meta["sources"] = {pos: sources.get(id(s), s) for pos, s in new.meta["sources"].items()}
+        calls: dict[int, Any] = {}
+
+        def node(n: fx.Node | None) -> fx.Node | None:
+            return nodes.get(n, n) if n is not None else None
+
+        def call(c: Any) -> Any:  # a ModuleCall (trace/calls.py), once per call however often it is named
+            if id(c) not in calls:
+                calls[id(c)] = dataclasses.replace(c, nodes=[node(n) for n in c.nodes],
+                                                   inputs=[node(n) for n in c.inputs],
+                                                   out_nodes=[node(n) for n in c.out_nodes])
+            return calls[id(c)]
+
+        return dataclasses.replace(
+            self, graph=graph, inputs=list(self.inputs), outputs={k: node(n) for k, n in self.outputs.items()},
+            constants=dict(self.constants), stable=dict(self.stable), versions=dict(self.versions),
+            block_ops=dict(self.block_ops), cuts={k: cut.renamed(nodes) for k, cut in self.cuts.items()},
+            seeds={k: (node(n), v) for k, (n, v) in self.seeds.items()}, calls=[call(c) for c in self.calls],
+            batched={k: dataclasses.replace(b, calls=[call(c) for c in b.calls]) for k, b in self.batched.items()},
+            unbatched=[(call(c), reason) for c, reason in self.unbatched])
 
     def add_constant(self, tensor: torch.Tensor) -> str:
         """Make ``tensor`` a constant of this step's graph: its get_attr target, with its id and its version now
@@ -108,13 +156,14 @@ class StepTrace:
         """A slot's value before block ``key``: the BlockState's, a component's (its history) or a seed."""
         if slot in self.seeds:
             return self.seeds[slot][1]
-        held = self.held_before[key].get(slot)
-        return held[1] if held is not None else self.slots_before[key][slot]
+        cut = self.cuts[key]
+        held = cut.held.get(slot)
+        return held[1] if held is not None else cut.slots[slot]
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopTrace:
-    """Everything one real run of the wrapper showed."""
+    """Everything one real run of the wrapper showed. Frozen: a pass returns a new one (``dataclasses.replace``)."""
 
     steps: list[StepTrace]
     initial_slots: dict[str, Any]          # BlockState right after get_block_state
@@ -130,7 +179,7 @@ class LoopTrace:
     rng_before: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states when the loop started
     seeds: dict[str, SeedDraw] = field(default_factory=dict)  # rng="counter": seed name -> where it came from
     progress: bool = False  # the wrapper's __call__ opened its progress bar (compiled calls draw it then)
-    python: Recording | None = None  # the Python state the call read and wrote (recording.record)
+    python: Recording | None = None  # the Python state the call read and wrote (attribute_log.record)
     usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
     components: Any = None           # the components object the call was made with
     floats: list[Source] = field(default_factory=list)  # the floats it read, traced (trace/floats.py)

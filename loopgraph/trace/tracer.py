@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from ..modular_pipelines.blocks import run_block
-from ..passes.batching import CallWatcher
+from .calls import CallWatcher
 from ..pystate.attribute_log import TRACE_LOCK, Recording, record
 from ..pystate.components import component_objects, component_tensors, set_attribute, value_of
 from ..pystate.snapshots import walk_tensors
@@ -32,6 +32,7 @@ from ..rng import CounterDraws
 from .floats import Lifts, TracedFloat, floats_in, plain
 from .ir import (
     ComponentSlot,
+    Cut,
     LoopTrace,
     SeedDraw,
     StepTrace,
@@ -109,137 +110,122 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                lift_floats: bool = True) -> tuple[LoopTrace, Any]:
     """Run ``wrapper(components, state)`` for real while recording each ``loop_step`` as an FX graph.
 
-    The Python state the call reads and writes is recorded too (``recording.record``: the plan's guards and
+    The Python state the call reads and writes is recorded too (``attribute_log.record``: the plan's guards and
     what a compiled call replays), and before each block the components' Python state and, where eager segments
     may need them, copies of the loop tensors. ``rng="counter"`` draws the steps' random numbers by the seed
     policy of rng.py (recorded as graph ops) instead of from torch's generators. Returns the trace and the
     wrapper's own return value ``(components, state)``. ``batch=True`` also records the steps' module calls and
-    traces repeated ones batched (passes/batching.py). ``after_step(i, block_state, kwargs)`` runs after each step,
-    outside the recording (step callbacks: runtime/watch.py). ``lift_floats``: the floats the call reads from its inputs
-    and the objects it reaches are traced floats (trace/floats.py), so the plan may lift those only arithmetic uses.
+    traces repeated ones batched (passes/batching.py). ``after_step(i, block_state, kwargs)`` runs after each
+    step, outside the recording (step callbacks: runtime/watch.py). ``lift_floats``: the floats the call reads
+    from its inputs and the objects it reaches are traced floats (trace/floats.py), so the plan may lift those
+    only arithmetic uses.
 
-    Holds ``recording.TRACE_LOCK``: one trace at a time per process.
+    Holds ``attribute_log.TRACE_LOCK``: one trace at a time per process.
     """
-    recorder = Recorder()
-    recorder.strict = strict
-    recorder.draws = CounterDraws() if rng == "counter" else None
-    schedule_inputs = [p.name for p in getattr(wrapper, "loop_inputs", []) if p.name]
-    exclude = set(schedule_inputs)
-    steps: list[StepTrace] = []
-    seen: dict[str, Any] = {}
-    component_slots: dict[str, ComponentSlot] = {}
-    python: Recording | None = None
+    tracer = Tracer(wrapper, strict=strict, rng=rng, batch=batch, after_step=after_step, lift_floats=lift_floats)
+    return tracer.trace(components, state)
 
-    def wrapper_problem(reason: str) -> None:
-        recorder.block = None
-        if all(p.reason != reason for p in recorder.problems):
-            recorder.problems.append(Unsupported(reason, None, None))
-        if strict:
-            raise Unsupported(reason)
 
-    def get_block_state(st):
-        bs = intercept.originals["get_block_state"](st)
-        seen["initial"] = dict(vars(bs))
-        seen["copy"] = {k: v.clone() if isinstance(v, torch.Tensor) and k not in exclude else v
-                        for k, v in vars(bs).items()}
-        seen["versions"] = {k: v._version for k, v in vars(bs).items()
-                            if isinstance(v, torch.Tensor) and k not in exclude and not v.is_inference()}
-        recorder.pre_loop = {id(v): v for k, v in vars(bs).items() if isinstance(v, torch.Tensor) and k not in exclude}
+class Tracer:
+    """Records one real call of a loop wrapper. Its methods stand in for the wrapper's ``get_block_state``,
+    ``set_block_state``, ``loop_step`` and ``progress_bar`` during the call (fx's ``Tracer`` is the model: one
+    object whose methods are the hooks); ``trace`` makes the call and returns the ``LoopTrace``."""
+
+    def __init__(self, wrapper, *, strict: bool = False, rng: str = "eager", batch: bool = False,
+                 after_step: Callable[[int, Any, dict], None] | None = None, lift_floats: bool = True) -> None:
+        self.wrapper, self.strict, self.batch = wrapper, strict, batch
+        self.after_step, self.lift_floats = after_step, lift_floats
+        self.recorder = Recorder()
+        self.recorder.strict = strict
+        self.recorder.draws = CounterDraws() if rng == "counter" else None
+        self.schedule_inputs = [p.name for p in getattr(wrapper, "loop_inputs", []) if p.name]
+        self.exclude = set(self.schedule_inputs)
+        self.steps: list[StepTrace] = []
+        self.component_slots: dict[str, ComponentSlot] = {}
+        self.python: Recording | None = None
+        self.lifts: Lifts | None = None
+        # what the call showed on the way
+        self.initial: dict[str, Any] | None = None      # the BlockState right after get_block_state
+        self.inputs_copy: dict[str, Any] | None = None  # the same, data tensors cloned before the loop ran
+        self.versions: dict[str, int] = {}              # the data tensors' version counters then
+        self.rng_states: dict[str, torch.Tensor] = {}   # the RNG states when the loop started
+        self.final: dict[str, Any] | None = None        # the BlockState after the last step (or set after the loop)
+        self.final_components: dict[str, torch.Tensor] = {}  # loop tensors the components hold after a step
+        self.progress = False                           # the wrapper opened its progress bar
+        self._intercept: _Intercept | None = None
+
+    def trace(self, components, state) -> tuple[LoopTrace, Any]:
+        wrapper = self.wrapper
+        methods = {"get_block_state": self.get_block_state, "set_block_state": self.set_block_state,
+                   "loop_step": self.loop_step, "progress_bar": self.progress_bar}
+        with TRACE_LOCK:
+            self._intercept = _Intercept(wrapper, methods)
+            try:
+                with record(_roots(wrapper, components)) as python, self.recorder:
+                    self.python = python
+                    self.lifts = python.lifts = Lifts(self.lift_floats, lambda: python.busy)
+                    python.hide(wrapper, *methods)
+                    watcher = CallWatcher(self.recorder, python) if self.batch else contextlib.nullcontext()
+                    with watcher, self.lifts.active():
+                        result = wrapper(components, state)
+                    self._side_effects(None, None)
+                    with torch._C.DisableTorchFunction(), python.paused():
+                        python.finish(dict(wrapper.sub_blocks))
+            finally:
+                self._intercept.remove()
+        return self._loop_trace(components), result
+
+    # -- the wrapper's methods, while it runs ------------------------------------------------------------------------
+    def get_block_state(self, st):
+        bs = self._intercept.originals["get_block_state"](st)
+        exclude = self.exclude
+        self.initial = dict(vars(bs))
+        self.inputs_copy = {k: v.clone() if isinstance(v, torch.Tensor) and k not in exclude else v
+                            for k, v in vars(bs).items()}
+        self.versions = {k: v._version for k, v in vars(bs).items()
+                         if isinstance(v, torch.Tensor) and k not in exclude and not v.is_inference()}
+        self.recorder.pre_loop = {id(v): v for k, v in vars(bs).items()
+                                  if isinstance(v, torch.Tensor) and k not in exclude}
         with torch._C.DisableTorchFunction():
-            seen["rng"] = _rng_states(vars(bs))
+            self.rng_states = _rng_states(vars(bs))
         for k, v in list(vars(bs).items()):
             if type(v) is float:
-                setattr(bs, k, lifts.input(k, v))
+                setattr(bs, k, self.lifts.input(k, v))
         return bs
 
-    def set_block_state(st, bs):
-        with python.paused():
-            check_after(bs)
+    def set_block_state(self, st, bs):
+        with self.python.paused():
+            self._check_after(bs)
             for k, v in list(vars(bs).items()):  # the caller gets the floats it gave, not traced ones
                 if type(v) is TracedFloat:
                     setattr(bs, k, v.source.original)
-        return intercept.originals["set_block_state"](st, bs)
+        return self._intercept.originals["set_block_state"](st, bs)
 
-    def check_after(bs):
-        final = seen.get("final", seen.get("initial", {}))
-        changed = [k for k, v in vars(bs).items()
-                   if (isinstance(v, torch.Tensor) or isinstance(final.get(k), torch.Tensor)) and final.get(k) is not v]
-        if changed:
-            wrapper_problem(f"the wrapper's own __call__ changes the BlockState's tensors after its loop "
-                            f"(slots {changed})")
-        elif steps:
-            seen["final"] = dict(vars(bs))  # Python values it set after the loop are part of the result
+    def progress_bar(self, *args, **kwargs):
+        self.progress = True
+        return self._intercept.originals["progress_bar"](*args, **kwargs)
 
-    def check_between(block_state) -> None:
-        """The BlockState a step starts from is the one the previous step (or get_block_state) left."""
-        before = seen.get("final") if steps else seen.get("initial")
-        if before is None:
-            return
-        now = vars(block_state)
-        changed = [k for k in set(now) | set(before) if (isinstance(now.get(k), torch.Tensor) or isinstance(
-            before.get(k), torch.Tensor)) and now.get(k) is not before.get(k)]
-        if not steps:
-            changed += [k for k, v in seen.get("versions", {}).items() if seen["initial"][k]._version != v]
-        if changed:
-            where = "between its steps" if steps else "before its loop"
-            wrapper_problem(f"the wrapper's own __call__ changes the BlockState's tensors {where} "
-                            f"(slots {sorted(set(changed))})")
-
-    def cut(step: StepTrace, key: str, comps, block_state) -> None:
+    def loop_step(self, comps, block_state, **kwargs):
+        recorder, python, steps = self.recorder, self.python, self.steps
+        self._side_effects(len(steps), None)
         with python.paused():
-            _cut(step, key, comps, block_state)
-
-    def _cut(step: StepTrace, key: str, comps, block_state) -> None:
-        step.slots_before[key] = {k: plain(v) for k, v in vars(block_state).items()}
-        step.nodes_before[key] = {k: n for k, v in vars(block_state).items()
-                                  if (n := recorder.node_of(v)) is not None}
-        step.held_before[key] = {k: (path, v, n) for k, (path, v) in
-                                 component_tensors(component_objects(wrapper, comps)).items()
-                                 if (n := recorder.node_of(v)) is not None}
-        step.draws_before[key] = dict(recorder.draws.counts) if recorder.draws is not None else {}
-        with torch._C.DisableTorchFunction():  # copying is not part of the step
-            step.python_before[key] = python.state_now()
-            if step.index == 0 or recorder.problems:  # eager segments check their compiled parts against these
-                step.values_before[key] = {
-                    **{k: block_state[k].clone() for k in step.nodes_before[key]},
-                    **{k: v.clone() for k, (_, v, _) in step.held_before[key].items()}}
-
-    def side_effects(step: int | None, block: str | None) -> None:
-        """The module globals ``block`` (None: the wrapper's own code) changed: a compiled step makes no Python
-        side effects, so that block runs eagerly each step (the wrapper's: the whole loop), or strict raises."""
-        with python.paused(), torch._C.DisableTorchFunction():
-            changed = python.note_globals(step, block)
-        for path in changed:
-            reason = (f"side effect: changes the module global {path} (a compiled step makes no Python side "
-                      f"effects)")
-            if block is None:
-                wrapper_problem(reason)
-            elif all(p.reason != reason or p.block != block for p in recorder.problems):
-                problem = Unsupported(reason, block, path)
-                if strict:
-                    raise problem
-                recorder.problems.append(problem)
-
-    def loop_step(comps, block_state, **kwargs):
-        side_effects(len(steps), None)
-        with python.paused():
-            check_between(block_state)
+            self._check_between(block_state)
             step = StepTrace(index=len(steps), graph=fx.Graph(), inputs=[], outputs={}, constants={}, stable={},
                              kwargs=dict(kwargs))
-            if not steps:
-                seen.setdefault("initial", dict(vars(block_state)))
-            objects = component_objects(wrapper, comps)
+            if self.initial is None:
+                self.initial = dict(vars(block_state))
+            objects = component_objects(self.wrapper, comps)
             held = component_tensors(objects)
-            recorder.start_step(step, _tensor_slots(block_state, exclude), {k: t for k, (_, t) in held.items()})
+            recorder.start_step(step, _tensor_slots(block_state, self.exclude), {k: t for k, (_, t) in held.items()})
         recorder.in_step, python.step = True, step.index
         try:
-            for name, block in wrapper.sub_blocks.items():
-                cut(step, name, comps, block_state)
-                before = step.slots_before[name]
+            for name, block in self.wrapper.sub_blocks.items():
+                self._cut(step, name, comps, block_state)
+                before = step.cuts[name].slots
                 recorder.block = python.block = name
                 nodes_before = set(step.graph.nodes)
                 comps, block_state = run_block(name, block, comps, block_state, **kwargs)
-                side_effects(step.index, name)
+                self._side_effects(step.index, name)
                 after = vars(block_state)
                 step.writes[name] = {k for k, v in after.items() if k not in before or before[k] is not v}
                 # this block's ops (a seed's placeholder, drawn here, joins the step's inputs instead)
@@ -248,88 +234,138 @@ def trace_loop(wrapper, components, state, *, strict: bool = False, rng: str = "
                     n.meta["block"] = name
                 step.reads[name] = {a.target for n in new_nodes for a in n.all_input_nodes if a.op == "placeholder"}
             recorder.block = python.block = None
-            cut(step, "__end__", comps, block_state)
+            self._cut(step, "__end__", comps, block_state)
         finally:
             recorder.in_step, python.step = False, None
         with python.paused():
-            comps, block_state = finish_step(step, comps, block_state, objects)
-        if after_step is not None:
+            self._finish_step(step, block_state, objects)
+        if self.after_step is not None:
             with python.paused(), torch._C.DisableTorchFunction():
-                after_step(step.index, block_state, kwargs)
+                self.after_step(step.index, block_state, kwargs)
         return comps, block_state
 
-    def finish_step(step: StepTrace, comps, block_state, objects):
+    # -- checks and records on the way ---------------------------------------------------------------------------
+    def _wrapper_problem(self, reason: str) -> None:
+        recorder = self.recorder
+        recorder.block = None
+        if all(p.reason != reason for p in recorder.problems):
+            recorder.problems.append(Unsupported(reason, None, None))
+        if self.strict:
+            raise Unsupported(reason)
+
+    def _check_after(self, bs) -> None:
+        final = self.final if self.final is not None else (self.initial or {})
+        changed = [k for k, v in vars(bs).items()
+                   if (isinstance(v, torch.Tensor) or isinstance(final.get(k), torch.Tensor)) and final.get(k) is not v]
+        if changed:
+            self._wrapper_problem(f"the wrapper's own __call__ changes the BlockState's tensors after its loop "
+                                  f"(slots {changed})")
+        elif self.steps:
+            self.final = dict(vars(bs))  # Python values it set after the loop are part of the result
+
+    def _check_between(self, block_state) -> None:
+        """The BlockState a step starts from is the one the previous step (or get_block_state) left."""
+        before = self.final if self.steps else self.initial
+        if before is None:
+            return
+        now = vars(block_state)
+        changed = [k for k in set(now) | set(before) if (isinstance(now.get(k), torch.Tensor) or isinstance(
+            before.get(k), torch.Tensor)) and now.get(k) is not before.get(k)]
+        if not self.steps:
+            changed += [k for k, v in self.versions.items() if self.initial[k]._version != v]
+        if changed:
+            where = "between its steps" if self.steps else "before its loop"
+            self._wrapper_problem(f"the wrapper's own __call__ changes the BlockState's tensors {where} "
+                                  f"(slots {sorted(set(changed))})")
+
+    def _cut(self, step: StepTrace, key: str, comps, block_state) -> None:
+        """The loop's state before block ``key`` (or at "__end__"): a ``Cut`` of the step."""
+        recorder, python = self.recorder, self.python
+        with python.paused():
+            nodes = {k: n for k, v in vars(block_state).items() if (n := recorder.node_of(v)) is not None}
+            components = component_tensors(component_objects(self.wrapper, comps))
+            held = {k: (path, v, n) for k, (path, v) in components.items() if (n := recorder.node_of(v)) is not None}
+            with torch._C.DisableTorchFunction():  # copying is not part of the step
+                values = None
+                if step.index == 0 or recorder.problems:  # eager segments check their compiled parts against these
+                    values = {**{k: block_state[k].clone() for k in nodes},
+                              **{k: v.clone() for k, (_, v, _) in held.items()}}
+                step.cuts[key] = Cut(slots={k: plain(v) for k, v in vars(block_state).items()}, nodes=nodes,
+                                     held=held, python=python.state_now(), values=values,
+                                     draws=dict(recorder.draws.counts) if recorder.draws is not None else {})
+
+    def _side_effects(self, step: int | None, block: str | None) -> None:
+        """The module globals ``block`` (None: the wrapper's own code) changed: a compiled step makes no Python
+        side effects, so that block runs eagerly each step (the wrapper's: the whole loop), or strict raises."""
+        with self.python.paused(), torch._C.DisableTorchFunction():
+            changed = self.python.note_globals(step, block)
+        for path in changed:
+            reason = (f"side effect: changes the module global {path} (a compiled step makes no Python side "
+                      f"effects)")
+            if block is None:
+                self._wrapper_problem(reason)
+            elif all(p.reason != reason or p.block != block for p in self.recorder.problems):
+                problem = Unsupported(reason, block, path)
+                if self.strict:
+                    raise problem
+                self.recorder.problems.append(problem)
+
+    def _finish_step(self, step: StepTrace, block_state, objects) -> None:
+        recorder = self.recorder
         for name in _loop_tensors_in_containers(block_state, recorder):
-            wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(block_state[name]).__name__} "
-                            f"(the compiled loop carries tensors, not containers of them)")
+            self._wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(block_state[name]).__name__} "
+                                  f"(the compiled loop carries tensors, not containers of them)")
         for name, value in vars(block_state).items():
             node = recorder.node_of(value)
             if node is not None:
                 step.outputs[name] = node
-        seen["final_components"] = {}
+        self.final_components = {}
         for name, (path, value) in component_tensors(objects).items():
             node = recorder.node_of(value)
             if node is not None:
                 step.outputs[name] = node
-                component_slots[name] = ComponentSlot(path, value)
-                seen["final_components"][name] = value
-        steps.append(step)
-        seen["final"] = dict(vars(block_state))
-        return comps, block_state
+                self.component_slots[name] = ComponentSlot(path, value)
+                self.final_components[name] = value
+        self.steps.append(step)
+        self.final = dict(vars(block_state))
 
-    def progress_bar(*args, **kwargs):
-        seen["progress"] = True
-        return intercept.originals["progress_bar"](*args, **kwargs)
-
-    methods = {"get_block_state": get_block_state, "set_block_state": set_block_state, "loop_step": loop_step,
-               "progress_bar": progress_bar}
-    with TRACE_LOCK:
-        intercept = _Intercept(wrapper, methods)
-        try:
-            with record(_roots(wrapper, components)) as python, recorder:
-                lifts = python.lifts = Lifts(lift_floats, lambda: python.busy)
-                python.hide(wrapper, *methods)
-                with CallWatcher(recorder, python) if batch else contextlib.nullcontext(), lifts.active():
-                    result = wrapper(components, state)
-                side_effects(None, None)
-                with torch._C.DisableTorchFunction(), python.paused():
-                    python.finish(dict(wrapper.sub_blocks))
-        finally:
-            intercept.remove()
-    initial = seen.get("initial", {})
-    final = _settle_floats(python, seen.get("final", {}))
-    draws = recorder.draws
-    seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
-                                      for key, (name, value) in draws.seeds.items()}
-    tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
-    inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
-    for name, version in seen.get("versions", {}).items():
-        if initial[name]._version != version and name not in inplace:
-            recorder.problems.append(Unsupported(
-                f"input {name!r} is updated in place and then replaced by a new tensor: the caller's tensor "
-                f"keeps an intermediate value (not compiled yet)", None, None))
-    for name, value in initial.items():
-        if (isinstance(value, torch.Tensor) and recorder.data_set.get(id(value)) is value and name not in inplace
-                and name not in exclude):
-            recorder.problems.append(Unsupported(
-                f"input {name!r} is given a new value by `.data =` and then replaced by a new tensor: the caller's "
-                f"tensor keeps that value (not compiled yet)", None, None))
-    held_at_end = {id(t) for t in seen.get("final_components", {}).values()}
-    for obj, name, value in python.end:
-        if any((recorder.node_of(t) is not None or recorder.stale.get(id(t)) is t) and id(t) not in held_at_end
-               for t in walk_tensors(value)):
-            recorder.problems.append(Unsupported(
-                f"a loop tensor is kept in {python.paths.get(id(obj), type(obj).__name__)}.{name}, outside the "
-                f"BlockState and the components' attributes the loop carries", None, None))
-    trace = LoopTrace(steps=steps, initial_slots=initial, initial_inputs_copy=seen.get("copy", initial),
-                      final_slots=final, tainted_final=tainted_final,
-                      inplace_slots=inplace, schedule_inputs=schedule_inputs, problems=recorder.problems,
-                      block_names=list(wrapper.sub_blocks), component_slots=component_slots,
-                      final_components=seen.get("final_components", {}), rng_before=seen.get("rng", {}),
-                      seeds=seeds, progress=seen.get("progress", False), python=python,
-                      usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids), components=components,
-                      floats=lifts.sources)
-    return trace, result
+    # -- after the call --------------------------------------------------------------------------------------------
+    def _loop_trace(self, components) -> LoopTrace:
+        recorder, python = self.recorder, self.python
+        initial = self.initial or {}
+        final = _settle_floats(python, self.final or {})
+        draws = recorder.draws
+        seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
+                                          for key, (name, value) in draws.seeds.items()}
+        tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
+        inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
+        for name, version in self.versions.items():
+            if initial[name]._version != version and name not in inplace:
+                recorder.problems.append(Unsupported(
+                    f"input {name!r} is updated in place and then replaced by a new tensor: the caller's tensor "
+                    f"keeps an intermediate value (not compiled yet)", None, None))
+        for name, value in initial.items():
+            if (isinstance(value, torch.Tensor) and recorder.data_set.get(id(value)) is value and name not in inplace
+                    and name not in self.exclude):
+                recorder.problems.append(Unsupported(
+                    f"input {name!r} is given a new value by `.data =` and then replaced by a new tensor: the "
+                    f"caller's tensor keeps that value (not compiled yet)", None, None))
+        held_at_end = {id(t) for t in self.final_components.values()}
+        for obj, name, value in python.end:
+            if any((recorder.node_of(t) is not None or recorder.stale.get(id(t)) is t) and id(t) not in held_at_end
+                   for t in walk_tensors(value)):
+                recorder.problems.append(Unsupported(
+                    f"a loop tensor is kept in {python.paths.get(id(obj), type(obj).__name__)}.{name}, outside the "
+                    f"BlockState and the components' attributes the loop carries", None, None))
+        return LoopTrace(steps=self.steps, initial_slots=initial,
+                         initial_inputs_copy=self.inputs_copy if self.inputs_copy is not None else initial,
+                         final_slots=final, tainted_final=tainted_final, inplace_slots=inplace,
+                         schedule_inputs=self.schedule_inputs, problems=recorder.problems,
+                         block_names=list(self.wrapper.sub_blocks), component_slots=self.component_slots,
+                         final_components=self.final_components, rng_before=self.rng_states, seeds=seeds,
+                         progress=self.progress, python=python,
+                         usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
+                         components=components, floats=self.lifts.sources)
 
 
 def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
