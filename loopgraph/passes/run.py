@@ -10,7 +10,8 @@ keeps a ``PassRecord``; a failure names its pass. Today's order:
     place tables    the per-step tables on the loop's device, their row count N an unbacked size
 
 Before them, on the trace itself (so eager segments see it too), the planner runs "batch calls"
-(``batching.batch_calls``): repeated model calls of a step become one batched call; its record comes first.
+(``batching.batch_calls``): repeated model calls of a step become one batched call. It returns a new trace that
+the guard and everything after it are made from; its record comes first.
 """
 
 from __future__ import annotations
