@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ..modular_pipelines.state import values_equal
 from ..pystate.snapshots import same
-from ..trace.ir import LoopTrace, StepTrace, Unsupported
+from ..trace.ir import LoopTrace, ProblemKind, StepTrace, Unsupported
 from .loop_plan import LoopPlan, LoopSteps, plan_loop
 
 __all__ = ["Segment", "eager_blocks", "plan_segments", "segment_end", "restores"]
@@ -27,11 +27,15 @@ class Segment:
     examples: dict[str, torch.Tensor] = field(default_factory=dict)  # a traced value of every slot it uses
 
 
+# the problems a block confines: it runs eagerly between compiled segments
+_CONFINED = (ProblemKind.DATA_DEPENDENT, ProblemKind.RANDOM_OP, ProblemKind.SIDE_EFFECT)
+
+
 def eager_blocks(trace: LoopTrace, problems: list[Unsupported]) -> set[str]:
     """The blocks that can run eagerly between compiled segments, or an empty set (the whole loop runs eagerly):
     every problem is data-dependent Python, a random op or a side effect inside a block, and some block is left to
     compile."""
-    confined = all(p.block and p.reason.startswith(("data-dependent Python", "random op", "side effect")) for p in problems)
+    confined = all(p.block and p.kind in _CONFINED for p in problems)
     blocks = {p.block for p in problems}
     if not confined or not trace.steps or blocks >= set(trace.block_names):
         return set()

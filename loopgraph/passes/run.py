@@ -111,7 +111,7 @@ def run_passes(given: PassInput, passes: list[tuple[str, Pass]]) -> tuple[LoopPl
         try:
             loop, summary = run(loop, given)
         except Unsupported as e:
-            raise Unsupported(f"{e.reason} (pass {name!r})", e.block, e.where) from e
+            raise Unsupported(f"{e.reason} (pass {name!r})", e.block, e.where, e.kind) from e
         except Exception as e:
             e.add_note(f"raised in loopgraph pass {name!r}")
             raise

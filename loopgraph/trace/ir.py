@@ -4,6 +4,7 @@ compiled (``Unsupported``). Made by trace/tracer.py and trace/taint.py; read by 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -13,14 +14,26 @@ import torch.fx as fx
 from ..pystate.attribute_log import Recording
 from .floats import Source
 
-__all__ = ["Cut", "StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name"]
+__all__ = ["Cut", "StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "ProblemKind", "Unsupported",
+           "func_name"]
+
+
+class ProblemKind(enum.Enum):
+    """What kind of problem an ``Unsupported`` is: the first three, inside a block, leave that block to run eagerly
+    between compiled segments (passes/partition.py ``eager_blocks``); any other makes the whole loop eager."""
+
+    DATA_DEPENDENT = "data-dependent Python"   # `.item()`, `bool()` on loop data
+    RANDOM_OP = "random op"                    # a draw compiled code cannot make as eager does
+    SIDE_EFFECT = "side effect"                # a module global changed
+    OTHER = "other"
 
 
 class Unsupported(Exception):
-    """Something in a step cannot be compiled; carries the block, the user-code location and why."""
+    """Something in a step cannot be compiled; carries the block, the user-code location, why, and its kind."""
 
-    def __init__(self, reason: str, block: str | None = None, where: str | None = None) -> None:
-        self.reason, self.block, self.where = reason, block, where
+    def __init__(self, reason: str, block: str | None = None, where: str | None = None,
+                 kind: ProblemKind = ProblemKind.OTHER) -> None:
+        self.reason, self.block, self.where, self.kind = reason, block, where, kind
         super().__init__(f"{reason} (block {block!r}, {where})" if block else reason)
 
 

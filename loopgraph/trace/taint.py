@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from ..pystate.user_globals import is_engine_file
 from ..rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
 from .floats import ARITHMETIC, TracedFloat
-from .ir import StepTrace, Unsupported, func_name
+from .ir import ProblemKind, StepTrace, Unsupported, func_name
 
 __all__ = ["Recorder"]
 
@@ -133,8 +133,8 @@ class Recorder(TorchFunctionMode):
         hit = self.taint.get(id(value)) if isinstance(value, torch.Tensor) else None
         return hit[1] if hit is not None and hit[0] is value else None
 
-    def problem(self, reason: str) -> None:
-        issue = Unsupported(reason, self.block, _user_location())
+    def problem(self, reason: str, kind: ProblemKind = ProblemKind.OTHER) -> None:
+        issue = Unsupported(reason, self.block, _user_location(), kind)
         if (issue.reason, issue.block) not in {(p.reason, p.block) for p in self.problems}:
             self.problems.append(issue)
         if self.strict:
@@ -191,15 +191,16 @@ class Recorder(TorchFunctionMode):
         if name in _RANDOM and self.step is not None:  # `randn_like(latents)` as much as `randn(shape)`
             if self.draws is None:
                 self.problem(f"random op `{name}` inside the loop (its draws must be eager's; rng='counter' "
-                             f"draws them inside the compiled loop instead)")
+                             f"draws them inside the compiled loop instead)", ProblemKind.RANDOM_OP)
             elif name in COUNTER_OPS:
                 try:
                     return self._counter_draw(name, args, kwargs)
                 except ValueError as e:
-                    self.problem(f"random op {e}: rng='counter' cannot draw it (eager's generator draws it)")
+                    self.problem(f"random op {e}: rng='counter' cannot draw it (eager's generator draws it)",
+                                 ProblemKind.RANDOM_OP)
             else:
                 self.problem(f"random op `{name}` inside the loop: rng='counter' draws randn, randn_like, rand "
-                             f"and rand_like only (eager's generator draws it)")
+                             f"and rand_like only (eager's generator draws it)", ProblemKind.RANDOM_OP)
         if not tainted and self.pre_loop and self.step is None and name not in _METADATA and any(
                 isinstance(v, torch.Tensor) and self.pre_loop.get(id(v)) is v for v in flat):
             self.block = None
@@ -211,7 +212,8 @@ class Recorder(TorchFunctionMode):
             self.eager_used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
             return func(*args, **kwargs)
         if name in _DATA_DEPENDENT:
-            self.problem(f"data-dependent Python: `{name}` on a value derived from loop state")
+            self.problem(f"data-dependent Python: `{name}` on a value derived from loop state",
+                         ProblemKind.DATA_DEPENDENT)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if name in _METADATA and not isinstance(out, torch.Tensor):
@@ -227,7 +229,8 @@ class Recorder(TorchFunctionMode):
             self.taint[id(out)] = (out, self.node_of(args[0]))
             return out
         if not any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(out)) and out is not None:
-            self.problem(f"data-dependent Python: `{name}` returned {type(out).__name__} from loop data")
+            self.problem(f"data-dependent Python: `{name}` returned {type(out).__name__} from loop data",
+                         ProblemKind.DATA_DEPENDENT)
             return out
         self._record(func, name, args, kwargs, out)
         return out

@@ -34,6 +34,7 @@ from .ir import (
     ComponentSlot,
     Cut,
     LoopTrace,
+    ProblemKind,
     SeedDraw,
     StepTrace,
     TensorUse,
@@ -245,13 +246,13 @@ class Tracer:
         return comps, block_state
 
     # -- checks and records on the way ---------------------------------------------------------------------------
-    def _wrapper_problem(self, reason: str) -> None:
+    def _wrapper_problem(self, reason: str, kind: ProblemKind = ProblemKind.OTHER) -> None:
         recorder = self.recorder
         recorder.block = None
         if all(p.reason != reason for p in recorder.problems):
-            recorder.problems.append(Unsupported(reason, None, None))
+            recorder.problems.append(Unsupported(reason, None, None, kind))
         if self.strict:
-            raise Unsupported(reason)
+            raise Unsupported(reason, kind=kind)
 
     def _check_after(self, bs) -> None:
         final = self.final if self.final is not None else (self.initial or {})
@@ -303,9 +304,9 @@ class Tracer:
             reason = (f"side effect: changes the module global {path} (a compiled step makes no Python side "
                       f"effects)")
             if block is None:
-                self._wrapper_problem(reason)
+                self._wrapper_problem(reason, ProblemKind.SIDE_EFFECT)
             elif all(p.reason != reason or p.block != block for p in self.recorder.problems):
-                problem = Unsupported(reason, block, path)
+                problem = Unsupported(reason, block, path, ProblemKind.SIDE_EFFECT)
                 if self.strict:
                     raise problem
                 self.recorder.problems.append(problem)
