@@ -35,7 +35,11 @@ from .runtime.executables import (
 from .runtime.watch import eager_hook
 from .trace.tracer import LoopTrace, Unsupported, trace_loop
 
-__all__ = ["Plan", "Planner"]
+__all__ = ["Plan", "Planner", "StrictError"]
+
+
+class StrictError(RuntimeError):
+    """``compile_loop(strict=True)`` refuses to run a loop eagerly: the reasons it would have fallen back."""
 
 
 @dataclass(eq=False)  # compared by identity: the plan cache removes a plan by identity, never field by field
@@ -106,7 +110,7 @@ class Planner:
             elif plan.problems:
                 self._fall_back(plan, None)
         except Exception as e:  # planning broke: the traced call's result stands, and this plan runs eagerly
-            if config.strict or isinstance(e, RuntimeError) and "strict=True" in str(e):
+            if config.strict or isinstance(e, StrictError):
                 raise
             plan.executable = Eager(self.ctx)
             notes = " ".join(getattr(e, "__notes__", ()))
@@ -229,5 +233,5 @@ class Planner:
         text = "; ".join(f"{p.reason} in block {p.block!r} at {p.where}" if p.block else p.reason
                          for p in problems)
         if self.ctx.config.strict:
-            raise RuntimeError(f"compile_loop(strict=True): {self.name}: {text}") from error
+            raise StrictError(f"compile_loop(strict=True): {self.name}: {text}") from error
         warnings.warn(f"compile_loop: {self.name} runs eagerly: {text}", stacklevel=5)
