@@ -19,6 +19,7 @@ from ..pystate.snapshots import (
     ABSENT,
     ATOMS,
     ContainerSnap,
+    TensorRule,
     TensorSnap,
     describe,
     difference,
@@ -30,6 +31,7 @@ from ..trace.floats import Source
 __all__ = ["StateGuard", "tensor_rules"]
 
 _ATOM_TYPES = set(ATOMS)
+_BY_IDENTITY = (TensorRule.IDENTITY, TensorRule.KEPT)  # the rules that compare a tensor by identity alone
 
 _is = operator.is_
 
@@ -40,27 +42,27 @@ _class_and_dict = operator.attrgetter("__class__", "__dict__")  # one C call per
 
 # -- Python state ------------------------------------------------------------------------------------------------------
 def tensor_rules(reads: list[Read], used: set[int], eager: set[int], const: set[int],
-                 present_at_end: set[int]) -> dict[int, str]:
+                 present_at_end: set[int]) -> dict[int, TensorRule]:
     """How each tensor a read holds is compared (``components.tensor_matches``): by identity when the compiled
     code reads that very tensor (a graph constant: a parameter), by value when the traced call evaluated it
     eagerly and baked the result (a scheduler's sigmas), both when both; a tensor no op used is compared by its
     spec, unless it is still held when the call ends (then by identity: its place is replayed)."""
-    rules: dict[int, str] = {}
+    rules: dict[int, TensorRule] = {}
     for snap in chain.from_iterable(tensor_snaps(r.value) for r in reads):
         tid = id(snap.tensor)
         if tid in eager:
-            rules[tid] = "identity+value" if tid in const else "value"
+            rules[tid] = TensorRule.IDENTITY_VALUE if tid in const else TensorRule.VALUE
         elif tid in const or tid in used:
-            rules[tid] = "identity"
+            rules[tid] = TensorRule.IDENTITY
         else:
-            rules[tid] = "kept" if tid in present_at_end else "spec"
+            rules[tid] = TensorRule.KEPT if tid in present_at_end else TensorRule.SPEC
     return rules
 
 
-def _is_leaf(snap: Any, rules: dict[int, str]) -> bool:
+def _is_leaf(snap: Any, rules: dict[int, TensorRule]) -> bool:
     """Compared by identity alone: objects, absent markers, tensors read by identity."""
     if isinstance(snap, TensorSnap):
-        return rules.get(id(snap.tensor)) in ("identity", "kept")
+        return rules.get(id(snap.tensor)) in _BY_IDENTITY
     return not isinstance(snap, ContainerSnap) and type(snap) not in _ATOM_TYPES and not isinstance(snap, torch.Size)
 
 
@@ -133,7 +135,7 @@ class _PerHolder:
         self.absent_keys = [r.key for r in self.absent]
         self.flat = [r for reads in self.reads.values() for r in reads]
 
-    def holds(self, rules: dict[int, str]) -> bool:
+    def holds(self, rules: dict[int, TensorRule]) -> bool:
         if any(map(dict.__contains__, self.absent_holders, self.absent_keys)):
             return False
         try:
@@ -197,7 +199,7 @@ class StateGuard:
     ``==`` is Python's: 1 and 1.0 compare equal in the first group (the exact check, on a miss, compares types).
     """
 
-    def __init__(self, reads: list[Read], rules: dict[int, str], floats: list[Source] = ()) -> None:
+    def __init__(self, reads: list[Read], rules: dict[int, TensorRule], floats: list[Source] = ()) -> None:
         self.rules = rules
         self.reads = reads
         self.floats = list(floats)  # floats the plan takes as inputs (trace/floats.py): by type and outcomes, not value
@@ -302,8 +304,8 @@ class StateGuard:
                 if now is ABSENT:
                     return f"{path} is absent; it was {describe(then)} when traced"
                 if isinstance(then, TensorSnap):
-                    rule = self.rules.get(id(then.tensor), "value")
-                    what = ("another tensor object" if rule in ("identity", "kept") or now is not then.tensor
+                    rule = self.rules.get(id(then.tensor), TensorRule.VALUE)
+                    what = ("another tensor object" if rule in _BY_IDENTITY or now is not then.tensor
                             else "changed values")
                     return f"{path} holds {what} ({describe(now)}); the compiled code {_RULE_TEXT[rule]}"
                 if _is_leaf(then, self.rules):
@@ -312,9 +314,11 @@ class StateGuard:
         return "the components' Python state differs from the traced call's"
 
 
-_RULE_TEXT = {"identity": "reads the traced tensor itself", "value": "baked values computed from it",
-              "identity+value": "reads it and baked values computed from it", "spec": "depends on its shape only",
-              "kept": "leaves the traced tensor there after a call (the call never used it but kept it in place)"}
+_RULE_TEXT = {TensorRule.IDENTITY: "reads the traced tensor itself", TensorRule.VALUE: "baked values computed from it",
+              TensorRule.IDENTITY_VALUE: "reads it and baked values computed from it",
+              TensorRule.SPEC: "depends on its shape only",
+              TensorRule.KEPT: "leaves the traced tensor there after a call (the call never used it but kept it in "
+                               "place)"}
 
 
 def _getter(holder: Any) -> Callable | None:

@@ -48,6 +48,7 @@ from .snapshots import (
     MAX_DEPTH,
     OPAQUE_LEAVES,
     ContainerSnap,
+    TensorRule,
     copy_value,
     same,
     snapshot,
@@ -347,7 +348,7 @@ class Recording:
             # a container holding other tensors of equal values changed too: eager segments may have set it to a
             # step's state on the way, and eager's own objects are the new ones
             if ((r.key == "__dict__" or isinstance(r.value, ContainerSnap))
-                    and not same(r.current(), r.value, default="identity+value")):
+                    and not same(r.current(), r.value, default=TensorRule.IDENTITY_VALUE)):
                 changed.add(key)
                 if r.key == "__dict__":  # watched whole: every attribute as it is now (and the gone ones gone)
                     now = vars(r.obj)

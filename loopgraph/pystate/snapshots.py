@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import enum
 import types
 from typing import Any, Iterator
 
@@ -17,8 +18,8 @@ import torch
 
 from ..modular_pipelines.state import _atoms_only
 
-__all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorSnap", "copy_value", "describe", "difference", "same",
-           "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
+__all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorRule", "TensorSnap", "copy_value", "describe", "difference",
+           "same", "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
 
 ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
          torch.layout)
@@ -49,6 +50,19 @@ class _Absent:
 
 
 ABSENT = _Absent()
+
+
+class TensorRule(str, enum.Enum):
+    """How a tensor now is compared with its snapshot (``tensor_matches``); a str, so it reads as its value."""
+
+    IDENTITY = "identity"              # the compiled code reads that very tensor
+    VALUE = "value"                    # its value was evaluated eagerly and baked
+    IDENTITY_VALUE = "identity+value"  # both
+    SPEC = "spec"                      # no op used it: shape, dtype and device only
+    KEPT = "kept"                      # no op used it, but the call left it where a compiled call replays it
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class TensorSnap:
@@ -108,7 +122,8 @@ def snapshot(value: Any, depth: int = 0) -> Any:
 ATOM_TYPES = set(ATOMS)
 
 
-def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None, default: str = "value") -> bool:
+def same(current: Any, snap: Any, tensor_rules: dict[int, TensorRule] | None = None,
+         default: TensorRule = TensorRule.VALUE) -> bool:
     """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
     ``tensor_rule``; by ``default`` when no rule is given)."""
     if isinstance(snap, TensorSnap):
@@ -133,15 +148,13 @@ def same(current: Any, snap: Any, tensor_rules: dict[int, str] | None = None, de
     return current is snap
 
 
-def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: str) -> bool:
-    """``rule``: "identity" (the compiled code reads that very tensor), "value" (its value was evaluated
-    eagerly and baked), "identity+value", "spec" (no op used it: shape, dtype and device only) or "kept" (no op
-    used it, but the call left it where a compiled call replays the traced state: that very tensor)."""
-    if rule == "spec":
+def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: TensorRule) -> bool:
+    """Whether ``current`` matches ``snap`` by ``rule`` (see ``TensorRule``)."""
+    if rule == TensorRule.SPEC:
         return (tuple(current.shape), current.dtype, current.device) == snap.spec
-    if rule in ("identity", "kept"):
+    if rule in (TensorRule.IDENTITY, TensorRule.KEPT):
         return current is snap.tensor
-    if rule == "identity+value" and current is not snap.tensor:
+    if rule == TensorRule.IDENTITY_VALUE and current is not snap.tensor:
         return False
     if (tuple(current.shape), current.dtype, current.device) != snap.spec:
         return False
@@ -166,7 +179,8 @@ def describe(value: Any) -> str:
     return f"<{type(value).__qualname__} ({type(value).__module__}) at {id(value):#x}>"
 
 
-def difference(current: Any, snap: Any, rules: dict[int, str] | None = None, path: str = "") -> tuple[str, Any, Any]:
+def difference(current: Any, snap: Any, rules: dict[int, TensorRule] | None = None,
+               path: str = "") -> tuple[str, Any, Any]:
     """Where ``current`` first differs from ``snap`` (a ``snapshot``): (the item's path, its value now, then)."""
     if isinstance(snap, ContainerSnap) and type(current) is snap.type and not isinstance(snap.items, frozenset):
         if isinstance(snap.items, dict):
