@@ -23,7 +23,7 @@ import torch
 
 from ..modular_pipelines.state import _atoms_only, values_equal
 from ..pystate.snapshots import describe
-from ..trace.floats import Source
+from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
 __all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard",
@@ -144,11 +144,13 @@ def plan_guard(trace, lifted: bool = True) -> PlanGuard:
     inputs (``trace.lifted``, trace/floats.py) are guarded by type, not value."""
     python, usage = trace.python, trace.usage
     floats = trace.lifted if lifted else []
-    by_type = {id(s.read) for s in floats if s.kind == "attribute"}
+    attributes = [s for s in floats if s.kind == SourceKind.ATTRIBUTE]
+    by_type = {id(s.read) for s in attributes}
     reads = [r for r in python.reads.values() if id(r) not in by_type]
     rules = tensor_rules(reads, usage.used, usage.eager, usage.const, python.present)
-    inputs = InputGuard(trace.initial_slots, trace.schedule_inputs, {s.name: s for s in floats if s.kind == "input"})
-    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, [s for s in floats if s.kind == "attribute"]))
+    inputs = InputGuard(trace.initial_slots, trace.schedule_inputs,
+                        {s.name: s for s in floats if s.kind == SourceKind.INPUT})
+    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes))
 
 
 def stable_guard(trace, guard: PlanGuard) -> StateGuard:

@@ -21,6 +21,7 @@ caught: ``compile_loop(..., lift_floats=False)`` guards every float by value.
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import threading
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["ARITHMETIC", "Source", "TracedFloat", "Lifts", "floats_in", "plain"]
+__all__ = ["ARITHMETIC", "Source", "SourceKind", "TracedFloat", "Lifts", "floats_in", "plain"]
 
 # Ops whose Python-float operand may as well be a 0-d tensor: a float read from a block input or an attribute is
 # lifted only there (other ops insist on a Python number), and so is one that differs between plans (passes/run.py).
@@ -37,11 +38,21 @@ ARITHMETIC = {"add", "sub", "mul", "div", "true_divide", "rsub", "__add__", "__r
               "__isub__", "__imul__", "__itruediv__"}
 
 
+class SourceKind(str, enum.Enum):
+    """Where a traced float was read; a str, so it reads as its value."""
+
+    INPUT = "input"          # a BlockState slot
+    ATTRIBUTE = "attribute"  # an attribute read (``Source.read``)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(eq=False)
 class Source:
     """Where a traced float came from, and whether it may be lifted."""
 
-    kind: str               # "input": a BlockState slot; "attribute": an attribute read (``read``)
+    kind: SourceKind        # a BlockState slot, or an attribute read (``read``)
     name: str               # the slot's name, or the attribute's path ("components.guider.guidance_scale")
     original: float         # the value the traced call read (the object itself)
     read: Any = None        # recording.Read of an attribute
@@ -55,15 +66,15 @@ class Source:
         only evaluated predicates on it (``checks``), or it is a BlockState input with no use seen (most are never
         read: a block's state holds every input). An attribute read with no use seen is not: C code may have read
         it past its methods (``from math import sqrt`` bound before the trace) into a value the graph bakes."""
-        return self.use is None and (self.kind == "input" or self.linked or bool(self.checks))
+        return self.use is None and (self.kind == SourceKind.INPUT or self.linked or bool(self.checks))
 
     @property
     def path(self) -> str:
-        return f"input {self.name!r}" if self.kind == "input" else self.name
+        return f"input {self.name!r}" if self.kind == SourceKind.INPUT else self.name
 
     def current(self, slots: dict[str, Any]) -> Any:
         """The value a call reads: its BlockState slot, or the attribute as it is now."""
-        return slots.get(self.name) if self.kind == "input" else self.read.current()
+        return slots.get(self.name) if self.kind == SourceKind.INPUT else self.read.current()
 
     def note(self, what: str) -> None:
         if self.use is None:
@@ -221,7 +232,7 @@ class Lifts:
         """A BlockState input as the traced call sees it."""
         if not self.enabled or type(value) is not float:
             return value
-        source = Source("input", name, value)
+        source = Source(SourceKind.INPUT, name, value)
         self.sources.append(source)
         return TracedFloat(value, source)
 
@@ -232,7 +243,7 @@ class Lifts:
         key = (id(obj), name)
         proxy = self._by_attribute.get(key)
         if proxy is None and read is not None:
-            source = Source("attribute", read.path, value, read)
+            source = Source(SourceKind.ATTRIBUTE, read.path, value, read)
             self.sources.append(source)
             proxy = self._by_attribute[key] = TracedFloat(value, source)
         return proxy if proxy is not None and proxy.source.original is value else value

@@ -29,7 +29,7 @@ from ..pystate.attribute_log import TRACE_LOCK, Recording, record
 from ..pystate.components import component_objects, component_tensors, set_attribute, value_of
 from ..pystate.snapshots import walk_tensors
 from ..rng import CounterDraws
-from .floats import Lifts, TracedFloat, floats_in, plain
+from .floats import Lifts, SourceKind, TracedFloat, floats_in, plain
 from .ir import (
     ComponentSlot,
     Cut,
@@ -375,7 +375,7 @@ def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
     the traced ones' places. Returns the final BlockState with them."""
     for k, v in final.items():
         for f in floats_in(v):
-            if not (v is f and f.source.kind == "input" and f.source.name == k):
+            if not (v is f and f.source.kind == SourceKind.INPUT and f.source.name == k):
                 f.source.note(f"kept in the BlockState slot {k!r}")
     for value in python.kept:
         for f in floats_in(value):
