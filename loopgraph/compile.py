@@ -120,7 +120,7 @@ class CompiledLoop(ModularPipelineBlocks):
                             "" if self.stats.plans else ", compiling")
                 plan, result = self._planner.plan(components, state)
                 logger.info("compile_loop: %s: planned in %.1f s (%s)", name, time.perf_counter() - start,
-                            plan.executable.kind if plan is not None else "not guarded: runs eagerly")
+                            plan.executable.kind.value if plan is not None else "not guarded: runs eagerly")
                 if plan is not None:
                     self._plans.add(plan)
                 return result

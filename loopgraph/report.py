@@ -14,7 +14,7 @@ from .passes.loop_plan import LoopPlan, SlotInfo
 from .passes.run import PassRecord
 from .planner import Plan
 from .rng import describe_source
-from .runtime.executables import WholeLoop, origin
+from .runtime.executables import ExecutableKind, WholeLoop, origin
 
 __all__ = ["PlanReport", "VariantReport", "SegmentReport", "report", "explain_lines"]
 
@@ -65,11 +65,11 @@ def report(plan: Plan) -> PlanReport:
     variants = tuple(VariantReport(tuple(v.steps), module_ops(v.module), v.module,
                                    tuple((n, tuple(t.shape), t.dtype) for n, t in zip(v.lifted, v.tables)),
                                    v.whole_tables) for v in (loop.variants if loop else ()))
-    segments = None if plan.segments is None or plan.executable.kind != "eager segments" else tuple(
+    segments = None if plan.segments is None or plan.executable.kind is not ExecutableKind.EAGER_SEGMENTS else tuple(
         SegmentReport(tuple(s.blocks), s.eager, len(s.plan.variants) if s.plan else 0) for s in plan.segments)
     problems = tuple(f"{p.reason} in block {p.block!r} at {p.where}" if p.block else p.reason for p in plan.problems)
     return PlanReport(
-        kind=plan.executable.kind, executable=plan.executable, program=loop,
+        kind=plan.executable.kind.value, executable=plan.executable, program=loop,
         slots=dict(loop.slots) if loop else {}, state_slots=tuple(loop.state_slots) if loop else (),
         invariant_slots=tuple(loop.invariant_slots) if loop else (), variants=variants,
         runs=tuple(loop.runs) if loop else (), segments=segments, problems=problems, passes=tuple(plan.passes),
@@ -92,7 +92,7 @@ def explain_lines(plan: Plan, wrapper, stats: LoopStats, verbose: bool = False) 
             where = "<unknown source>"
         if name in eager:
             status = f"eager ({eager[name].reason}, {eager[name].where})"
-        elif r.kind == "eager":
+        elif plan.executable.kind is ExecutableKind.EAGER:
             status = "eager: the whole loop fell back (" + "; ".join(p.reason for p in plan.problems) + ")"
         else:
             status = f"compiled ({plan.trace.steps[-1].block_ops.get(name, 0)} ops/step)"

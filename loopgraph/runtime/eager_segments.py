@@ -24,7 +24,7 @@ from ..pystate.snapshots import copy_value
 from ..rng import CounterDraws, draw_seeds
 from ..trace.ir import LoopTrace
 from ..verify import check_slots
-from .executables import Context, drawing, origin, progress, write_back
+from .executables import Context, ExecutableKind, drawing, origin, progress, write_back
 from .watch import Reader, timestep
 
 __all__ = ["EagerSegments"]
@@ -38,7 +38,7 @@ class EagerSegments:
     hold at every cut; ``restores`` (step, eager block) -> the attributes compiled blocks wrote since the last
     eager block (partition.restores)."""
 
-    kind = "eager segments"
+    kind = ExecutableKind.EAGER_SEGMENTS
 
     def __init__(self, ctx: Context, trace: LoopTrace, segments: list[Segment], fns: list[list[Callable]],
                  sources: dict[str, tuple], data_slots: set[str], stable: StateGuard,

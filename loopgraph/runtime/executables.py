@@ -5,10 +5,11 @@
     EagerSegments       compiled segments between blocks that run eagerly each step (runtime/eager_segments.py)
     Eager               the wrapper itself (a loop that cannot be compiled)
 
-Each has ``kind`` (what ``explain()`` and ``last_plan`` say), ``verify()`` (run on the traced call's inputs and
-compare with the eager result it produced; raises on a difference), ``run(components, state, block_state)``
-(one call, written back as eager would), ``describe()`` (lines for ``explain()``) and ``code()`` (its compiled
-functions, each with an ``origin``: loaded from the persistent cache or compiled).
+Each has ``kind`` (an ``ExecutableKind``: its value is what ``explain()`` and ``last_plan`` say), ``verify()``
+(run on the traced call's inputs and compare with the eager result it produced; raises on a difference),
+``run(components, state, block_state)`` (one call, written back as eager would), ``describe()`` (lines for
+``explain()``) and ``code()`` (its compiled functions, each with an ``origin``: loaded from the persistent cache or
+compiled).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import copy
+import enum
 import functools
 import time
 from dataclasses import dataclass
@@ -33,8 +35,8 @@ from ..trace.ir import LoopTrace
 from ..verify import check_slots
 from .watch import Reader, StepWatch, eager_hook, eager_steps, timestep
 
-__all__ = ["Context", "Executable", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager", "write_back",
-           "drawing", "eager_call", "loop_device", "origin", "progress"]
+__all__ = ["Context", "Executable", "ExecutableKind", "CallFailed", "WholeLoop", "WholeLoopCudaGraph", "Eager",
+           "write_back", "drawing", "eager_call", "loop_device", "origin", "progress"]
 
 
 @dataclass
@@ -47,8 +49,17 @@ class Context:
     watch: StepWatch  # step callbacks and the interrupt flag (runtime/watch.py)
 
 
+class ExecutableKind(enum.Enum):
+    """The way a plan runs; its value is the text ``explain()`` and ``last_plan.kind`` show."""
+
+    EAGER = "eager"
+    WHOLE_LOOP = "whole loop on state buffers"
+    WHOLE_LOOP_CUDA_GRAPH = "whole-loop CUDA graph"
+    EAGER_SEGMENTS = "eager segments"
+
+
 class Executable(Protocol):
-    kind: str
+    kind: ExecutableKind
 
     def verify(self) -> None: ...
 
@@ -71,7 +82,7 @@ class _Watched(Exception):
 class Eager:
     """The wrapper called eagerly, drawing as ``config.rng`` says."""
 
-    kind = "eager"
+    kind = ExecutableKind.EAGER
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -103,7 +114,7 @@ class WholeLoop:
     and advances the wrapper's progress bar. A loop of small steps runs in one chunk, a chunk of large ones is one
     step; the compiled code releases the GIL while it runs."""
 
-    kind = "whole loop on state buffers"
+    kind = ExecutableKind.WHOLE_LOOP
 
     def __init__(self, ctx: Context, trace: LoopTrace, loop: LoopPlan, compiled: Callable,
                  sources: dict[str, tuple]) -> None:
@@ -217,7 +228,7 @@ class WholeLoopCudaGraph(WholeLoop):
     """CUDA: the compiled steps captured into one graph per (plan structure, N) by ``cudagraph.WholeLoopGraph``
     (which keeps its own static buffers), replayed per call."""
 
-    kind = "whole-loop CUDA graph"
+    kind = ExecutableKind.WHOLE_LOOP_CUDA_GRAPH
 
     def _call(self, state, invariants, bar=None, after=None, stops=()):
         if stops:  # step callbacks: the graph is one launch, so this call runs the compiled steps one by one
