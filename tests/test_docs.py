@@ -1,5 +1,7 @@
 """Examples in docs/ are run: every ```python block of each page, in order, in one namespace per page."""
 
+import contextlib
+import io
 import re
 import sys
 from pathlib import Path
@@ -26,18 +28,45 @@ def page_blocks(page: Path, section: str | None = None) -> list[str]:
     return [_EAGER_BACKEND.sub(r"\1, backend='eager'", code) for code in blocks]
 
 
-def run_page(page: Path, section: str | None = None) -> dict:
+def run_page(page: Path, section: str | None = None, printed: list[str] | None = None) -> dict:
+    """Runs the page's blocks in one namespace; ``printed`` gets what each block printed."""
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for code in page_blocks(page, section):
-        exec(compile(code, str(page), "exec"), namespace)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            exec(compile(code, str(page), "exec"), namespace)
+        if printed is not None:
+            printed.append(out.getvalue())
     return namespace
 
 
+def documented_outputs(page: Path) -> dict[int, str]:
+    """Index of a ```python block -> the ```text block right after it: what the page says it prints."""
+    found, index = {}, -1
+    for match in re.finditer(r"```(python|text)\n(.*?)```", page.read_text(), flags=re.S):
+        kind, body = match.groups()
+        if kind == "python":
+            index, end = index + 1, match.end()
+        elif index >= 0 and not match.string[end:match.start()].strip():
+            found[index] = body
+    return found
+
+
+def as_shown(text: str) -> str:
+    """Printed text as the docs show it: paths from the repository root, seconds (which vary) as "…"."""
+    text = text.replace(str(DOCS.parent) + "/", "")
+    text = re.sub(r"_s=\d+(\.\d+)?", "_s=…", text)
+    return re.sub(r"\(\d+ ms\)", "(… ms)", text).strip()
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_doc_examples_run(page, capsys):
+def test_doc_examples_run_and_print_what_the_page_shows(page):
     if page.stem == "diffusers":
         pytest.importorskip("diffusers", reason="diffusers is not installed (pip install loopgraph[diffusers])")
-    run_page(page)
+    printed: list[str] = []
+    run_page(page, printed=printed)
+    for k, shown in documented_outputs(page).items():
+        assert as_shown(printed[k]) == as_shown(shown), f"{page.name}: python block {k} prints other text"
 
 
 def test_getting_started_first_loop_output():

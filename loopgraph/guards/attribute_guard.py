@@ -1,4 +1,4 @@
-"""The Python-state guard: every attribute read of a traced call (``recording.Recording``) still holds its traced
+"""The Python-state guard: every attribute read of a traced call (``attribute_log.AttributeLog``) still holds its traced
 value, checked on every call with a few C-level passes, and explained on a miss.
 
 Guards run on every call, so the check is vectorised: the thousands of reads of a UNet's modules are compared a

@@ -6,7 +6,7 @@ that was read is as it was (otherwise it re-plans: one traced eager call, whose 
     inputs   the BlockState's keys; each data tensor's shape, strides, dtype and device; which data inputs
              are one tensor or share storage; every other input by value (``InputGuard``)
     state    every attribute of the components, models, blocks and wrapper that the traced call read before it
-             wrote it, absent ones included, as ``recording.record`` logged them (``StateGuard``)
+             wrote it, absent ones included, as ``attribute_log.record`` logged them (``StateGuard``)
 
 Guards run on every call, so the state check is vectorised: the thousands of reads of a UNet's modules are
 compared a few C-level passes at a time (``map`` over the holding dicts), and only a mismatch walks entries one

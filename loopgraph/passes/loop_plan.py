@@ -29,6 +29,8 @@ import torch.fx as fx
 from ..config import LIFT_MAX_NUMEL
 from ..trace.floats import ARITHMETIC, Source
 from ..trace.ir import StepTrace, Unsupported, func_name
+from .step_tables import (float_table_dtype, gathered_table, gathers_always, input_shapes, lift_candidates,
+                          liftable_number, mutated_nodes, read_rows, step_index, take_at)
 
 
 __all__ = ["SlotInfo", "Variant", "LoopPlan", "LoopSteps", "loop_steps", "classify_slots", "plan_loop"]
@@ -143,97 +145,17 @@ def classify_slots(trace: LoopSteps, needed_at_end: set[str]) -> dict[str, SlotI
 
 
 # -- step signatures --------------------------------------------------------------------------------------------
-def _lift_candidates(step: StepTrace) -> list[tuple[fx.Node, Any, Any]]:
-    """Per-step values in graph order: (node, argument position or keyword, None for a get_attr, or ("index", dim,
-    width) for a step index, value).
-
-    Python floats passed directly (positionally or by keyword: ``clamp(min=-c)``), ints passed directly to
-    arithmetic (``x * scale + i``), the int of ``x[i]`` / ``x[:, i]`` on loop data and the start of ``x[i:i + k]``
-    on a step input (a schedule indexed by the step) can become table rows; a number inside a list or tuple
-    argument cannot, and is part of the step's signature instead."""
-    found = []
-    mutated, shapes = _mutated(step.graph), _input_shapes(step)
-    for node in step.graph.nodes:
-        if node.op == "get_attr":
-            found.append((node, None, step.constants[node.target]))
-        elif node.op == "call_function":
-            for pos, arg in [*enumerate(node.args), *node.kwargs.items()]:
-                if _liftable_number(node, pos, arg):
-                    found.append((node, pos, arg))
-            at = _step_index(node, mutated, shapes)
-            if at is not None:
-                dim, width = at
-                index = node.args[1]
-                entry = index if type(index) is not tuple else index[dim]
-                found.append((node, ("index", dim, width), entry.start if type(entry) is slice else entry))
-    return found
-
-
-def _input_shapes(step: StepTrace) -> dict[str, torch.Size]:
-    """The shapes of the tensors the step was given, by slot (the step graph's placeholders)."""
-    given = next(iter(step.cuts.values())).slots if step.cuts else {}
-    return {k: v.shape for k, v in given.items() if isinstance(v, torch.Tensor)}
-
-
-def _liftable_number(node: fx.Node, pos: int | str, arg: Any) -> bool:
-    """A float operand, or an int operand of arithmetic (``alpha=`` must stay a Python number)."""
-    if pos == "alpha":
-        return False
-    return type(arg) is float or (type(arg) is int and func_name(node.target) in ARITHMETIC)
-
-
-def _mutated(graph: fx.Graph) -> set[fx.Node]:
-    """The nodes an in-place op changes (its first argument)."""
-    return {n.args[0] for n in graph.nodes if n.meta.get("mutates") and n.args and isinstance(n.args[0], fx.Node)}
-
-
-def _step_index(node: fx.Node, mutated: set[fx.Node], shapes: dict[str, torch.Size]) -> tuple[int, int | None] | None:
-    """(dim, width) of the one entry of an index on loop data that may take the step's value, the other entries
-    full slices: an int (``x[i]``, ``x[:, i]``; width None) or, on a step input, a slice within its bounds
-    (``x[i:i + k]``, ``x[:, i:i + 2]``; width k). Its result may be a copy instead of a view (neither it nor ``x``
-    is changed in place), so the int or the start may become a device-side index (``take_at``). None for any
-    other node."""
-    if func_name(node.target) != "__getitem__" or len(node.args) != 2 or not isinstance(node.args[0], fx.Node):
-        return None
-    index = node.args[1]
-    entries = index if type(index) is tuple else (index,)
-    picked = [d for d, e in enumerate(entries) if e != slice(None)]
-    if len(picked) != 1 or not all(type(e) in (int, slice) for e in entries):
-        return None
-    dim, entry = picked[0], entries[picked[0]]
-    if node in mutated or node.args[0] in mutated:
-        return None
-    if type(entry) is int:
-        return dim, None
-    base = node.args[0]
-    shape = shapes.get(base.target) if base.op == "placeholder" else None
-    if (shape is None or entry.step is not None or type(entry.start) is not int or type(entry.stop) is not int
-            or not 0 <= entry.start < entry.stop <= shape[dim]):  # Python clamps a slice past the end: not that
-        return None
-    return dim, entry.stop - entry.start
-
-
-def take_at(x: torch.Tensor, dim: int, index: torch.Tensor, width: int | None = None) -> torch.Tensor:
-    """``x`` at ``index`` along ``dim`` (a 0-d int64 tensor, negative from the end): ``x[i]`` or ``x[:, i]`` with
-    the step's ``i`` read from a table at the device-side step counter; with ``width``, ``x[i:i + width]`` (``i``
-    not negative)."""
-    if width is not None:
-        return torch.index_select(x, dim, index + torch.arange(width, device=x.device))
-    index = torch.where(index < 0, index + x.shape[dim], index)
-    return torch.index_select(x, dim, index.reshape(1)).squeeze(dim)
-
-
 def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
     # A slot in the BlockState that this step never reads (step 0 has no `noise_pred` yet, later steps do)
     # does not make the step different: unused placeholders are left out.
     live = [n for n in step.graph.nodes if n.op != "placeholder" or n.users]
     index = {node: k for k, node in enumerate(live)}
-    mutated, shapes = _mutated(step.graph), _input_shapes(step)
+    mutated, shapes = mutated_nodes(step.graph), input_shapes(step)
 
     def enc(a: Any, top: bool = False, node: fx.Node | None = None, pos: Any = None) -> Any:
         if isinstance(a, fx.Node):
             return ("node", index[a]) if a in index else ("unread slot", a.target)
-        if top and _liftable_number(node, pos, a):  # a direct argument may be lifted; one inside a list is the step's
+        if top and liftable_number(node, pos, a):  # a direct argument may be lifted; one inside a list is the step's
             return (type(a).__name__,)
         if isinstance(a, (list, tuple)):
             return (type(a).__name__, tuple(enc(x) for x in a))
@@ -249,7 +171,7 @@ def _signature(step: StepTrace, stable_ids: set[int]) -> tuple:
             parts.append(("get_attr", key))
         elif node.op == "placeholder":
             parts.append(("placeholder", node.target, len(node.users) > 0))
-        elif (at := _step_index(node, mutated, shapes)) is not None:  # x[i]: the step's i may be a table row
+        elif (at := step_index(node, mutated, shapes)) is not None:  # x[i]: the step's i may be a table row
             parts.append((node.op, str(node.target), enc(node.args[0]), "step index", at))
         else:
             parts.append((node.op, str(node.target), tuple(enc(a, True, node, pos) for pos, a in enumerate(node.args)),
@@ -359,7 +281,7 @@ def _drop_unread(variants: list[Variant], state_slots: list[str], invariant_slot
 def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_slots: list[str], n: int,
                    stable: set[int], signature: tuple, extra: set[int], gather: bool = False) -> Variant:
     template = members[0]
-    per_step = [_lift_candidates(s) for s in members]
+    per_step = [lift_candidates(s) for s in members]
     # the floats a call reads and the plan takes as inputs (trace/floats.py), by candidate, per step
     read_at = [[(node.meta.get("sources") or {}).get(pos) if pos is not None else None for node, pos, _ in c]
                for c in per_step]
@@ -374,7 +296,7 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
         if any(not _same_value(value, p[k][2]) for p in per_step[1:])
         or (pos is None and id(value) not in stable and value.numel() <= LIFT_MAX_NUMEL) or k in extra
         or any(row[k] is not None and row[k].lifted for row in read_at)
-        or gather and _gathers_always(node, pos, invariant_slots, inputs)
+        or gather and gathers_always(node, pos, invariant_slots, inputs)
     ]
     literals = {k: value for k, (node, pos, value) in enumerate(per_step[0])
                 if pos is not None and k not in lift_positions and func_name(node.target) in ARITHMETIC}
@@ -415,14 +337,14 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
             continue
         args = list(fx.map_arg(node.args, lambda a: env[a]))
         kwargs = dict(fx.map_arg(node.kwargs, lambda a: env[a]))
-        step_index = step_indices.get(id(node))
-        if step_index is not None and step_index in lift_nodes:  # x[i] with the step's i
-            base, (_, dim, width) = node.args[0], candidates[step_index][1]
+        at = step_indices.get(id(node))
+        if at is not None and at in lift_nodes:  # x[i] with the step's i
+            base, (_, dim, width) = node.args[0], candidates[at][1]
             if gather and base.op == "placeholder" and base.target in invariant_slots:  # gathered per call
-                env[node] = lift_nodes[step_index]
-                gathered[step_index] = (base.target, dim, width)
+                env[node] = lift_nodes[at]
+                gathered[at] = (base.target, dim, width)
             else:  # a device-side index into a tensor the step computes
-                env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[step_index], width))
+                env[node] = graph.call_function(take_at, (args[0], dim, lift_nodes[at], width))
             continue
         lifted_here = False
         for pos in [*range(len(args)), *kwargs]:
@@ -453,90 +375,19 @@ def _build_variant(members: list[StepTrace], state_slots: list[str], invariant_s
     for k in lift_positions:
         if k in gathered:
             name, dim, width = gathered[k]
-            table, at = _gathered_table(inputs[name], dim, [p[k][2] for p in per_step], steps, n, width)
+            table, at = gathered_table(inputs[name], dim, [p[k][2] for p in per_step], steps, n, width)
             gathers.append((len(tables), steps, name, dim, at))
             tables.append(table)
             continue
         rows = [torch.as_tensor(p[k][2]) for p in per_step]
         proto = rows[0]
-        dtype = _float_table_dtype(per_step[0][k][0]) if isinstance(per_step[0][k][2], float) else proto.dtype
+        dtype = float_table_dtype(per_step[0][k][0]) if isinstance(per_step[0][k][2], float) else proto.dtype
         table = torch.zeros((n, *proto.shape), dtype=dtype, device=proto.device)
         for step, row in zip(members, rows):
             table[step.index] = row.to(dtype)
         tables.append(table)
     return Variant(module=module, steps=[s.index for s in members], lifted=lifted_names, tables=tables,
-                   signature=signature, literals=literals, sources=_read_rows(lift_positions, members, read_at),
+                   signature=signature, literals=literals, sources=read_rows(lift_positions, members, read_at),
                    gathers=gathers)
 
 
-# A small row of an input read at a fixed index in every step of a variant (``sigmas[0]`` in a first step of its
-# own) is gathered too: the input's length (N + 1 for a schedule) then stays out of every step graph. A larger row
-# (``prompt_embeds[0]``) is read in place: a table would copy it N times per call.
-_GATHER_ROW_NUMEL = 1024
-
-
-def _gathers_always(node: fx.Node, pos: Any, invariant_slots: list[str], inputs: dict[str, Any]) -> bool:
-    base = node.args[0] if type(pos) is tuple else None
-    if base is None or base.op != "placeholder" or base.target not in invariant_slots:
-        return False
-    x = inputs.get(base.target)
-    return isinstance(x, torch.Tensor) and x.numel() // max(x.shape[pos[1]], 1) <= _GATHER_ROW_NUMEL
-
-
-def _gathered_table(x: torch.Tensor, dim: int, indices: list[int], steps: torch.Tensor | None, n: int,
-                    width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The N-row table of ``x[..., i, ...]`` (``i`` at ``dim``; with ``width``, ``x[..., i:i + width, ...]``) at
-    each of ``steps`` (None: every step, in order), and the indices read (made non-negative, on ``x``'s device;
-    one row of ``width`` per step for a slice); a call fills the rows from its own ``x`` (``gather``)."""
-    if width is None:
-        at = torch.tensor([i % x.shape[dim] for i in indices], dtype=torch.int64, device=x.device)
-        row = [*x.shape[:dim], *x.shape[dim + 1:]]
-    else:
-        at = torch.tensor([[i + j for j in range(width)] for i in indices], dtype=torch.int64, device=x.device)
-        row = [*x.shape[:dim], width, *x.shape[dim + 1:]]
-    table = x.new_zeros((n, *row))
-    gather(table, steps, x, dim, at)
-    return table, at
-
-
-def gather(table: torch.Tensor, steps: torch.Tensor | None, x: torch.Tensor, dim: int, at: torch.Tensor) -> None:
-    """Rows ``steps`` (None: all) of ``table`` = ``x`` at the indices ``at`` along ``dim`` (a call's schedule read
-    by step; a 2-D ``at``: a slice of ``at.shape[1]`` per step). ``x`` may live on another device than the table
-    (a CPU schedule of a CUDA loop)."""
-    if steps is None and dim == 0 and at.dim() == 1 and x.device == table.device and x.dtype == table.dtype:
-        torch.index_select(x, 0, at, out=table)  # one op, in place (a CUDA graph keeps reading the same memory)
-        return
-    rows = x.index_select(dim, at.flatten())
-    if at.dim() == 2:
-        rows = rows.unflatten(dim, tuple(at.shape))
-    rows = rows.movedim(dim, 0)
-    if steps is None:
-        table.copy_(rows)
-    else:
-        table.index_copy_(0, steps, rows.to(table.device, table.dtype))
-
-
-def _read_rows(lift_positions: list[int], members: list[StepTrace], read_at: list[list]
-               ) -> list[tuple[int, torch.Tensor | None, Source]]:
-    """For each table a lifted float fills: (table index, the rows it fills, None for all N, its source)."""
-    found = []
-    for j, k in enumerate(lift_positions):
-        rows: dict[int, tuple[Source, list[int]]] = {}
-        for step, row in zip(members, read_at):
-            if row[k] is not None and row[k].lifted:
-                rows.setdefault(id(row[k]), (row[k], []))[1].append(step.index)
-        for source, at in rows.values():
-            # every step of the variant reads it there: the whole table (rows of other variants' steps are unread)
-            found.append((j, None if len(at) == len(members) else torch.tensor(at, dtype=torch.int64), source))
-    return found
-
-
-def _float_table_dtype(node: fx.Node) -> torch.dtype:
-    """The dtype of a table of Python floats lifted from ``node``'s arguments: that of the op's result when it is
-    float32 or float64 (a 0-d operand of that dtype promotes as the Python float did: an int tensor times it gives
-    float32), float32 for a half or bfloat16 result (it stays half, and the operand is not rounded to half first:
-    eager computes a half op with a Python float in float32), else the default float dtype (a comparison's bound)."""
-    dtype = node.meta.get("dtype")
-    if dtype is None or not dtype.is_floating_point:
-        return torch.get_default_dtype()
-    return dtype if dtype.itemsize >= 4 else torch.float32

@@ -56,7 +56,7 @@ from .snapshots import (
 )
 from .user_globals import global_reads, is_user_code
 
-__all__ = ["Read", "Recording", "TRACE_LOCK", "Write", "record"]
+__all__ = ["AttributeLog", "Read", "Recording", "TRACE_LOCK", "Write", "record"]
 
 # One trace at a time in a process: tracing patches classes (and the traced wrapper instance).
 TRACE_LOCK = threading.RLock()
@@ -94,6 +94,24 @@ class Write:
     name: str
     path: str
     events: list[tuple[int | None, str | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttributeLog:
+    """What a traced call read and wrote of the Python state, once it ended (``Recording.log``): what the guards,
+    eager segments and the write-back of later calls are made from.
+
+    ``reads``/``writes``: every read (first value) and write, by key; ``end``: each attribute the call wrote or
+    changed in place, as it left it (obj, name, a copy), in the order first written; ``stable``: the reads it
+    never wrote nor changed; ``present``: ids of the tensors those end values hold; ``paths``: id -> where the
+    call found an object (for messages)."""
+
+    reads: dict[tuple, Read]
+    writes: dict[tuple[int, str], Write]
+    end: list[tuple[Any, str, Any]]
+    stable: list[Read]
+    present: set[int]
+    paths: dict[int, str]
 
 
 class Recording:
@@ -330,6 +348,10 @@ class Recording:
                 if key not in found:
                     found[key] = (r.obj, r.key, copy_value(value_of(r.obj, r.key)))
         return found
+
+    def log(self) -> AttributeLog:
+        """The result, once ``finish`` ran (and the tracer settled the floats in ``end``)."""
+        return AttributeLog(self.reads, self.writes, list(self.end), self.stable, self.present, self.paths)
 
     def finish(self, blocks: dict[str, Any]) -> None:
         """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it

@@ -1,4 +1,4 @@
-"""The logging hooks ``recording.record`` puts on the classes of the objects a traced call reaches (and on
+"""The logging hooks ``attribute_log.record`` puts on the classes of the objects a traced call reaches (and on
 ``torch.nn.Module``, once), for the duration of the trace: ``__getattribute__``, ``__getattr__``, ``__setattr__``
 and ``__delattr__`` that report to the active ``Recording``, only on the tracing thread and only for watched
 objects. ``Patcher`` puts them on, once per class, and takes them off again."""
@@ -22,7 +22,7 @@ HEAPTYPE = 1 << 9  # a class defined in Python (its attributes can be set)
 _HOOK = "_loopgraph_hook"
 
 # -- the hooks ------------------------------------------------------------------------------------------------------
-active: Recording | None = None  # set by recording.record
+active: Recording | None = None  # set by attribute_log.record
 
 _get_ident = threading.get_ident
 

@@ -2,7 +2,7 @@
 
 A traced call's code loads globals (``STRENGTH``), attributes of modules it imported (``settings.STRENGTH``,
 ``import settings`` inside a method) and calls functions that do the same. Their values are baked into a plan,
-so the plan guards them (``recording.Recording`` turns what ``global_reads`` finds into reads).
+so the plan guards them (``attribute_log.Recording`` turns what ``global_reads`` finds into reads).
 
 Found from bytecode, for *user* code only (not loopgraph's engine, the standard library or installed libraries,
 whose module state is machinery): the functions and methods of the modules the call's objects' classes come

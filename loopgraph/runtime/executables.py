@@ -27,7 +27,8 @@ import torch
 
 from ..config import CompileConfig, LoopStats
 from ..modular_pipelines.state import BlockState
-from ..passes.loop_plan import LoopPlan, gather
+from ..passes.loop_plan import LoopPlan
+from ..passes.step_tables import gather
 from ..pystate.components import put, set_attribute
 from ..pystate.snapshots import copy_value
 from ..rng import CounterDraws, CounterMode, draw_seeds, eager_loop

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.fx as fx
 
-from ..pystate.attribute_log import Recording
+from ..pystate.attribute_log import AttributeLog
 from .floats import Source
 
 __all__ = ["Cut", "StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "ProblemKind", "Unsupported",
@@ -192,7 +192,7 @@ class LoopTrace:
     rng_before: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG states when the loop started
     seeds: dict[str, SeedDraw] = field(default_factory=dict)  # rng="counter": seed name -> where it came from
     progress: bool = False  # the wrapper's __call__ opened its progress bar (compiled calls draw it then)
-    python: Recording | None = None  # the Python state the call read and wrote (attribute_log.record)
+    python: AttributeLog | None = None  # the Python state the call read and wrote (attribute_log.py)
     usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
     components: Any = None           # the components object the call was made with
     floats: list[Source] = field(default_factory=list)  # the floats it read, traced (trace/floats.py)

@@ -364,7 +364,7 @@ class Tracer:
                          schedule_inputs=self.schedule_inputs, problems=recorder.problems,
                          block_names=list(self.wrapper.sub_blocks), component_slots=self.component_slots,
                          final_components=self.final_components, rng_before=self.rng_states, seeds=seeds,
-                         progress=self.progress, python=python,
+                         progress=self.progress, python=python.log(),
                          usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
                          components=components, floats=self.lifts.sources)
 
