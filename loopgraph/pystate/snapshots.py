@@ -125,7 +125,7 @@ ATOM_TYPES = set(ATOMS)
 def same(current: Any, snap: Any, tensor_rules: dict[int, TensorRule] | None = None,
          default: TensorRule = TensorRule.VALUE) -> bool:
     """Whether ``current`` is what ``snap`` (a ``snapshot``) recorded, tensors by their rule (see
-    ``tensor_rule``; by ``default`` when no rule is given)."""
+    ``tensor_matches``; by ``default`` when no rule is given)."""
     if isinstance(snap, TensorSnap):
         return isinstance(current, torch.Tensor) and tensor_matches(current, snap, (tensor_rules or {}).get(
             id(snap.tensor), default))
