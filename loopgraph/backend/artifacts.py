@@ -149,8 +149,8 @@ def _load(path: Path, device: torch.device) -> Callable:
     the package's model library, called with ``ctypes``, which releases the GIL for the call (the package loader's
     Python binding holds it for the whole loop: a server's other threads froze for a whole generation). Elsewhere,
     and for a package whose constants live outside its library, from AOTInductor's C++ loader itself:
-    ``torch._inductor.aoti_load_package`` first reads the whole archive in Python (``load_pt2``: 1.5 s for the
-    default loop's package on this CPU, most of a warm start's budget), and the inputs are flat tensors already (no
+    ``torch._inductor.aoti_load_package`` first reads the whole archive in Python (``load_pt2``: most of a warm
+    start's time), and the inputs are flat tensors already (no
     pytree specs to apply). On CUDA the runner skips its thread synchronisation (``run_single_threaded``, as
     AOTInductor advises under CUDA graphs); calls of one compiled loop are serialised by its lock."""
     if device.type == "cpu":

@@ -95,9 +95,9 @@ def lower_lifted(plan: LoopPlan, modules: list[torch.fx.GraphModule], export: bo
     constants) -> final state``: ``constants[v]`` go first into variant v's module (empty unless its constants
     were lifted into inputs, backend/programs.py). Nothing is written in place.
 
-    ``export``: for ``torch.export`` (backend/artifacts.py), the while_loop operator is called directly with the loop's
-    other tensors as its explicit inputs. ``torch.while_loop`` outside ``torch.compile`` traces its body with
-    Dynamo first: 16 s of the default loop's 48 s first call (export now 1.6 s)."""
+    ``export``: for ``torch.export`` (artifacts.py), the while_loop operator is called directly with the loop's
+    other tensors as its explicit inputs: ``torch.while_loop`` outside ``torch.compile`` traces its body with
+    Dynamo first, a large share of a first call's time."""
     pattern = [v for v, _, _ in plan.runs]
     whole_tables = [v.whole_tables for v in plan.variants]
     repeated = [_repeated_outputs(m) for m in modules]
