@@ -61,6 +61,13 @@ def quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+class Components:
+    """A components bag for the toy loops (what a ModularPipeline is to the blocks)."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
 def toy_call(loop, components, n=3, **inputs):
     state = PipelineState()
     for k, v in inputs.items():

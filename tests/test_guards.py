@@ -25,7 +25,7 @@ from loopgraph.modular_pipelines.state import values_equal
 from loopgraph.zoo.loops import build_loop
 from loopgraph.zoo.models import build_denoiser
 
-from .helpers import Loop, MixTwo, XBlock, quiet, run_loop, toy_call
+from .helpers import Components, Loop, MixTwo, XBlock, quiet, run_loop, toy_call
 
 
 def zoo_pair(preset="dit", steps=4, **kwargs):
@@ -42,13 +42,6 @@ def same_call(eager, compiled, fast):
     got = state.get("latents")
     assert matches_eager(got, want), (got - want).abs().max()
     return got
-
-
-class Components:
-    """A components bag for the toy loops (what a ModularPipeline is to the blocks)."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
 
 
 # -- 1. a model component swapped between calls ------------------------------------------------------------------
