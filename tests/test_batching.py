@@ -16,69 +16,7 @@ from loopgraph import CompileConfig, InputParam, ModularPipelineBlocks, Pipeline
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
-from .test_compile_loop import Loop
-
-
-class Net(torch.nn.Module):
-    """A small conditional conv net: latents [B, 4, 6, 6], context [B, L, 8]."""
-
-    def __init__(self, sum_batch: bool = False, mix_batch: bool = False):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-        self.ctx = torch.nn.Linear(8, 4)
-        self.extra = torch.nn.Conv2d(4, 4, 1)
-        self.skip = False
-        self.sum_batch, self.mix_batch = sum_batch, mix_batch
-
-    def forward(self, x, t, context, scale: float = 1.0):
-        h = torch.nn.functional.silu(self.conv(x)) * (1 + t)
-        h = h + self.ctx(context).mean(1)[:, :, None, None] * scale
-        if not self.skip:  # skip-layer guidance: the model changed between the calls
-            h = h + self.extra(h)
-        if self.mix_batch:  # rows depend on the other rows of the batch: batching would change them
-            h = h - h.mean(0, keepdim=True)
-        return h.sum(0, keepdim=True) if self.sum_batch else h
-
-
-class TwoCalls(ModularPipelineBlocks):
-    """CFG written by hand: the block calls the model twice. ``mode`` makes the calls unbatchable in one way."""
-
-    mode = "ok"
-
-    @property
-    def inputs(self):
-        return [InputParam("x"), InputParam("cond"), InputParam("uncond")]
-
-    def __call__(self, components, block_state, i: int):
-        net, x, mode = components.net, block_state.x, self.mode
-        t = torch.tensor(1.0 - i / 10)
-        cond = net(x, t, block_state.cond)
-        if mode == "changed":
-            net.skip = True
-        second = cond if mode == "chain" else x
-        uncond = net(second, t, block_state.uncond, scale=0.5 if mode == "literal" else 1.0)
-        net.skip = False
-        block_state.x = x - 0.1 * (uncond + 3.0 * (cond - uncond))
-        return components, block_state
-
-
-class Noise(ModularPipelineBlocks):
-    """A random op: this block runs eagerly between compiled segments (rng="eager")."""
-
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
-    def __call__(self, components, block_state, i: int):
-        block_state.x = block_state.x + 0.01 * torch.randn_like(block_state.x)
-        return components, block_state
-
-
-def two_call_loop(mode="ok", noise=False):
-    block = TwoCalls()
-    block.mode = mode
-    return Loop.from_blocks_dict({"denoise": block, **({"noise": Noise()} if noise else {})})
+from .helpers import Loop, Net, components, two_call_loop
 
 
 def run(loop, net, n=4, uncond_len=5, seed=0):
@@ -91,17 +29,6 @@ def run(loop, net, n=4, uncond_len=5, seed=0):
     torch.manual_seed(seed)
     _, state = loop(components(net), state)
     return state.get("x")
-
-
-_COMPONENTS: dict[int, types.SimpleNamespace] = {}
-
-
-def components(net: Net) -> types.SimpleNamespace:
-    """One components object per model (a plan is guarded on the components object it was traced with)."""
-    found = _COMPONENTS.get(id(net))
-    if found is None or found.net is not net:
-        found = _COMPONENTS[id(net)] = types.SimpleNamespace(net=net)
-    return found
 
 
 def param_uses(graph: torch.fx.GraphModule, param: torch.nn.Parameter) -> int:

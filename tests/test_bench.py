@@ -202,7 +202,7 @@ def test_bench_loop_runs_the_users_own_loop_from_a_module(user_loop_run):
 def _net_loop():
     from loopgraph import PipelineState
 
-    from .test_batching import Net, components, two_call_loop
+    from .helpers import Net, components, two_call_loop
 
     def make_state(steps):
         g = torch.Generator().manual_seed(1)
@@ -280,7 +280,7 @@ def test_a_missed_target_on_the_default_loop_says_why_and_what_to_do_next():
 def test_report_counts_what_a_compiled_loop_compiled_or_loaded_not_dynamos_counter():
     """The persistent cache's AOTInductor route compiles outside Dynamo: its counter says 0 for a run that compiled
     (the bug: "compile s 0.0, compiles 0" with plan_s 40.8); the compiled loop's own stats say what happened."""
-    from .test_batching import two_call_loop
+    from .helpers import two_call_loop
 
     def method(name: str, first: float, compiled=None) -> _Method:
         run = types.SimpleNamespace(compiled=compiled)

@@ -18,21 +18,7 @@ from loopgraph import (
     SequentialPipelineBlocks,
 )
 
-
-def make_block(name, inputs=(), outputs=(), fn=None, components=(), configs=()):
-    """A leaf block class with the given declarations; ``fn(components, state_or_bs, **kw)`` is its body."""
-
-    def call(self, components, state, **kw):
-        return fn(self, components, state, **kw)
-
-    return type(name, (ModularPipelineBlocks,), {
-        "inputs": property(lambda self: list(inputs)),
-        "intermediate_outputs": property(lambda self: list(outputs)),
-        "expected_components": property(lambda self: list(components)),
-        "expected_configs": property(lambda self: list(configs)),
-        "description": property(lambda self: name),
-        "__call__": call,
-    })
+from .helpers import make_block
 
 
 def state_of(**values):

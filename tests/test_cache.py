@@ -199,7 +199,7 @@ def test_in_place_weight_updates_are_read_by_the_loaded_loop(populated, tmp_path
 
 
 def test_eager_segments_and_cuda_graph_steps_go_through_the_cache_and_equal_eager(tmp_path):
-    from tests.test_eager_segments import RescaleLatents
+    from tests.helpers import RescaleLatents
     from loopgraph.backend.compiler import Backend
     from loopgraph.backend.lower import run_step
     from loopgraph.config import CompileConfig

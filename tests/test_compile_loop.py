@@ -11,13 +11,14 @@ import warnings
 import pytest
 import torch
 
-from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState
+from loopgraph import InputParam, ModularPipelineBlocks, OutputParam, PipelineState
 from loopgraph import SequentialPipelineBlocks, compile_loop
 from loopgraph.bench.measure import count_python_calls
 from loopgraph.compile import CompiledLoop, matches_eager
 from loopgraph.runtime import executables
 from loopgraph.zoo.loops import build_loop
 
+from .helpers import Loop, Scale, run_loop
 
 
 def eager_and_compiled(setup, fast, calls=3):
@@ -212,41 +213,6 @@ class Add(ModularPipelineBlocks):
     def __call__(self, components, block_state, i: int):
         block_state.x += 1
         return components, block_state
-
-
-class Scale(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
-    def __call__(self, components, block_state, i: int):
-        block_state.x = block_state.x * (0.5 if i % 2 else 2.0)
-        return components, block_state
-
-
-class Loop(LoopSequentialPipelineBlocks):
-    @property
-    def description(self):
-        return "seed loop"
-
-    @property
-    def loop_inputs(self):
-        return [InputParam("num_steps")]
-
-    def __call__(self, components, state):
-        bs = self.get_block_state(state)
-        for i in range(bs.num_steps):
-            components, bs = self.loop_step(components, bs, i=i)
-        self.set_block_state(state, bs)
-        return components, state
-
-
-def run_loop(loop, x, n, components=None):
-    state = PipelineState()
-    state.set("x", x)
-    state.set("num_steps", n)
-    _, state = loop(components, state)
-    return state.get("x")
 
 
 def test_seed_loop_in_place_updates_match_eager():

@@ -7,9 +7,10 @@ from torch.utils._pytree import tree_leaves as pytree_leaves
 
 from loopgraph import compile_loop
 from loopgraph.backend.cudagraph import WholeLoopGraph
-from loopgraph.backend.lower import run_step
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
+
+from .helpers import uncompiled_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA GPU")
 
@@ -25,10 +26,6 @@ def traced(setup, **options):
     inputs.update(plan.traced_seeds)
     graph = WholeLoopGraph(plan.program, compile_step=uncompiled_step, pool=None)
     return fast, plan, inputs, state, graph
-
-
-def uncompiled_step(module, whole_tables):
-    return lambda carried, invariants, tables, i: run_step(module, whole_tables, carried, invariants, tables, i)
 
 
 def unrolled_args(plan, inputs):

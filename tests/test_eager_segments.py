@@ -17,32 +17,7 @@ from loopgraph.modular_pipelines.state import values_equal
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
-from .test_compile_loop import Loop, Scale, run_loop
-
-
-class Shift(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
-    def __call__(self, components, block_state, i: int):
-        block_state.x = block_state.x * 1.5 + 1
-        return components, block_state
-
-
-class Clamp(ModularPipelineBlocks):
-    sides: list[bool] = []  # which side of the branch each call took
-
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
-    def __call__(self, components, block_state, i: int):
-        big = block_state.x.abs().max().item() > 4.0  # data-dependent: must never be baked
-        Clamp.sides.append(big)
-        if big:
-            block_state.x = block_state.x * 0.5
-        return components, block_state
+from .helpers import Clamp, Loop, RescaleLatents, Scale, Shift, run_loop
 
 
 class Normalize(ModularPipelineBlocks):
@@ -130,7 +105,7 @@ def test_warning_names_block_file_line_and_the_compiled_blocks():
     text = " ".join(str(w.message) for w in caught)
     line = Clamp.__call__.__code__.co_firstlineno + 1
     assert "data-dependent Python: `item` on a value derived from loop state in block 'clamp' at " in text
-    assert f"test_eager_segments.py:{line}" in text
+    assert f"helpers.py:{line}" in text
     assert "'clamp' run eagerly each step between compiled segments; compiled: 'shift', 'scale'" in text
 
 
@@ -230,22 +205,6 @@ def test_several_eager_blocks_first_consecutive_and_between():
 
 
 # -- the zoo's denoise loop with a data-dependent block on the latents ------------------------------------------------
-class RescaleLatents(ModularPipelineBlocks):
-    threshold = 1.0
-    peaks: list[float] = []  # the value each call branched on
-
-    @property
-    def inputs(self):
-        return [InputParam("latents")]
-
-    def __call__(self, components, block_state, i, t):
-        peak = block_state.latents.abs().max().item()  # data-dependent: must never be baked
-        RescaleLatents.peaks.append(peak)
-        if peak > RescaleLatents.threshold:
-            block_state.latents = block_state.latents * 0.9
-        return components, block_state
-
-
 def rescale_loop(preset):
     from loopgraph.zoo.loops import DenoiseLoop
 

@@ -25,21 +25,7 @@ from loopgraph.modular_pipelines.state import values_equal
 from loopgraph.zoo.loops import build_loop
 from loopgraph.zoo.models import build_denoiser
 
-from .test_compile_loop import Loop, run_loop
-
-
-class XBlock(ModularPipelineBlocks):
-    """A loop block that reads the slot ``x`` (the toy loops' latents)."""
-
-    @property
-    def inputs(self):
-        return [InputParam("x")]
-
-
-def quiet(fn, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
+from .helpers import Components, Loop, MixTwo, XBlock, quiet, run_loop, toy_call
 
 
 def zoo_pair(preset="dit", steps=4, **kwargs):
@@ -56,22 +42,6 @@ def same_call(eager, compiled, fast):
     got = state.get("latents")
     assert matches_eager(got, want), (got - want).abs().max()
     return got
-
-
-class Components:
-    """A components bag for the toy loops (what a ModularPipeline is to the blocks)."""
-
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-
-
-def toy_call(loop, components, n=3, **inputs):
-    state = PipelineState()
-    for k, v in inputs.items():
-        state.set(k, v)
-    state.set("num_steps", n)
-    _, state = loop(components, state)
-    return state
 
 
 # -- 1. a model component swapped between calls ------------------------------------------------------------------
@@ -358,17 +328,6 @@ def test_5_an_undeclared_component_is_guarded_and_its_state_replayed():
 
 
 # -- 6. tensor identity between inputs -------------------------------------------------------------------------------
-class MixTwo(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("x"), InputParam("a"), InputParam("b")]
-
-    def __call__(self, components, block_state, i: int):
-        block_state.a.mul_(0.5)  # in place: seen through `b` when a and b are one tensor
-        block_state.x = block_state.x + block_state.a - 2 * block_state.b
-        return components, block_state
-
-
 @pytest.mark.parametrize("first_aliased", [True, False])
 def test_6_inputs_that_are_one_tensor_when_traced_and_not_later_or_the_reverse(first_aliased):
     loop = Loop.from_blocks_dict({"mix": MixTwo})
@@ -387,7 +346,7 @@ def test_6_inputs_that_are_one_tensor_when_traced_and_not_later_or_the_reverse(f
 _ALIASED_UNDER_INDUCTOR = """
 import torch
 from loopgraph import compile_loop
-from tests.test_guards import Loop, MixTwo, quiet, toy_call
+from tests.helpers import Loop, MixTwo, quiet, toy_call
 loop = Loop.from_blocks_dict({"mix": MixTwo})
 fast = compile_loop(loop)  # Inductor
 for aliased in (False, True, True):

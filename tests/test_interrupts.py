@@ -15,8 +15,7 @@ from loopgraph.bench.measure import count_python_calls
 from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 
-from .test_compile_loop import Loop, run_loop
-from .test_guards import XBlock, quiet
+from .helpers import Loop, XBlock, quiet, run_loop
 
 STEPS = 200
 

@@ -5,7 +5,7 @@ import torch
 
 from loopgraph import ComponentSpec, ConfigSpec, InputParam, ModularPipeline, OutputParam, PipelineState
 from loopgraph.modular_pipelines import ModularPipeline as MP2, SequentialPipelineBlocks
-from tests.test_blocks import make_block
+from tests.helpers import make_block
 
 
 class Guider:

@@ -19,7 +19,7 @@ from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
-from .test_compile_loop import Loop, Scale
+from .helpers import Loop, Scale
 
 
 class Noise(ModularPipelineBlocks):

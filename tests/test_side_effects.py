@@ -12,8 +12,7 @@ import torch
 from loopgraph import compile_loop
 from loopgraph.compile import matches_eager
 
-from .test_compile_loop import Loop, run_loop
-from .test_guards import XBlock, quiet
+from .helpers import Loop, XBlock, quiet, run_loop
 
 PREVIEWS = []              # what a block appends to, every step
 LOG = {"steps": 0}         # a step counter a block keeps in a module-level dict

@@ -6,11 +6,13 @@ depends on Hugging Face's ``kernels`` and imports it when peft loads it; a ``ker
 stopped the suite at collection.
 """
 
+import ast
 import importlib.metadata
 import json
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,3 +80,33 @@ def test_the_architecture_table_names_every_module_of_the_package_and_nothing_el
     named = architecture_map()
     assert named == tree, (f"in the tree, not in docs' Architecture table: {sorted(tree - named)}; "
                            f"in the table, not in the tree: {sorted(named - tree)}")
+
+
+def imported_modules(tree: ast.AST, package: str = "tests") -> set[str]:
+    """The modules an ``import`` or ``from ... import`` names (``from . import x`` names ``tests.x`` too), with those
+    of Python code in string literals (scripts the tests run in a subprocess)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(filter(None, [package if node.level else "", node.module or ""]))
+            found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:
+                found |= imported_modules(ast.parse(textwrap.dedent(node.value)), package)
+            except SyntaxError:
+                pass
+    return found
+
+
+def test_no_test_module_imports_a_test_module():
+    """Loops, blocks and helpers that several test modules share live in tests/helpers.py; a test module imports
+    no tests/test_*.py module (running one module alone, or moving a test, never depends on another)."""
+    test_modules = {f"tests.{p.stem}" for p in (ROOT / "tests").glob("test_*.py")}
+    offending = {}
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        found = imported_modules(ast.parse(path.read_text())) & test_modules
+        if found:
+            offending[path.name] = sorted(found)
+    assert not offending, f"test modules importing test modules (move what they share to tests/helpers.py): {offending}"

@@ -15,8 +15,7 @@ from loopgraph.runtime import executables
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
-from .test_compile_loop import Loop, run_loop
-from .test_eager_segments import Clamp, Shift
+from .helpers import Clamp, Loop, Shift, run_loop
 
 STEPS = 6
 
@@ -362,7 +361,7 @@ def test_a_cuda_graph_plan_with_callbacks_runs_its_compiled_steps_one_by_one(mon
     a call without callbacks would capture, which needs CUDA: it is made to fail loudly."""
     from loopgraph.backend.cudagraph import WholeLoopGraph
 
-    from .test_cudagraph import uncompiled_step
+    from .helpers import uncompiled_step
 
     setup = build_loop("dit", steps=STEPS, sample_size=8)
     expected = eager_events(setup.wrapper, setup.run, 2)
