@@ -14,8 +14,7 @@ from loopgraph.planner import Planner, StrictError
 from loopgraph.trace.ir import ProblemKind, Unsupported
 from loopgraph.trace.tracer import trace_loop
 
-from .test_compile_loop import Loop, Scale
-from .test_eager_segments import Shift, clamp_loop
+from .helpers import Clamp, Loop, Scale, Shift
 
 TRACE = types.SimpleNamespace(steps=[None], block_names=["shift", "clamp", "scale"])
 
@@ -34,7 +33,7 @@ def test_the_trace_gives_data_dependent_python_its_kind():
     state = PipelineState()
     state.set("x", torch.ones(3))
     state.set("num_steps", 2)
-    trace, _ = trace_loop(clamp_loop(), None, state)
+    trace, _ = trace_loop(Loop.from_blocks_dict({"shift": Shift, "clamp": Clamp, "scale": Scale}), None, state)
     assert [(p.block, p.kind) for p in trace.problems] == [("clamp", ProblemKind.DATA_DEPENDENT)]
 
 

@@ -7,10 +7,12 @@ import types
 import pytest
 import torch
 
-from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, PipelineState, compile_loop
+from loopgraph import InputParam, ModularPipelineBlocks, PipelineState, compile_loop
 from loopgraph.guards.plan_guard import plan_guard
 from loopgraph.passes.batching import batch_calls
 from loopgraph.trace.tracer import trace_loop
+
+from .helpers import Loop
 
 
 class Net(torch.nn.Module):
@@ -38,24 +40,8 @@ class Guided(ModularPipelineBlocks):
         return components, block_state
 
 
-class Loop(LoopSequentialPipelineBlocks):
-    block_classes = [Guided]
-    block_names = ["guided"]
-
-    @property
-    def description(self):
-        return "a guided loop"
-
-    @property
-    def loop_inputs(self):
-        return [InputParam("num_steps")]
-
-    def __call__(self, components, state):
-        bs = self.get_block_state(state)
-        for i in range(bs.num_steps):
-            components, bs = self.loop_step(components, bs, i=i)
-        self.set_block_state(state, bs)
-        return components, state
+def guided_loop():
+    return Loop.from_blocks_dict({"guided": Guided()})
 
 
 def traced():
@@ -65,7 +51,7 @@ def traced():
     state = PipelineState()
     state.set("x", torch.randn(2, 4, 6, 6, generator=g))
     state.set("num_steps", 2)
-    trace, _ = trace_loop(Loop(), components, state, batch=True)
+    trace, _ = trace_loop(guided_loop(), components, state, batch=True)
     return trace, components
 
 
@@ -107,7 +93,7 @@ def test_a_batched_traces_guard_checks_the_constants_the_batched_calls_add():
 
 def test_the_planner_guards_the_trace_the_batch_pass_returned():
     _, components = traced()
-    loop = Loop()
+    loop = guided_loop()
     fast = compile_loop(loop, backend="eager")
     state = PipelineState()
     state.set("x", torch.randn(2, 4, 6, 6))
