@@ -1204,3 +1204,29 @@ def test_r8_a_list_shifted_element_by_element_beside_an_eager_block_is_written_b
         got, want = compiled.components.history.stamps, eager.components.history.stamps
         assert [t.item() for t in got] == [t.item() for t in want], f"call {k} after {kind}"
     assert fast.stats.compiled_calls >= 2  # the failing calls ran the eager-segments plan
+
+
+class Gain(XBlock):
+    """Multiplies the latents by an attribute and an input: an int keeps int latents int, a float makes them float."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("bias")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * components.gain + block_state.bias
+        return components, block_state
+
+
+@pytest.mark.parametrize("changed", ["attribute", "input"])
+def test_r9_an_int_then_an_equal_float_is_not_the_same_value(changed):
+    # found by the guard unit tests: 2 == 2.0, so the guard let the float call reuse the int plan, whose int64
+    # arithmetic gave int64 latents where eager's are float32
+    loop = Loop.from_blocks_dict({"gain": Gain})
+    fast = compile_loop(loop, backend="eager")
+    eager_comps, comps = Components(gain=2), Components(gain=2)
+    for k, (gain, bias) in enumerate([(2, 1), (2, 1), (2.0, 1) if changed == "attribute" else (2, 1.0)]):
+        eager_comps.gain = comps.gain = gain
+        want = toy_call(loop, eager_comps, x=torch.ones(3, dtype=torch.int64), bias=bias).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(3, dtype=torch.int64), bias=bias).get("x")
+        assert got.dtype == want.dtype and torch.equal(got, want), f"call {k}: {got} vs eager's {want}"

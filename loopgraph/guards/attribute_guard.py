@@ -70,9 +70,29 @@ def _leaf(snap: Any) -> Any:
     return snap.tensor if isinstance(snap, TensorSnap) else snap
 
 
+class _Number:
+    """A number as read, for ``==`` in C: equal only to a number of its own type (Python's 1, 1.0 and True are
+    equal, but an int and a float operand give tensors of other dtypes)."""
+
+    __slots__ = ("value",)
+    __hash__ = None
+
+    def __init__(self, value: bool | int | float | complex) -> None:
+        self.value = value
+
+    def __eq__(self, other: Any) -> bool:
+        return type(other) is type(self.value) and other == self.value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
 def _plain(snap: Any) -> Any:
-    """A snapshot without tensors as the plain value it was: atoms and objects as they are, containers rebuilt
-    as dicts, lists, tuples and frozensets (raises TypeError when it holds a tensor)."""
+    """A snapshot without tensors as the plain value it was: numbers as ``_Number``, other atoms and objects as
+    they are, containers rebuilt as dicts, lists, tuples and frozensets (raises TypeError when it holds a
+    tensor)."""
+    if type(snap) in (bool, int, float, complex):
+        return _Number(snap)
     if isinstance(snap, TensorSnap):
         raise TypeError
     if isinstance(snap, ContainerSnap):
@@ -196,7 +216,7 @@ class StateGuard:
         identity    tensors the compiled code reads (``_parameters`` entries): the same objects (``is``)
         tensors     containers of such tensors: same keys, same objects
         slow        the rest (tensors compared by value, containers of them): one by one
-    ``==`` is Python's: 1 and 1.0 compare equal in the first group (the exact check, on a miss, compares types).
+    Numbers in the first group compare by type too (``_Number``): 1 and 1.0 are ``==`` in Python.
     """
 
     def __init__(self, reads: list[Read], rules: dict[int, TensorRule], floats: list[Source] = ()) -> None:

@@ -145,6 +145,9 @@ def _atoms_only(values: list | tuple) -> bool:
     return set(map(type, values)) <= _ATOMS  # map/set run in C: no Python call per element
 
 
+_NUMBERS = (bool, int, float, complex)
+
+
 def values_equal(a: Any, b: Any) -> bool:
     """Structural equality that treats tensors by value (same dtype, shape and elements)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -156,13 +159,16 @@ def values_equal(a: Any, b: Any) -> bool:
             and torch.equal(a, b)
         )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and _atoms_only(a) and _atoms_only(b):
-        return type(a) is type(b) and a == b  # one C-level comparison: cost does not grow with N in Python
+        # C-level comparisons: cost does not grow with N in Python; 1 == 1.0, but not as a tensor's operand
+        return type(a) is type(b) and a == b and list(map(type, a)) == list(map(type, b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(values_equal(x, y) for x, y in zip(a, b))
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
     if a is b:
         return True
+    if isinstance(a, _NUMBERS) and type(a) is not type(b):  # 1, 1.0 and True are ==, but give other dtypes
+        return False
     try:
         return bool(a == b)
     except Exception:  # objects whose == does not give a truth value are equal only when identical
