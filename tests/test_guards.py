@@ -1230,3 +1230,19 @@ def test_r9_an_int_then_an_equal_float_is_not_the_same_value(changed):
         want = toy_call(loop, eager_comps, x=torch.ones(3, dtype=torch.int64), bias=bias).get("x")
         got = quiet(toy_call, fast, comps, x=torch.ones(3, dtype=torch.int64), bias=bias).get("x")
         assert got.dtype == want.dtype and torch.equal(got, want), f"call {k}: {got} vs eager's {want}"
+
+
+def test_r10_a_components_dict_replaced_re_plans_instead_of_raising():
+    # found by the guard unit tests: the guard compared the replaced __dict__ with the traced one by content, and
+    # a tensor in it made `==` raise ("Boolean value of Tensor ... is ambiguous") instead of the call re-planning
+    loop = Loop.from_blocks_dict({"gain": Gain})
+    fast = compile_loop(loop, backend="eager")
+    eager_comps, comps = Components(gain=2.0, table=torch.ones(3)), Components(gain=2.0, table=torch.ones(3))
+    for k in range(3):
+        if k == 2:
+            eager_comps.__dict__ = {"gain": 2.0, "table": torch.ones(3)}
+            comps.__dict__ = {"gain": 2.0, "table": torch.ones(3)}
+        want = toy_call(loop, eager_comps, x=torch.ones(3), bias=1.0).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(3), bias=1.0).get("x")
+        assert torch.equal(got, want), f"call {k}"
+    assert fast.stats.plans == 2
