@@ -33,7 +33,8 @@ from .runtime.executables import (
     loop_device,
 )
 from .runtime.watch import eager_hook
-from .trace.tracer import LoopTrace, Unsupported, trace_loop
+from .trace.ir import LoopTrace, Unsupported
+from .trace.tracer import trace_loop
 
 __all__ = ["Plan", "Planner", "StrictError"]
 

@@ -7,7 +7,8 @@ from loopgraph import compile_loop
 
 from loopgraph.backend.lower import lower
 from loopgraph.passes.loop_plan import loop_steps, plan_loop
-from loopgraph.trace.tracer import Unsupported, trace_loop
+from loopgraph.trace.ir import Unsupported
+from loopgraph.trace.tracer import trace_loop
 from loopgraph.zoo.loops import build_loop
 
 

@@ -26,8 +26,7 @@ from ..pystate.snapshots import describe
 from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
-__all__ = ["InputGuard", "StateGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard",
-           "tensor_rules", "tensor_spec"]
+__all__ = ["InputGuard", "PlanGuard", "PlanCache", "match_form", "plan_guard", "stable_guard", "tensor_spec"]
 
 
 def tensor_spec(t: torch.Tensor) -> tuple:

@@ -39,12 +39,10 @@ from .ir import (
     StepTrace,
     TensorUse,
     Unsupported,
-    func_name,
 )
 from .taint import Recorder
 
-__all__ = ["StepTrace", "LoopTrace", "ComponentSlot", "SeedDraw", "TensorUse", "Unsupported", "func_name",
-           "trace_loop"]
+__all__ = ["Tracer", "trace_loop"]
 
 
 def _tensor_slots(block_state, exclude: set[str]) -> dict[str, torch.Tensor]:
