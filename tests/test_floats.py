@@ -276,7 +276,7 @@ def test_a_lifted_input_given_as_an_int_re_plans_and_says_why():
     components = components_with()
     fast(components, make_state(4.0))
     reason = fast.guard_check(components, make_state(4))
-    assert reason == "plan 0: input 'guidance_scale' is a int, was a float (an input of the compiled loop)"
+    assert reason == "plan 0: input 'guidance_scale' is an int, was a float (an input of the compiled loop)"
     _, state = fast(components, make_state(4))
     assert matches_eager(state.get("latents"), run(loop_using("input"), components, 4).get("latents"))
 
@@ -425,4 +425,4 @@ def test_a_check_holds_while_its_outcome_does_and_says_why_not():
     assert source.fits(7.5) and not source.fits(1.0) and not source.fits(1.5) and not source.fits(4)
     assert source.misfit(1.0) == "input 'scale' is 1.0: math.isclose(1.0, 1.0), was False when traced"
     assert source.misfit(1.5) == "input 'scale' is 1.5: float.__gt__(1.5, 2), was True when traced"
-    assert source.misfit(4) == "input 'scale' is a int, was a float (an input of the compiled loop)"
+    assert source.misfit(4) == "input 'scale' is an int, was a float (an input of the compiled loop)"

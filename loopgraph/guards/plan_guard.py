@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..modular_pipelines.state import _atoms_only, values_equal
-from ..pystate.snapshots import describe
+from ..pystate.snapshots import a_type, describe
 from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
@@ -118,7 +118,7 @@ class InputGuard:
         for k, spec in self.data.items():
             value = slots[k]
             if not isinstance(value, torch.Tensor):
-                return f"input {k!r} is a {type(value).__name__}, was a tensor"
+                return f"input {k!r} is {a_type(value)}, was a tensor"
             if tensor_spec(value) != spec:
                 return f"input {k!r}: {_spec_text(tensor_spec(value))}, was {_spec_text(spec)}"
         for k, s in self.floats.items():
@@ -127,10 +127,51 @@ class InputGuard:
         ids = {id(slots[k]): k for k in self.data}
         for k, expected in self.schedule.items():
             if not values_equal(match_form(slots[k], ids), expected):
-                return f"input {k!r}: {describe(slots[k])}, was {describe(expected)}"
-        if _aliasing([slots[k] for k in self.data]) != self.aliasing:
-            return "other data inputs are one tensor (or share storage) than when traced"
+                path, now, then = _first_difference(match_form(slots[k], ids), expected)
+                return f"input {k!r}{path}: {_changed(now, then)}"
+        now = _aliasing([slots[k] for k in self.data])
+        names = list(self.data)
+        for j, (a, b) in enumerate(zip(now, self.aliasing)):
+            if a != b:
+                return (f"input {names[j]!r} is {_sharing(names, j, a)} (was {_sharing(names, j, b)} when "
+                        f"traced)")
         return "the inputs differ from the traced call's"
+
+
+def _first_difference(now: Any, then: Any, path: str = "") -> tuple[str, Any, Any]:
+    """Where an input's value first differs from the traced one: (the item's path, its value now, then)."""
+    if type(now) is type(then) is dict and now.keys() == then.keys():
+        k = next(k for k in now if not values_equal(now[k], then[k]))
+        return _first_difference(now[k], then[k], f"{path}[{k!r}]")
+    if type(now) is type(then) and type(now) in (list, tuple) and len(now) == len(then):
+        k = next(k for k, (a, b) in enumerate(zip(now, then)) if not values_equal(a, b))
+        return _first_difference(now[k], then[k], f"{path}[{k}]")
+    return path, now, then
+
+
+def _changed(now: Any, then: Any) -> str:
+    """A value now and when traced, in words; the same rendering (a tensor's, a container's) says "other values"."""
+    shown_now, shown_then = _shown(now), _shown(then)
+    if shown_now == shown_then:
+        return f"{shown_now} with other values than when traced"
+    numbers = (bool, int, float, complex)
+    if type(now) is not type(then) and isinstance(now, numbers) and isinstance(then, numbers):
+        return f"{shown_now} ({a_type(now)}), was {shown_then} ({a_type(then)})"
+    return f"{shown_now}, was {shown_then}"
+
+
+def _shown(value: Any) -> str:
+    return f"the data input {value.slot!r}" if isinstance(value, _InputRef) else describe(value)
+
+
+def _sharing(names: list[str], j: int, alias: tuple[int, int]) -> str:
+    """What data input ``j`` shares, by its ``_aliasing`` entry."""
+    same, storage = alias
+    if same != j:
+        return f"the same tensor as input {names[same]!r}"
+    if storage != j:
+        return f"a view of the storage of input {names[storage]!r}"
+    return "a tensor of its own"
 
 
 def _spec_text(spec: tuple) -> str:

@@ -163,6 +163,15 @@ def tensor_matches(current: torch.Tensor, snap: TensorSnap, rule: TensorRule) ->
     return current is snap.tensor and _version(current) == snap.version and current.data_ptr() == snap.data_ptr
 
 
+def a_type(value: Any) -> str:
+    """``value``'s type with its article, for messages: "an int", "a str"."""
+    return _with_article(type(value).__name__)
+
+
+def _with_article(name: str) -> str:
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def describe(value: Any) -> str:
     """A short rendering of a value for a guard's reason."""
     if isinstance(value, TensorSnap):
@@ -170,9 +179,9 @@ def describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"Tensor{tuple(value.shape)} {str(value.dtype).replace('torch.', '')}"
     if isinstance(value, ContainerSnap):
-        return f"{value.type.__name__} of {len(value.items)}"
+        return f"{_with_article(value.type.__name__)} of {len(value.items)}"
     if isinstance(value, (list, tuple, dict, set)) and not isinstance(value, torch.Size):
-        return f"{type(value).__name__} of {len(value)}"
+        return f"{a_type(value)} of {len(value)}"
     if type(value) in ATOM_TYPES or value is ABSENT:
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."

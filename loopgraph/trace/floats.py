@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ..pystate.snapshots import a_type
+
 __all__ = ["ARITHMETIC", "Source", "SourceKind", "TracedFloat", "Lifts", "floats_in", "plain"]
 
 # Ops whose Python-float operand may as well be a 0-d tensor: a float read from a block input or an attribute is
@@ -94,7 +96,7 @@ class Source:
     def misfit(self, value: Any) -> str:
         """Why ``value`` does not fit (``fits`` is False)."""
         if type(value) is not float:
-            return f"{self.path} is a {type(value).__name__}, was a float (an input of the compiled loop)"
+            return f"{self.path} is {a_type(value)}, was a float (an input of the compiled loop)"
         check = next(c for c in self.checks if not c.holds(value))
         return f"{self.path} is {value!r}: {check.text(value)}, was {check.outcome!r} when traced"
 
