@@ -248,8 +248,9 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
             gives the separate calls' results; True also warns about call sites left apart, False never batches.
         cache: True (default) | False | a folder: the persistent cache of compiled loops
             (``loopgraph.backend.disk_cache``), so that a new process loads the compiled loop instead of compiling
-            it (its first call still traces: one eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns it off), else the user cache
-            directory (``~/.cache/loopgraph``); False: compiled in this process only. Inductor only.
+            it (its first call still traces: one eager run). True: ``$LOOPGRAPH_CACHE_DIR`` (an empty string turns
+            it off), else the user cache directory (``~/.cache/loopgraph``); False: compiled in this process only.
+            Inductor only.
         lift_floats: True (default) | False: a Python float the traced call read (a block input, a component's
             attribute) and used only as an operand of tensor arithmetic is an input of the compiled loop: a new
             guidance scale runs the same plan (``loopgraph.trace.floats``). False guards every float by value (for
