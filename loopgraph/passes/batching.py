@@ -40,7 +40,8 @@ def batch_calls(trace: LoopTrace) -> tuple[LoopTrace, list[CallSite], str]:
     along dim 0 (``trace`` is left as it was). Returns it, the call sites (batched or why not) and a one-line
     summary. A float the batched call bakes is guarded by value in the new trace (its own copies of the floats)."""
     if not any(step.batched for step in trace.steps):
-        return trace, _sites(trace.steps), _summary(_sites(trace.steps))
+        sites = _sites(trace.steps)
+        return trace, sites, _summary(sites)
     sources = {id(s): dataclasses.replace(s) for s in trace.floats}  # every step's graph reads the copies
     usage = trace.usage and TensorUse(trace.usage.used, trace.usage.eager, set(trace.usage.const))
     steps = [step.copied(sources) for step in trace.steps]
