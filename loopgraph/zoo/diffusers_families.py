@@ -1,0 +1,157 @@
+"""Every diffusers modular family's own core denoise step, built offline from tiny configs.
+
+A family recipe (``loopgraph/zoo/families/<family>.py``) names the family's ``*CoreDenoiseStep`` (its input,
+set-timesteps, prepare-latents and denoise blocks, unchanged), tiny components with seeded random weights
+(configs from diffusers' own fast tests) and the user inputs the step takes (embeddings instead of prompts:
+no text encoder, no tokenizer). ``build_family`` finds the loop wrapper among the step's blocks; every
+``new_state()`` runs the blocks before it eagerly, as the pipeline would, so the loop starts from the state
+diffusers makes — the scheduler reset, the latents prepared, the guider configured.
+
+diffusers is optional: it is imported inside the builders only (``pip install loopgraph[diffusers]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .diffusers_loops import _require_diffusers
+
+__all__ = ["FAMILIES", "FamilyRecipe", "FamilySetup", "build_family", "seeded"]
+
+# family -> its loop as diffusers names it; recipes live in loopgraph/zoo/families/<family>.py
+FAMILIES: tuple[str, ...] = (
+    "anima", "cosmos", "echo", "ernie_image", "flux", "flux2", "flux3", "helios", "hunyuan_video1_5",
+    "ideogram4", "krea2", "ltx", "ltx2", "minimax_h3", "minimax_music3", "qwenimage", "qwenimage21",
+    "stable_diffusion_3", "stable_diffusion_xl", "wan", "wan_animate_2", "z_image",
+)
+
+
+def seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``make()`` under ``torch.manual_seed(seed)``, in eval mode; the caller's global RNG is left alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make().eval()
+
+
+@dataclass(frozen=True)
+class FamilyRecipe:
+    """What a family file returns: the core denoise step, its components and its user inputs."""
+
+    core: Any                                   # the family's *CoreDenoiseStep instance
+    components: dict[str, Any]
+    inputs: dict[str, Any]                      # user inputs of the core step (not num_inference_steps)
+    generator_input: str | None = "generator"   # the input given a fresh seeded torch.Generator per call
+    steps_input: str = "num_inference_steps"
+
+
+def _is_loop_wrapper(block: Any) -> bool:
+    return all(hasattr(block, name) for name in ("loop_step", "sub_blocks", "get_block_state", "set_block_state"))
+
+
+@dataclass
+class FamilySetup:
+    """A family's core denoise step, split at its loop wrapper.
+
+    ``new_state()`` fills a ``PipelineState`` with the inputs (defaults for the rest, as ``ModularPipeline``
+    does) and runs the blocks before the loop; ``wrapper(components, state)`` runs the loop (``compile_loop``
+    it); ``run()`` does both and the blocks after, eagerly, and returns the final latents.
+    """
+
+    family: str
+    core: Any
+    wrapper: Any
+    loop_name: str
+    before: list[tuple[str, Any]]
+    after: list[tuple[str, Any]]
+    components: Any                            # the family's ModularPipeline, holding the tiny components
+    inputs: dict[str, Any]
+    steps: int
+    seed: int
+    generator_input: str | None = "generator"
+    steps_input: str = "num_inference_steps"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def call_inputs(self, steps: int | None = None) -> dict[str, Any]:
+        """The keyword arguments of one pipeline call: the inputs, the step count, a fresh seeded generator."""
+        kwargs = dict(self.inputs)
+        kwargs[self.steps_input] = self.steps if steps is None else steps
+        if self.generator_input is not None:
+            kwargs[self.generator_input] = torch.Generator().manual_seed(self.seed)
+        return kwargs
+
+    def new_state(self, steps: int | None = None):
+        """A fresh state as the loop receives it: inputs set, the blocks before the loop run eagerly."""
+        from diffusers.modular_pipelines import PipelineState
+
+        state = PipelineState()
+        given = self.call_inputs(steps)
+        for param in self.core.inputs:
+            if param.name in given:
+                state.set(param.name, given.pop(param.name), param.kwargs_type)
+            elif param.name is not None and param.name not in state.values:
+                state.set(param.name, param.default, param.kwargs_type)
+        for name, value in given.items():   # inputs the step does not declare (a family file's extra)
+            state.set(name, value)
+        with torch.no_grad():
+            for _, block in self.before:
+                _, state = block(self.components, state)
+        return state
+
+    def finish(self, state):
+        """The blocks after the loop, eagerly."""
+        with torch.no_grad():
+            for _, block in self.after:
+                _, state = block(self.components, state)
+        return state
+
+    def run(self, loop: Any = None, steps: int | None = None):
+        """One whole call of the core step (``loop`` in place of the wrapper); returns the final state."""
+        loop = self.wrapper if loop is None else loop
+        with torch.no_grad():
+            _, state = loop(self.components, self.new_state(steps))
+        return self.finish(state)
+
+
+def _split(core: Any) -> tuple[str, Any, list, list]:
+    blocks = list(core.sub_blocks.items())
+    found = [i for i, (_, block) in enumerate(blocks) if _is_loop_wrapper(block)]
+    if len(found) != 1:
+        raise ValueError(f"{type(core).__name__}: expected one loop wrapper among its blocks "
+                         f"{[name for name, _ in blocks]}, found {len(found)}")
+    i = found[0]
+    return blocks[i][0], blocks[i][1], blocks[:i], blocks[i + 1:]
+
+
+def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool = False) -> FamilySetup:
+    """Build a diffusers family's core denoise step offline, split at its loop wrapper.
+
+    Args:
+        family: one of ``FAMILIES``.
+        steps: number of denoising steps N.
+        seed: seeds the weights, the inputs and each call's generator.
+        progress: show the wrapper's progress bar.
+
+    Example:
+        >>> setup = build_family("stable_diffusion_3", steps=2)
+        >>> setup.run().get("latents").shape
+        torch.Size([1, 4, 8, 8])
+    """
+    _require_diffusers()
+    if family not in FAMILIES:
+        raise ValueError(f"unknown diffusers family {family!r}; known: {list(FAMILIES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    module = importlib.import_module(f"{__package__}.families.{family}")
+    recipe: FamilyRecipe = module.recipe(seed, torch.Generator().manual_seed(seed + 1))
+    core = recipe.core
+    loop_name, wrapper, before, after = _split(core)
+    wrapper.set_progress_bar_config(disable=not progress)
+    components = core.init_pipeline()  # the family's ModularPipeline; no network with no repo id
+    components.update_components(**recipe.components)
+    return FamilySetup(family=family, core=core, wrapper=wrapper, loop_name=loop_name, before=before,
+                       after=after, components=components, inputs=recipe.inputs, steps=steps, seed=seed,
+                       generator_input=recipe.generator_input, steps_input=recipe.steps_input)

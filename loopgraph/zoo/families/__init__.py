@@ -1,0 +1,1 @@
+"""One file per diffusers modular family: ``recipe(seed, gen) -> FamilyRecipe`` (see ``diffusers_families``)."""
