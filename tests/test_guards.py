@@ -288,6 +288,100 @@ def test_4_an_attribute_absent_when_traced_and_set_later():
         assert matches_eager(got, want), k
 
 
+class Registry:
+    """What diffusers' ``cache_context`` makes on a model's first call: a registry of (no) hooks."""
+
+    def __init__(self):
+        self.hooks, self.order = {}, []
+
+
+class Tally:
+    def __init__(self):
+        self.n = 0
+
+
+class LazyMade(XBlock):
+    """Makes a helper object on the model the first time it runs (``HookRegistry.check_if_exists_or_initialize``);
+    ``tally``: the helper counts the calls instead (changed after it was made: every call differs)."""
+
+    kind, runs = "registry", 0
+
+    def __call__(self, components, block_state, i: int):
+        type(self).runs += 1
+        model = components.model
+        if not hasattr(model, "_made"):
+            model._made = Registry() if self.kind == "registry" else Tally()
+        if self.kind == "registry":
+            scale = 1.0 + sum(model._made.hooks[name] for name in model._made.order)
+        else:
+            model._made.n += 1
+            scale = float(model._made.n)
+        block_state.x = model(block_state.x) * scale * 0.5
+        return components, block_state
+
+
+def lazy_loop(kind):
+    block = LazyMade()
+    block.kind = kind
+    LazyMade.runs = 0
+    return Loop.from_blocks_dict({"denoise": block})
+
+
+def test_4_an_object_the_traced_call_made_on_a_component_does_not_make_the_next_call_trace_again():
+    loop = lazy_loop("registry")
+    eager, comps = Components(model=torch.nn.Linear(2, 2)), Components(model=torch.nn.Linear(2, 2))
+    comps.model.load_state_dict(eager.model.state_dict())
+    fast = compile_loop(loop, backend="eager")
+    for k in range(4):
+        want = toy_call(loop, eager, x=torch.ones(2)).get("x")
+        runs = LazyMade.runs
+        got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
+        assert matches_eager(got, want), k
+        if k == 0:
+            assert LazyMade.runs - runs == 3  # traced: the block ran for each of the 3 steps
+            made = comps.model._made
+        else:
+            assert LazyMade.runs == runs, k  # compiled: the block's Python never ran again
+    assert comps.model._made is made
+
+
+def test_4_the_made_object_changed_or_gone_later_runs_as_eager_runs_it():
+    loop = lazy_loop("registry")
+    eager, comps = Components(model=torch.nn.Linear(2, 2)), Components(model=torch.nn.Linear(2, 2))
+    comps.model.load_state_dict(eager.model.state_dict())
+    fast = compile_loop(loop, backend="eager")
+    for k in range(5):
+        if k == 2:  # a hook registered in the made registry: the compiled plan never saw one
+            for model in (eager.model, comps.model):
+                model._made.hooks["boost"] = 2.0
+                model._made.order.append("boost")
+            assert "holds the object the traced call made there, changed since" in fast.guard_check(comps, _x_state())
+        if k == 4:  # gone again: the plan traced with it absent holds, and makes it again
+            del eager.model._made, comps.model._made
+        want = toy_call(loop, eager, x=torch.ones(2)).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
+        assert matches_eager(got, want), k
+
+
+def test_4_an_object_made_by_the_traced_call_and_changed_after_is_guarded_as_before():
+    loop = lazy_loop("tally")  # the helper counts calls: call 2 must see n=1 and make it 2, as eager does
+    eager, comps = Components(model=torch.nn.Linear(2, 2)), Components(model=torch.nn.Linear(2, 2))
+    comps.model.load_state_dict(eager.model.state_dict())
+    fast = compile_loop(loop, backend="eager")
+    for k in range(3):
+        want = toy_call(loop, eager, x=torch.ones(2)).get("x")
+        got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
+        assert matches_eager(got, want), k
+    assert comps.model._made.n == eager.model._made.n == 9
+
+
+def _x_state():
+    state = PipelineState()
+    state.set("x", torch.ones(2))
+    state.set("num_steps", 3)
+    return state
+
+
 # -- 5. components the blocks use but do not declare ---------------------------------------------------------------
 class Counter:
     def __init__(self):

@@ -23,6 +23,7 @@ from ..pystate.snapshots import (
     TensorSnap,
     describe,
     difference,
+    object_state,
     same,
     tensor_snaps,
 )
@@ -125,6 +126,16 @@ class _Group:
 _call = operator.itemgetter.__call__
 
 
+def read_holds(read: Read, rules: dict[int, TensorRule] | None = None) -> bool:
+    """Whether one read still holds (its value now is its snapshot, or for a read of an attribute the traced call
+    made, ``Read.created``: absent, or that very object in the state the call left it in)."""
+    now = read.current()
+    if read.created is not None and now is not ABSENT:
+        made, state = read.created
+        return now is made and object_state(made) == state
+    return same(now, read.value, rules)
+
+
 class _PerHolder:
     """The reads of atoms, objects and tensor-free containers, one ``itemgetter`` per holder: a module's dozen
     reads (its hook dicts, ``_compiled_call_impl``, ``training``, ``eps``) are fetched in one C call and compared
@@ -134,15 +145,18 @@ class _PerHolder:
     def __init__(self) -> None:
         self.reads: dict[int, list[Read]] = {}
         self.absent: list[Read] = []
+        self.created: list[Read] = []  # absent, or the object the traced call made there, unchanged
 
     def add(self, read: Read) -> None:
-        if read.value is ABSENT and isinstance(read.holder, dict):
+        if read.value is ABSENT and read.created is not None:
+            self.created.append(read)
+        elif read.value is ABSENT and isinstance(read.holder, dict):
             self.absent.append(read)
         else:
             self.reads.setdefault(id(read.holder), []).append(read)
 
     def __len__(self) -> int:
-        return sum(map(len, self.reads.values())) + len(self.absent)
+        return sum(map(len, self.reads.values())) + len(self.absent) + len(self.created)
 
     def freeze(self) -> None:
         self.holders = [reads[0].holder for reads in self.reads.values()]
@@ -155,6 +169,8 @@ class _PerHolder:
 
     def holds(self, rules: dict[int, TensorRule]) -> bool:
         if any(map(dict.__contains__, self.absent_holders, self.absent_keys)):
+            return False
+        if self.created and not all(map(read_holds, self.created)):
             return False
         try:
             if list(map(_call, self.getters, self.holders)) == self.expected:
@@ -318,7 +334,11 @@ class StateGuard:
                 return s.misfit(s.read.current())
         for r in self.reads:
             now = r.current()
-            if not same(now, r.value, self.rules):
+            if r.created is not None and now is not ABSENT and not read_holds(r):
+                if now is r.created[0]:
+                    return f"{r.path} holds the object the traced call made there, changed since"
+                return f"{r.path} is {describe(now)}; the traced call found it absent and set another object"
+            if not read_holds(r, self.rules):
                 where, now, then = difference(now, r.value, self.rules)
                 path = r.path + where
                 if then is ABSENT:

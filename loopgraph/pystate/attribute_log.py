@@ -50,6 +50,7 @@ from .snapshots import (
     ContainerSnap,
     TensorRule,
     copy_value,
+    object_state,
     same,
     snapshot,
     walk_tensors,
@@ -76,6 +77,8 @@ class Read:
     value: Any          # a snapshot (see ``snapshot``), ABSENT when the attribute was not there
     path: str           # for messages: "components.denoiser.blocks.0.scaling"
     owner_key: str | None = None  # a module container's name in obj.__dict__ ("_parameters"); else None
+    created: tuple[Any, Any] | None = None  # read absent, then set by the call to an object it made and left as
+                                             # it was when set: (that object, its ``object_state``); see ``finish``
 
     def current(self) -> Any:
         """The value now, in the same place."""
@@ -131,6 +134,7 @@ class Recording:
         self.busy = False
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
+        self.created: dict[tuple[int, str], tuple[Any, Any]] = {}  # see ``_note_created``
         self.handled: set[tuple] = set()  # (id, name) reads already logged or not to log: the hooks' fast exit
         self._patcher: Patcher | None = None
         self._wrapper: Any = None  # the root named "wrapper": the changer of a global no block changed
@@ -238,7 +242,20 @@ class Recording:
         write = self.writes.get((oid, name))
         if write is None:
             write = self.writes[(oid, name)] = Write(obj, name, f"{self.paths[oid]}.{name}")
+            self._note_created(obj, name)
         write.events.append((self.step, self.block))
+
+    def _note_created(self, obj: Any, name: str) -> None:
+        """The first write of an attribute read absent (a lazily made registry, cache or helper): the object
+        written and its state then, to tell at the end whether the call only made it and left it as it was."""
+        attrs = _own_dict(obj)
+        read = self.reads.get((id(attrs), name)) if attrs is not None else None
+        value = attrs.get(name, ABSENT) if attrs is not None else ABSENT
+        if (read is None or read.value is not ABSENT or value is ABSENT or type(value) in ATOM_TYPES
+                or id(value) in self.objects):  # an atom, or an object the call found rather than made
+            return
+        with self.paused():
+            self.created[(id(obj), name)] = (value, object_state(value))
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -380,10 +397,33 @@ class Recording:
                 else:
                     originals.append(r.current())
                     self.end.append((r.obj, r.key, copy_value(originals[-1])))
+        self._settle_created()
         self.kept = originals  # the values themselves
         self.present = {id(t) for value in originals for t in walk_tensors(value)}
         self.stable = [r for key, r in self.reads.items()
                        if key not in changed and (id(r.obj), r.key) not in self.writes]
+
+
+    def _settle_created(self) -> None:
+        """Reads of an attribute the call found absent, then set to an object it made (``_note_created``) and left
+        as it was when set: a later call finds either no attribute (as traced) or that very object, unchanged,
+        and both run the same code (``if not hasattr(model, "_registry"): model._registry = Registry()``, diffusers'
+        hook registry made by ``cache_context``). Such reads accept both (``Read.created``) instead of making the
+        second call trace again; an object the call changed after setting it (a counter) is not one of them."""
+        with self.paused():
+            for (oid, name), (value, state) in self.created.items():
+                obj = self.objects[oid]
+                attrs = _own_dict(obj)
+                read = self.reads.get((id(attrs), name))
+                if (read is not None and attrs.get(name, ABSENT) is value and object_state(value) == state):
+                    read.created = (value, state)
+
+
+def _own_dict(obj: Any) -> dict | None:
+    try:
+        return object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return None
 
 
 def _global_key(owner: Any, holder: dict | None, key: str) -> tuple:

@@ -19,7 +19,7 @@ import torch
 from ..modular_pipelines.state import _atoms_only
 
 __all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorRule", "TensorSnap", "copy_value", "describe", "difference",
-           "same", "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
+           "object_state", "same", "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
 
 ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
          torch.layout)
@@ -225,6 +225,28 @@ def copy_value(value: Any) -> Any:
         except Exception:  # a container that cannot be rebuilt: the object itself
             return value
     return value
+
+
+def object_state(value: Any, depth: int = 0, seen: frozenset = frozenset()) -> Any:
+    """A comparable picture of an object's state, its attributes' and its containers' (to ``MAX_DEPTH``): atoms by
+    type and value, tensors, modules, code and objects already on the path by identity. Two pictures are ``==``
+    when nothing in the object changed that its code could see."""
+    if type(value) in ATOM_TYPES:
+        return (type(value), value)
+    if (isinstance(value, (torch.Tensor, torch.nn.Module, *OPAQUE_LEAVES)) or depth >= MAX_DEPTH
+            or id(value) in seen):
+        return ("is", id(value))
+    seen = seen | {id(value)}
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(object_state(v, depth + 1, seen) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((k, object_state(v, depth + 1, seen)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(value))
+    attrs = getattr(value, "__dict__", None)
+    if not isinstance(attrs, dict):
+        return ("is", id(value))
+    return (type(value), id(value), tuple((k, object_state(v, depth + 1, seen)) for k, v in attrs.items()))
 
 
 def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
