@@ -150,6 +150,7 @@ class Planner:
         resolved = config.resolve(device)
         needed = set(trace.initial_slots) | {o.name for o in self.ctx.wrapper.intermediate_outputs} | set(
             trace.final_components)
+        needed |= {slot for name in needed & set(trace.containers) for _, slot in trace.containers[name].items(name)}
         given = PassInput(trace, needed, device, self.literals, self.lifts)
         try:
             plan.loop, records = run_passes(given, passes_for(resolved.fused_kernels))

@@ -280,8 +280,13 @@ def write_back(ctx: Context, trace: LoopTrace, components, state, block_state: B
     tensor where eager updated it in place), or the very objects eager segments left (``segmented``)."""
     final = BlockState()
     given = vars(block_state)
+    items = {slot for name, c in trace.containers.items() for _, slot in c.items(name)}
     for name, traced in trace.final_slots.items():
-        if name in computed:
+        if name in items:  # a container's item: the container is put back together instead
+            continue
+        if name in trace.containers and name not in computed:
+            final[name] = trace.containers[name].rebuild(name, computed)
+        elif name in computed:
             value = computed[name]
             original = given.get(name)
             if not segmented and name in trace.inplace_slots and isinstance(original, torch.Tensor):

@@ -175,6 +175,28 @@ class StepTrace:
 
 
 @dataclass(frozen=True)
+class Container:
+    """A BlockState slot holding a flat list, tuple or dict of loop tensors (z_image's ``latent_model_input``, one
+    tensor per image): the loop carries each item as a slot of its own (``item_slot``), and a compiled call puts
+    the container back together from them (``rebuild``)."""
+
+    type: type
+    keys: tuple
+
+    @staticmethod
+    def item_slot(name: str, key: Any) -> str:
+        return f"{name}[{key!r}]"
+
+    def items(self, name: str) -> list[tuple[Any, str]]:
+        return [(k, self.item_slot(name, k)) for k in self.keys]
+
+    def rebuild(self, name: str, values: dict[str, Any]) -> Any:
+        if issubclass(self.type, dict):
+            return self.type((k, values[slot]) for k, slot in self.items(name))
+        return self.type(values[slot] for _, slot in self.items(name))
+
+
+@dataclass(frozen=True)
 class LoopTrace:
     """Everything one real run of the wrapper showed. Frozen: a pass returns a new one (``dataclasses.replace``)."""
 
@@ -196,6 +218,8 @@ class LoopTrace:
     usage: TensorUse | None = None   # how the call used the tensors it met (the guards' tensor rules)
     components: Any = None           # the components object the call was made with
     floats: list[Source] = field(default_factory=list)  # the floats it read, traced (trace/floats.py)
+    containers: dict[str, Container] = field(default_factory=dict)  # slots holding a list/tuple/dict of loop
+                                                                     # tensors: each item is a slot "name[k]"
 
     @property
     def lifted(self) -> list[Source]:

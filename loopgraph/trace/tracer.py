@@ -32,6 +32,7 @@ from ..rng import CounterDraws
 from .floats import Lifts, SourceKind, TracedFloat, floats_in, plain
 from .ir import (
     ComponentSlot,
+    Container,
     Cut,
     LoopTrace,
     ProblemKind,
@@ -151,6 +152,7 @@ class Tracer:
         self.final: dict[str, Any] | None = None        # the BlockState after the last step (or set after the loop)
         self.final_components: dict[str, torch.Tensor] = {}  # loop tensors the components hold after a step
         self.progress = False                           # the wrapper opened its progress bar
+        self.containers: dict[str, Container] = {}      # slots holding a list (tuple, dict) of loop tensors
         self._intercept: _Intercept | None = None
 
     def trace(self, components, state) -> tuple[LoopTrace, Any]:
@@ -311,13 +313,12 @@ class Tracer:
 
     def _finish_step(self, step: StepTrace, block_state, objects) -> None:
         recorder = self.recorder
-        for name in _loop_tensors_in_containers(block_state, recorder):
-            self._wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(block_state[name]).__name__} "
-                                  f"(the compiled loop carries tensors, not containers of them)")
         for name, value in vars(block_state).items():
             node = recorder.node_of(value)
             if node is not None:
                 step.outputs[name] = node
+        for name in _loop_tensors_in_containers(block_state, recorder):
+            self._flatten(step, name, block_state[name])
         self.final_components = {}
         for name, (path, value) in component_tensors(objects).items():
             node = recorder.node_of(value)
@@ -329,10 +330,29 @@ class Tracer:
         self.final = dict(vars(block_state))
 
     # -- after the call --------------------------------------------------------------------------------------------
+    def _flatten(self, step: StepTrace, name: str, value: Any) -> None:
+        """A slot holding a list, tuple or dict of loop tensors: each tensor is a step output of its own (slot
+        ``name[k]``); the same structure every step, tensors only, or the loop falls back."""
+        keys = tuple(value) if isinstance(value, dict) else tuple(range(len(value)))
+        container = Container(type(value), keys)
+        items = [value[k] for k in keys]
+        nodes = [self.recorder.node_of(t) if isinstance(t, torch.Tensor) else None for t in items]
+        known = self.containers.setdefault(name, container)
+        if known != container or any(n is None for n in nodes):
+            why = "whose structure changes between steps" if known != container else "beside other values"
+            self._wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(value).__name__} {why} (the "
+                                  f"compiled loop carries tensors, and flat containers of tensors)")
+            return
+        for (_, slot), node in zip(container.items(name), nodes):
+            step.outputs[slot] = node
+
     def _loop_trace(self, components) -> LoopTrace:
         recorder, python = self.recorder, self.python
         initial = self.initial or {}
         final = _settle_floats(python, self.final or {})
+        for name, container in self.containers.items():
+            if name in final:
+                final.update({slot: final[name][k] for k, slot in container.items(name)})
         draws = recorder.draws
         seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
                                           for key, (name, value) in draws.seeds.items()}
@@ -364,7 +384,7 @@ class Tracer:
                          final_components=self.final_components, rng_before=self.rng_states, seeds=seeds,
                          progress=self.progress, python=python.log(),
                          usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
-                         components=components, floats=self.lifts.sources)
+                         components=components, floats=self.lifts.sources, containers=self.containers)
 
 
 def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
