@@ -45,7 +45,9 @@ class FamilyRecipe:
     components: dict[str, Any]
     inputs: dict[str, Any]                      # user inputs of the core step (not num_inference_steps)
     generator_input: str | None = "generator"   # the input given a fresh seeded torch.Generator per call
-    steps_input: str = "num_inference_steps"
+    steps_input: str | None = "num_inference_steps"  # None: the family takes no step count (see per_steps)
+    per_steps: Callable[[int], dict[str, Any]] | None = None  # inputs that depend on N (a schedule of N values)
+    kwargs_types: dict[str, str] = field(default_factory=dict)  # input -> kwargs type (``denoiser_input_fields``)
 
 
 def _is_loop_wrapper(block: Any) -> bool:
@@ -72,13 +74,20 @@ class FamilySetup:
     steps: int
     seed: int
     generator_input: str | None = "generator"
-    steps_input: str = "num_inference_steps"
+    steps_input: str | None = "num_inference_steps"
+    per_steps: Callable[[int], dict[str, Any]] | None = None
+    kwargs_types: dict[str, str] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def call_inputs(self, steps: int | None = None) -> dict[str, Any]:
-        """The keyword arguments of one pipeline call: the inputs, the step count, a fresh seeded generator."""
+        """The inputs of one pipeline call: the inputs, the step count (and what depends on it), a fresh seeded
+        generator."""
+        steps = self.steps if steps is None else steps
         kwargs = dict(self.inputs)
-        kwargs[self.steps_input] = self.steps if steps is None else steps
+        if self.steps_input is not None:
+            kwargs[self.steps_input] = steps
+        if self.per_steps is not None:
+            kwargs.update(self.per_steps(steps))
         if self.generator_input is not None:
             kwargs[self.generator_input] = torch.Generator().manual_seed(self.seed)
         return kwargs
@@ -89,6 +98,9 @@ class FamilySetup:
 
         state = PipelineState()
         given = self.call_inputs(steps)
+        for name, kind in self.kwargs_types.items():  # a kwargs-type bag's entries, as ModularPipeline tags them
+            if name in given:
+                state.set(name, given.pop(name), kind)
         for param in self.core.inputs:
             if param.name in given:
                 state.set(param.name, given.pop(param.name), param.kwargs_type)
@@ -154,4 +166,5 @@ def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool =
     components.update_components(**recipe.components)
     return FamilySetup(family=family, core=core, wrapper=wrapper, loop_name=loop_name, before=before,
                        after=after, components=components, inputs=recipe.inputs, steps=steps, seed=seed,
-                       generator_input=recipe.generator_input, steps_input=recipe.steps_input)
+                       generator_input=recipe.generator_input, steps_input=recipe.steps_input,
+                       per_steps=recipe.per_steps, kwargs_types=dict(recipe.kwargs_types))

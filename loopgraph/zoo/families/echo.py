@@ -20,9 +20,11 @@ def recipe(seed: int, gen: torch.Generator) -> FamilyRecipe:
         caption_channels=16, rope_double_precision=False,
     ))
     return FamilyRecipe(
-        # no scheduler, no guider: the loop re-noises with the generator along `sigmas` (default: the checkpoint's
-        # 8-step DMD list); Echo takes no step count, so the setup's num_inference_steps is an unused extra
+        # no scheduler, no guider: the loop re-noises with the generator along `sigmas`; Echo takes no step count,
+        # N steps are N + 1 sigmas from 1 down to 0
         core=EchoDenoiseStep(),
+        steps_input=None,
+        per_steps=lambda steps: {"sigmas": [1.0 - k / steps for k in range(steps)] + [0.0]},
         components={"transformer": transformer},
         inputs={
             "connector_prompt_embeds": torch.randn(1, 7, 16, generator=gen),

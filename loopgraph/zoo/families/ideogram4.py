@@ -12,8 +12,7 @@ def guidance_schedule(steps: int) -> list[float]:
     """diffusers' default schedule ``(7.0,) * 45 + (3.0,) * 3`` for 48 steps, at ``steps`` steps.
 
     The core step's ``guidance_schedule`` input must have length ``num_inference_steps`` (Ideogram4SetTimestepsStep
-    raises otherwise), and a ``FamilyRecipe``'s inputs do not depend on the step count: the caller sets
-    ``setup.inputs["guidance_schedule"] = guidance_schedule(n)`` before running at ``n`` steps.
+    raises otherwise): the recipe's ``per_steps``.
     """
     return [7.0] * max(steps - 3, 0) + [3.0] * min(steps, 3)
 
@@ -37,4 +36,5 @@ def recipe(seed: int, gen: torch.Generator) -> FamilyRecipe:
             "text_lengths": [7],
             "height": 64, "width": 64,   # vae scale factor 8, patch 2, no vae: 4x4 packed tokens of 4 ch x 2x2
         },
+        per_steps=lambda steps: {"guidance_schedule": guidance_schedule(steps)},
     )
