@@ -1,6 +1,7 @@
 """Loops, blocks and helpers that several test modules share (a test module imports from here, never from
 another test module: tests/test_source_tree.py checks it)."""
 
+import copy
 import types
 import warnings
 
@@ -8,6 +9,7 @@ import torch
 
 from loopgraph import InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, PipelineState
 from loopgraph.backend.lower import run_step
+from loopgraph.compile import matches_eager
 
 
 # -- the seed document's loop (Python ints, in-place tensor updates) ---------------------------------------------------
@@ -224,3 +226,39 @@ def make_block(name, inputs=(), outputs=(), fn=None, components=(), configs=()):
 # -- the CUDA whole-loop graph's steps, uncompiled (run on CPU) --------------------------------------------------------
 def uncompiled_step(module, whole_tables):
     return lambda carried, invariants, tables, i: run_step(module, whole_tables, carried, invariants, tables, i)
+
+
+# -- diffusers loops: the scheduler's and guider's Python state, compared with eager's ----------------------------------
+def python_state(setup) -> dict:
+    """Deep copies of the scheduler's and guider's instance attributes."""
+    comps = setup.components
+    return {name: copy.deepcopy(vars(getattr(comps, name))) for name in ("scheduler", "guider")
+            if getattr(comps, name, None) is not None}
+
+
+def assert_same(got, expected, path="state", depth=0):
+    """Equal structure; tensors allclose (fp32 tolerance), numpy arrays equal, other objects attribute by attribute
+    (a scheduler deep-copied per call), generators skipped, everything else ==."""
+    if isinstance(expected, torch.Generator):
+        return
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.shape == expected.shape, path
+        assert matches_eager(got, expected), f"{path}: max abs diff {(got - expected).abs().max():.3g}"
+    elif type(expected).__module__ == "numpy" and hasattr(expected, "shape"):
+        import numpy as np
+        assert np.array_equal(got, expected), path
+    elif isinstance(expected, (list, tuple)):
+        assert type(got) is type(expected) and len(got) == len(expected), path
+        for k, (a, b) in enumerate(zip(got, expected)):
+            assert_same(a, b, f"{path}[{k}]", depth)
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), path
+        for k in expected:
+            assert_same(got[k], expected[k], f"{path}.{k}", depth)
+    elif (hasattr(expected, "__dict__") and not isinstance(expected, (type, types.FunctionType, types.MethodType,
+                                                                        torch.nn.Module)) and got is not expected):
+        assert type(got) is type(expected), f"{path}: {type(got)} != {type(expected)}"
+        if depth < 3:
+            assert_same(vars(got), vars(expected), path, depth + 1)
+    else:
+        assert got == expected, f"{path}: {got!r} != {expected!r}"

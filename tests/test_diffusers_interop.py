@@ -22,35 +22,13 @@ from loopgraph.bench.measure import count_python_calls
 from loopgraph.compile import matches_eager
 from loopgraph.runtime import executables
 
+from .helpers import assert_same, python_state
+
 needs_diffusers = pytest.mark.skipif(
     importlib.util.find_spec("diffusers") is None,
     reason="diffusers is not installed (pip install loopgraph[diffusers]; `make test` installs it)",
 )
 LOOPS = ["sdxl", "flux", "wan", "qwenimage"]
-
-
-def python_state(setup) -> dict:
-    """Deep copies of the scheduler's and guider's instance attributes."""
-    comps = setup.components
-    return {name: copy.deepcopy(vars(getattr(comps, name))) for name in ("scheduler", "guider")
-            if getattr(comps, name, None) is not None}
-
-
-def assert_same(got, expected, path="state"):
-    """Equal structure; tensors allclose (fp32 tolerance), everything else ==."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(got, torch.Tensor) and got.shape == expected.shape, path
-        assert matches_eager(got, expected), f"{path}: max abs diff {(got - expected).abs().max():.3g}"
-    elif isinstance(expected, (list, tuple)):
-        assert type(got) is type(expected) and len(got) == len(expected), path
-        for k, (a, b) in enumerate(zip(got, expected)):
-            assert_same(a, b, f"{path}[{k}]")
-    elif isinstance(expected, dict):
-        assert got.keys() == expected.keys(), path
-        for k in expected:
-            assert_same(got[k], expected[k], f"{path}.{k}")
-    else:
-        assert got == expected, f"{path}: {got!r} != {expected!r}"
 
 
 def eager_reference(setup):

@@ -128,11 +128,11 @@ _call = operator.itemgetter.__call__
 
 def read_holds(read: Read, rules: dict[int, TensorRule] | None = None) -> bool:
     """Whether one read still holds (its value now is its snapshot, or for a read of an attribute the traced call
-    made, ``Read.created``: absent, or that very object in the state the call left it in)."""
+    made, ``Read.created``: as traced, or that very object (a container in the state the call left it in))."""
     now = read.current()
-    if read.created is not None and now is not ABSENT:
+    if read.created is not None and now is read.created[0]:
         made, state = read.created
-        return now is made and object_state(made) == state
+        return state is None or object_state(made) == state
     return same(now, read.value, rules)
 
 
@@ -148,7 +148,7 @@ class _PerHolder:
         self.created: list[Read] = []  # absent, or the object the traced call made there, unchanged
 
     def add(self, read: Read) -> None:
-        if read.value is ABSENT and read.created is not None:
+        if read.created is not None:
             self.created.append(read)
         elif read.value is ABSENT and isinstance(read.holder, dict):
             self.absent.append(read)
@@ -334,10 +334,8 @@ class StateGuard:
                 return s.misfit(s.read.current())
         for r in self.reads:
             now = r.current()
-            if r.created is not None and now is not ABSENT and not read_holds(r):
-                if now is r.created[0]:
-                    return f"{r.path} holds the object the traced call made there, changed since"
-                return f"{r.path} is {describe(now)}; the traced call found it absent and set another object"
+            if r.created is not None and now is r.created[0] and not read_holds(r):
+                return f"{r.path} holds the object the traced call made there, changed since"
             if not read_holds(r, self.rules):
                 where, now, then = difference(now, r.value, self.rules)
                 path = r.path + where

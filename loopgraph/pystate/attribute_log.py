@@ -77,8 +77,8 @@ class Read:
     value: Any          # a snapshot (see ``snapshot``), ABSENT when the attribute was not there
     path: str           # for messages: "components.denoiser.blocks.0.scaling"
     owner_key: str | None = None  # a module container's name in obj.__dict__ ("_parameters"); else None
-    created: tuple[Any, Any] | None = None  # read absent, then set by the call to an object it made and left as
-                                             # it was when set: (that object, its ``object_state``); see ``finish``
+    created: tuple[Any, Any] | None = None  # read absent or None, then set by the call to an object it made:
+                                             # (that object, a container's ``object_state``); ``_settle_created``
 
     def current(self) -> Any:
         """The value now, in the same place."""
@@ -115,6 +115,11 @@ class AttributeLog:
     stable: list[Read]
     present: set[int]
     paths: dict[int, str]
+    made: frozenset[tuple[int, str]] = frozenset()  # (id, name): set to an object the call made (Read.created)
+
+    def replay(self, obj: Any, name: str, value: Any) -> Any:
+        """The value to put back in ``obj.name``: a copy of ``value``, or the very object the call made there."""
+        return value if (id(obj), name) in self.made else copy_value(value)
 
 
 class Recording:
@@ -134,7 +139,8 @@ class Recording:
         self.busy = False
         self.thread = threading.get_ident()
         self._written: set[tuple[int, str]] = set()
-        self.created: dict[tuple[int, str], tuple[Any, Any]] = {}  # see ``_note_created``
+        self.created: dict[tuple[int, str], tuple[Any, Any] | None] = {}  # see ``_note_created``
+        self.made: set[tuple[int, str]] = set()                          # see ``_settle_created``
         self.handled: set[tuple] = set()  # (id, name) reads already logged or not to log: the hooks' fast exit
         self._patcher: Patcher | None = None
         self._wrapper: Any = None  # the root named "wrapper": the changer of a global no block changed
@@ -242,20 +248,32 @@ class Recording:
         write = self.writes.get((oid, name))
         if write is None:
             write = self.writes[(oid, name)] = Write(obj, name, f"{self.paths[oid]}.{name}")
-            self._note_created(obj, name)
+        self._note_created(obj, name)
         write.events.append((self.step, self.block))
 
     def _note_created(self, obj: Any, name: str) -> None:
-        """The first write of an attribute read absent (a lazily made registry, cache or helper): the object
-        written and its state then, to tell at the end whether the call only made it and left it as it was."""
+        """A write of an attribute read absent or None: a lazily made registry, cache or helper when the call sets
+        it once to an object it made (after None, maybe). That object is watched from then on (what the call reads
+        of it is guarded, what it writes is replayed); a container's state is noted, to tell at the end whether
+        the call changed it. Any other write (a second object, a number) rules the attribute out."""
         attrs = _own_dict(obj)
         read = self.reads.get((id(attrs), name)) if attrs is not None else None
-        value = attrs.get(name, ABSENT) if attrs is not None else ABSENT
-        if (read is None or read.value is not ABSENT or value is ABSENT or type(value) in ATOM_TYPES
-                or id(value) in self.objects):  # an atom, or an object the call found rather than made
+        key = (id(obj), name)
+        if read is None or (read.value is not ABSENT and read.value is not None) or self.created.get(key, 0) is None:
+            return
+        value = attrs.get(name, ABSENT)
+        if value is None:
+            return
+        if (key in self.created or value is ABSENT or type(value) in ATOM_TYPES
+                or isinstance(value, (torch.Tensor, *OPAQUE_LEAVES)) or id(value) in self.objects):
+            self.created[key] = None  # set again, deleted, or to a number, a tensor, code or an object it found
             return
         with self.paused():
-            self.created[(id(obj), name)] = (value, object_state(value))
+            if isinstance(value, (list, tuple, dict)):
+                self.created[key] = (value, object_state(value))
+            else:
+                self.created[key] = (value, None)
+                self.watch(value, f"{self.paths[id(obj)]}.{name}")
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -368,7 +386,8 @@ class Recording:
 
     def log(self) -> AttributeLog:
         """The result, once ``finish`` ran (and the tracer settled the floats in ``end``)."""
-        return AttributeLog(self.reads, self.writes, list(self.end), self.stable, self.present, self.paths)
+        return AttributeLog(self.reads, self.writes, list(self.end), self.stable, self.present, self.paths,
+                            frozenset(self.made))
 
     def finish(self, blocks: dict[str, Any]) -> None:
         """At the end of the call: ``end``, each attribute the call wrote or changed in place, as it left it
@@ -405,19 +424,26 @@ class Recording:
 
 
     def _settle_created(self) -> None:
-        """Reads of an attribute the call found absent, then set to an object it made (``_note_created``) and left
-        as it was when set: a later call finds either no attribute (as traced) or that very object, unchanged,
-        and both run the same code (``if not hasattr(model, "_registry"): model._registry = Registry()``, diffusers'
-        hook registry made by ``cache_context``). Such reads accept both (``Read.created``) instead of making the
-        second call trace again; an object the call changed after setting it (a counter) is not one of them."""
+        """Reads of an attribute the call found absent (or None), then set to an object it made and still held at
+        the end (``_note_created``): a later call finds either what the trace found or that very object, and
+        both run the same code (``if not hasattr(model, "_registry"): model._registry = Registry()``, diffusers'
+        hook registry made by ``cache_context``; a rope cache filled on first use). Such reads accept both
+        (``Read.created``) instead of making the second call trace again: an object as its own reads are guarded,
+        a container unchanged since it was set. The end value replayed is the object itself."""
         with self.paused():
-            for (oid, name), (value, state) in self.created.items():
+            for (oid, name), made in self.created.items():
+                if made is None:
+                    continue
+                value, state = made
                 obj = self.objects[oid]
                 attrs = _own_dict(obj)
                 read = self.reads.get((id(attrs), name))
-                if (read is not None and attrs.get(name, ABSENT) is value and object_state(value) == state):
+                if read is None or attrs.get(name, ABSENT) is not value:
+                    continue
+                if state is None or object_state(value) == state:
                     read.created = (value, state)
-
+                    self.made.add((oid, name))
+                    self.end = [(o, n, value if o is obj and n == name else v) for o, n, v in self.end]
 
 def _own_dict(obj: Any) -> dict | None:
     try:

@@ -20,7 +20,6 @@ from ..pystate.components import (
     set_attribute,
     value_of,
 )
-from ..pystate.snapshots import copy_value
 from ..rng import CounterDraws, draw_seeds
 from ..trace.ir import LoopTrace
 from ..verify import check_slots
@@ -108,7 +107,7 @@ class EagerSegments:
                 # call's loop tensors (a scheduler's history)
                 for key in self.restores.get((i, name), ()):
                     obj, attr, value = cut.python[key]
-                    set_attribute(obj, attr, copy_value(value))
+                    set_attribute(obj, attr, trace.python.replay(obj, attr, value))
                 for slot, (path, _, _) in cut.held.items():
                     put(components, path, env[slot])
                 with drawing(self.ctx.config, draws, i, cut.draws):

@@ -30,7 +30,6 @@ from ..modular_pipelines.state import BlockState
 from ..passes.loop_plan import LoopPlan
 from ..passes.step_tables import gather
 from ..pystate.components import put, set_attribute
-from ..pystate.snapshots import copy_value
 from ..rng import CounterDraws, CounterMode, draw_seeds, eager_loop
 from ..trace.ir import LoopTrace
 from ..verify import check_slots
@@ -303,7 +302,7 @@ def write_back(ctx: Context, trace: LoopTrace, components, state, block_state: B
         else:
             final[name] = traced.clone() if isinstance(traced, torch.Tensor) else copy.deepcopy(traced)
     for obj, name, value in trace.python.end:  # every attribute the traced call wrote, as it left it
-        set_attribute(obj, name, copy_value(value))
+        set_attribute(obj, name, trace.python.replay(obj, name, value))
     for name in trace.final_components:  # the loop's own tensors, not the traced run's
         put(components, trace.component_slots[name].path, computed[name])
     ctx.wrapper.set_block_state(state, final)

@@ -20,7 +20,7 @@ import torch
 
 from .diffusers_loops import _require_diffusers
 
-__all__ = ["FAMILIES", "FamilyRecipe", "FamilySetup", "build_family", "seeded"]
+__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "coverage", "seeded"]
 
 # family -> its loop as diffusers names it; recipes live in loopgraph/zoo/families/<family>.py
 FAMILIES: tuple[str, ...] = (
@@ -168,3 +168,89 @@ def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool =
                        after=after, components=components, inputs=recipe.inputs, steps=steps, seed=seed,
                        generator_input=recipe.generator_input, steps_input=recipe.steps_input,
                        per_steps=recipe.per_steps, kwargs_types=dict(recipe.kwargs_types))
+
+
+# -- coverage: how compile_loop runs each family ------------------------------------------------------------------------
+TABLE_BEGIN, TABLE_END = "<!-- families: begin (python -m loopgraph.zoo.diffusers_families --write FILE) -->", \
+    "<!-- families: end -->"
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """One row of the coverage table: how ``compile_loop`` runs a family's loop, and why when not whole."""
+
+    family: str
+    core: str       # the core denoise step's class
+    loop: str       # its loop wrapper's class
+    runs_as: str    # "whole loop on state buffers", "eager segments", "eager"
+    why: str        # "" when whole and planned once per N; else what keeps it from that
+
+    def markdown(self) -> str:
+        return f"| {self.family} | `{self.core}` → `{self.loop}` | {self.runs_as} | {self.why or '—'} |"
+
+
+def _short(text: str) -> str:
+    """Paths made machine-independent: ``.../site-packages/diffusers/x.py`` -> ``diffusers/x.py``."""
+    import re
+
+    return re.sub(r"/\S*/site-packages/", "", text).replace("|", "\\|")
+
+
+def coverage(family: str, *, steps: int = 3, **options) -> tuple[Coverage, Any, FamilySetup]:
+    """Compile ``family``'s loop (``options`` as for ``compile_loop``; backend "eager" unless given), call it twice
+    and say how it ran. Returns the row, the compiled loop and the setup."""
+    from ..compile import compile_loop
+
+    setup = build_family(family, steps=steps)
+    fast = compile_loop(setup.wrapper, **{"backend": "eager", **options})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            setup.run(fast)
+    plan = fast.last_plan
+    why = sorted({_short(p) for p in plan.problems})
+    if fast.stats.plans > 1:
+        why.insert(0, "plans again on call 2: " + _short("; ".join(fast._plans.misses)))
+    row = Coverage(family, type(setup.core).__name__, type(setup.wrapper).__name__, plan.kind, "; ".join(why))
+    return row, fast, setup
+
+
+def coverage_table(rows: list[Coverage]) -> str:
+    head = ["| family | core denoise step → loop wrapper | runs as | why not a whole compiled loop |",
+            "|---|---|---|---|"]
+    return "\n".join([TABLE_BEGIN, *head, *(r.markdown() for r in rows), TABLE_END])
+
+
+def table_rows(text: str) -> dict[str, str]:
+    """The rows of the coverage table in ``text`` (a markdown page), by family."""
+    body = text.split(TABLE_BEGIN, 1)[1].split(TABLE_END, 1)[0]
+    return {line.split("|")[1].strip(): line for line in body.strip().splitlines()[2:]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description="How compile_loop runs each diffusers family (backend eager).")
+    parser.add_argument("families", nargs="*", default=list(FAMILIES))
+    parser.add_argument("--write", metavar="FILE", help="replace the table between the markers in FILE")
+    args = parser.parse_args(argv)
+    rows = []
+    for family in args.families:
+        rows.append(coverage(family)[0])
+        print(rows[-1].markdown(), flush=True)
+    if args.write:
+        path = Path(args.write)
+        text = path.read_text()
+        before, rest = text.split(TABLE_BEGIN, 1)
+        old = table_rows(text)
+        old.update({r.family: r.markdown() for r in rows})
+        new_rows = [old[f] for f in FAMILIES if f in old]
+        head = coverage_table([]).splitlines()[1:3]
+        path.write_text(before + "\n".join([TABLE_BEGIN, *head, *new_rows, TABLE_END]) + rest.split(TABLE_END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()
