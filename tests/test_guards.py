@@ -317,6 +317,11 @@ class LazyMade(XBlock):
     def __call__(self, components, block_state, i: int):
         type(self).runs += 1
         model = components.model
+        if self.kind == "history":  # a list made anew every step: state the next call starts from, not a cache
+            previous = getattr(model, "previous", None)
+            model.previous = [i]
+            block_state.x = model(block_state.x) * (1.0 + (previous[0] if previous is not None else 5.0))
+            return components, block_state
         if self.kind == "cache":  # a rope table made on first use, in an attribute that was None
             if getattr(model, "table", None) is None:
                 model.table = [torch.linspace(0.5, 1.5, 2), torch.ones(2)]
@@ -380,8 +385,11 @@ def test_4_the_made_object_changed_or_gone_later_runs_as_eager_runs_it():
         assert matches_eager(got, want), k
 
 
-def test_4_an_object_made_by_the_traced_call_and_changed_after_is_guarded_as_before():
-    loop = lazy_loop("tally")  # the helper counts calls: call 2 must see n=1 and make it 2, as eager does
+@pytest.mark.parametrize("kind", ["tally", "history"])
+def test_4_an_object_made_by_the_traced_call_and_changed_after_is_guarded_as_before(kind):
+    # tally: the helper counts calls (call 2 must see n=3 and make it 6, as eager does); history: a list made anew
+    # every step (call 2 starts from the last step's)
+    loop = lazy_loop(kind)
     eager, comps = Components(model=torch.nn.Linear(2, 2)), Components(model=torch.nn.Linear(2, 2))
     comps.model.load_state_dict(eager.model.state_dict())
     fast = compile_loop(loop, backend="eager")
@@ -389,7 +397,10 @@ def test_4_an_object_made_by_the_traced_call_and_changed_after_is_guarded_as_bef
         want = toy_call(loop, eager, x=torch.ones(2)).get("x")
         got = quiet(toy_call, fast, comps, x=torch.ones(2)).get("x")
         assert matches_eager(got, want), k
-    assert comps.model._made.n == eager.model._made.n == 9
+    if kind == "tally":
+        assert comps.model._made.n == eager.model._made.n == 9
+    else:
+        assert comps.model.previous == eager.model.previous == [2]
 
 
 def _x_state():

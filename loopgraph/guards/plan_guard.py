@@ -190,7 +190,7 @@ def plan_guard(trace, lifted: bool = True) -> PlanGuard:
     rules = tensor_rules(reads, usage.used, usage.eager, usage.const, python.present)
     inputs = InputGuard(trace.initial_slots, trace.schedule_inputs,
                         {s.name: s for s in floats if s.kind == SourceKind.INPUT})
-    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes))
+    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes), trace.checks)
 
 
 def stable_guard(trace, guard: PlanGuard) -> StateGuard:
@@ -203,19 +203,22 @@ class PlanGuard:
     """Everything a plan is valid for: the components object, the BlockState inputs and the Python state its
     traced call read."""
 
-    def __init__(self, components: Any, inputs: InputGuard, state: StateGuard) -> None:
+    def __init__(self, components: Any, inputs: InputGuard, state: StateGuard, checks: tuple = ()) -> None:
         self.components, self.inputs, self.state = components, inputs, state
+        self.checks = checks  # data-dependent ops on the inputs, evaluated per call (trace/hoist.py)
 
     def holds(self, components: Any, slots: dict[str, Any]) -> bool:
         """Whether a call with ``components`` and BlockState ``slots`` (and the Python state as it is now) may
         reuse the plan: the fast path, no reasons."""
-        return components is self.components and self.inputs.holds(slots) and self.state.holds()
+        return (components is self.components and self.inputs.holds(slots) and self.state.holds()
+                and all(c.holds(slots) for c in self.checks))
 
     def check(self, components: Any, slots: dict[str, Any]) -> str | None:
         """None when the call may reuse the plan, else why not."""
         if components is not self.components:
             return "another components object than the traced call's"
-        return self.inputs.check(slots) or self.state.check()
+        return (self.inputs.check(slots) or self.state.check()
+                or next((why for c in self.checks if (why := c.check(slots)) is not None), None))
 
     def describe(self) -> str:
         s = self.state
@@ -225,7 +228,9 @@ class PlanGuard:
         floats = len(self.inputs.floats) + len(s.floats)
         return (f"{len(self.inputs.keys)} inputs ({len(self.inputs.data)} data tensors by spec and sharing); "
                 f"{len(s)} attribute reads of {len(s.objects)} objects ({counts}, {len(s.slow)} one by one)"
-                + (f"; {floats} lifted float{'s' if floats > 1 else ''} by type" if floats else ""))
+                + (f"; {floats} lifted float{'s' if floats > 1 else ''} by type" if floats else "")
+                + (f"; {len(self.checks)} data-dependent op{'s' if len(self.checks) > 1 else ''} on inputs by outcome"
+                   if self.checks else ""))
 
 
 class PlanCache:

@@ -255,7 +255,8 @@ class Recording:
         """A write of an attribute read absent or None: a lazily made registry, cache or helper when the call sets
         it once to an object it made (after None, maybe). That object is watched from then on (what the call reads
         of it is guarded, what it writes is replayed); a container's state is noted, to tell at the end whether
-        the call changed it. Any other write (a second object, a number) rules the attribute out."""
+        the call changed it. Any other write (a number, an object it found) rules the attribute out; so do writes
+        in more than one step or block (``_settle_created``: ``self.prev = [x]`` every step is state, not a cache)."""
         attrs = _own_dict(obj)
         read = self.reads.get((id(attrs), name)) if attrs is not None else None
         key = (id(obj), name)
@@ -264,9 +265,9 @@ class Recording:
         value = attrs.get(name, ABSENT)
         if value is None:
             return
-        if (key in self.created or value is ABSENT or type(value) in ATOM_TYPES
-                or isinstance(value, (torch.Tensor, *OPAQUE_LEAVES)) or id(value) in self.objects):
-            self.created[key] = None  # set again, deleted, or to a number, a tensor, code or an object it found
+        if (value is ABSENT or type(value) in ATOM_TYPES or isinstance(value, (torch.Tensor, *OPAQUE_LEAVES))
+                or id(value) in self.objects):
+            self.created[key] = None  # deleted, or set to a number, a tensor, code or an object it found
             return
         with self.paused():
             if isinstance(value, (list, tuple, dict)):
@@ -438,7 +439,8 @@ class Recording:
                 obj = self.objects[oid]
                 attrs = _own_dict(obj)
                 read = self.reads.get((id(attrs), name))
-                if read is None or attrs.get(name, ABSENT) is not value:
+                events = self.writes[(oid, name)].events
+                if read is None or attrs.get(name, ABSENT) is not value or len(set(events)) > 1:
                     continue
                 if state is None or object_state(value) == state:
                     read.created = (value, state)

@@ -220,6 +220,7 @@ class LoopTrace:
     floats: list[Source] = field(default_factory=list)  # the floats it read, traced (trace/floats.py)
     containers: dict[str, Container] = field(default_factory=dict)  # slots holding a list/tuple/dict of loop
                                                                      # tensors: each item is a slot "name[k]"
+    checks: tuple = ()  # data-dependent ops on BlockState inputs no step writes, checked per call (trace/hoist.py)
 
     @property
     def lifted(self) -> list[Source]:

@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..pystate.user_globals import is_engine_file
 from ..rng import COUNTER_OPS, CounterDraws, counter_draw, draw_spec
+from . import hoist
 from .floats import ARITHMETIC, TracedFloat
 from .ir import ProblemKind, StepTrace, Unsupported, func_name
 
@@ -88,6 +89,8 @@ class Recorder(TorchFunctionMode):
         self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
         self._storages: dict[tuple, list[fx.Node]] = {}  # storage of each step input -> its placeholders
         self.recorded = 0  # ops recorded so far (an op given a traced float and not recorded bakes it)
+        self.slots: set[str] = set()  # this step's BlockState placeholders
+        self.hoisted: list[Hoisted] = []  # data-dependent ops on BlockState inputs (trace/hoist.py)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
     def start_step(self, step: StepTrace, slots: dict[str, torch.Tensor],
@@ -97,6 +100,7 @@ class Recorder(TorchFunctionMode):
         self.stale.update({k: t for k, (t, _) in self.taint.items()})
         carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
         self.taint, self._const_ids, self.step, self._storages = {}, {}, step, {}
+        self.slots = set(slots)
         for name, tensor in {**slots, **carried}.items():
             self._placeholder(name, tensor)
         if self.draws is not None:
@@ -212,9 +216,11 @@ class Recorder(TorchFunctionMode):
             self.eager_used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
             return func(*args, **kwargs)
         if name in _DATA_DEPENDENT:
-            self.problem(f"data-dependent Python: `{name}` on a value derived from loop state",
-                         ProblemKind.DATA_DEPENDENT)
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if not self._hoist(func, name, args, kwargs, flat, out):
+                self.problem(f"data-dependent Python: `{name}` on a value derived from loop state",
+                             ProblemKind.DATA_DEPENDENT)
+            return out
         out = func(*args, **kwargs)
         if name in _METADATA and not isinstance(out, torch.Tensor):
             return out
@@ -234,6 +240,26 @@ class Recorder(TorchFunctionMode):
             return out
         self._record(func, name, args, kwargs, out)
         return out
+
+    def _hoist(self, func, name: str, args: tuple, kwargs: dict, flat: list, out: Any) -> bool:
+        """A data-dependent op whose tensors derive from BlockState inputs only: its outcome becomes a constant
+        of the step, checked per call (trace/hoist.py). False when it cannot be (the caller records a problem)."""
+        if self.step is None or not self.in_step or self.step.index < 0 or any(
+                type(v) is TracedFloat or (isinstance(v, torch.Tensor) and self.stale.get(id(v)) is v) for v in flat):
+            return False
+        nodes: list[fx.Node] = []
+        template = hoist.template_of((args, kwargs), self.node_of, nodes)
+        if len(nodes) != sum(self.node_of(v) is not None for v in flat):  # a tensor inside another container
+            return False
+        with torch._C.DisableTorchFunction():
+            try:
+                module, inputs = hoist.extract(self.step.graph, self.step.constants, nodes, self.slots)
+            except hoist.NotHoistable:
+                return False
+            outcome = out.clone() if isinstance(out, torch.Tensor) else out
+        self.hoisted.append(hoist.Hoisted(name, _user_location(), self.block, func, template, module, inputs,
+                                          outcome))
+        return True
 
     def _counter_draw(self, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
         """Draw by the seed policy (rng.py) and record the draw: its seed is a step input, its stream a

@@ -330,6 +330,25 @@ class Tracer:
         self.final = dict(vars(block_state))
 
     # -- after the call --------------------------------------------------------------------------------------------
+    def _settle_hoisted(self) -> tuple:
+        """The data-dependent ops evaluated on BlockState inputs (trace/hoist.py): a check each, kept when no step
+        writes those inputs; otherwise the op is a problem as any data-dependent Python is (its block runs
+        eagerly)."""
+        written = {slot for step in self.steps for slot, node in step.outputs.items()
+                   if node.op != "placeholder" or node.target != slot}
+        checks: dict[tuple, Any] = {}
+        for h in self.recorder.hoisted:
+            if written.isdisjoint(h.inputs):
+                checks.setdefault(h.key(), h)
+                continue
+            problem = Unsupported(f"data-dependent Python: `{h.name}` on a value derived from loop state", h.block,
+                                  h.where, ProblemKind.DATA_DEPENDENT)
+            if self.strict:
+                raise problem
+            if (problem.reason, problem.block) not in {(p.reason, p.block) for p in self.recorder.problems}:
+                self.recorder.problems.append(problem)
+        return tuple(checks.values())
+
     def _flatten(self, step: StepTrace, name: str, value: Any) -> None:
         """A slot holding a list, tuple or dict of loop tensors: each tensor is a step output of its own (slot
         ``name[k]``); the same structure every step, tensors only, or the loop falls back."""
@@ -376,6 +395,7 @@ class Tracer:
                 recorder.problems.append(Unsupported(
                     f"a loop tensor is kept in {python.paths.get(id(obj), type(obj).__name__)}.{name}, outside the "
                     f"BlockState and the components' attributes the loop carries", None, None))
+        checks = self._settle_hoisted()
         return LoopTrace(steps=self.steps, initial_slots=initial,
                          initial_inputs_copy=self.inputs_copy if self.inputs_copy is not None else initial,
                          final_slots=final, tainted_final=tainted_final, inplace_slots=inplace,
@@ -384,7 +404,8 @@ class Tracer:
                          final_components=self.final_components, rng_before=self.rng_states, seeds=seeds,
                          progress=self.progress, python=python.log(),
                          usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
-                         components=components, floats=self.lifts.sources, containers=self.containers)
+                         components=components, floats=self.lifts.sources, containers=self.containers,
+                         checks=checks)
 
 
 def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
