@@ -284,7 +284,9 @@ def write_back(ctx: Context, trace: LoopTrace, components, state, block_state: B
         if name in items:  # a container's item: the container is put back together instead
             continue
         if name in trace.containers and name not in computed:
-            final[name] = trace.containers[name].rebuild(name, computed)
+            if all(slot in computed for _, slot in trace.containers[name].items(name)):
+                final[name] = trace.containers[name].rebuild(name, computed)
+            # else: the step's scratch, which the loop does not write back (its tensors are not computed)
         elif name in computed:
             value = computed[name]
             original = given.get(name)

@@ -80,16 +80,20 @@ def extract(graph: fx.Graph, constants: dict[str, torch.Tensor], nodes: list[fx.
     ``NotHoistable`` when one of those placeholders is not a BlockState slot or an op takes a lifted float."""
     needed: set[fx.Node] = set()
     stack = list(nodes)
+    mutations = [n for n in graph.nodes if n.meta.get("mutates")]  # in-place ops: the graph's order carries them
     while stack:
-        node = stack.pop()
-        if node in needed:
-            continue
-        needed.add(node)
-        if node.op == "placeholder" and node.target not in slots:
-            raise NotHoistable(f"depends on {node.target!r}, which is not a BlockState input")
-        if node.op not in ("placeholder", "get_attr", "call_function", "call_method") or node.meta.get("sources"):
-            raise NotHoistable(f"node {node.name} ({node.op}) cannot be copied out of the step")
-        stack.extend(node.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in needed:
+                continue
+            needed.add(node)
+            if node.op == "placeholder" and node.target not in slots:
+                raise NotHoistable(f"depends on {node.target!r}, which is not a BlockState input")
+            if node.op not in ("placeholder", "get_attr", "call_function", "call_method") or node.meta.get("sources"):
+                raise NotHoistable(f"node {node.name} ({node.op}) cannot be copied out of the step")
+            stack.extend(node.all_input_nodes)
+        # an in-place op on a tensor the value is computed from (``mask[idx] = True``) is part of it too
+        stack = [n for n in mutations if n not in needed and any(a in needed for a in n.all_input_nodes[:1])]
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:

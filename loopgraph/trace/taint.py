@@ -205,6 +205,11 @@ class Recorder(TorchFunctionMode):
             else:
                 self.problem(f"random op `{name}` inside the loop: rng='counter' draws randn, randn_like, rand "
                              f"and rand_like only (eager's generator draws it)", ProblemKind.RANDOM_OP)
+        if tainted and name in ("__getitem__", "__setitem__") and len(args) > 1:
+            index = self._bool_index(args[1])
+            if index is not None:  # `x[mask]` as `x[mask.nonzero(as_tuple=True)]`: shapes a graph can have
+                args = (args[0], index, *args[2:])
+                return self._dispatch(func, args, kwargs, _leaves((args, kwargs), []))
         if not tainted and self.pre_loop and self.step is None and name not in _METADATA and any(
                 isinstance(v, torch.Tensor) and self.pre_loop.get(id(v)) is v for v in flat):
             self.block = None
@@ -240,6 +245,27 @@ class Recorder(TorchFunctionMode):
             return out
         self._record(func, name, args, kwargs, out)
         return out
+
+    def _bool_index(self, index: Any) -> tuple | None:
+        """An index holding boolean masks, with each mask's ``nonzero(as_tuple=True)`` in its place: a mask of
+        BlockState inputs no step writes (or a constant) selects the same positions every step, so the selection
+        has a static size (the mask's positions checked per call, trace/hoist.py). None: no mask, or one computed
+        from loop state."""
+        items = index if type(index) is tuple else (index,)
+        if not any(isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in items):
+            return None
+        converted = []
+        for m in items:
+            if not (isinstance(m, torch.Tensor) and m.dtype == torch.bool):
+                converted.append(m)
+                continue
+            with torch._C.DisableTorchFunction():
+                positions = m.nonzero(as_tuple=True)
+            if self.node_of(m) is not None and not self._hoist(torch.Tensor.nonzero, "nonzero", (m,),
+                                                                {"as_tuple": True}, [m], positions):
+                return None
+            converted.extend(positions)
+        return tuple(converted)
 
     def _hoist(self, func, name: str, args: tuple, kwargs: dict, flat: list, out: Any) -> bool:
         """A data-dependent op whose tensors derive from BlockState inputs only: its outcome becomes a constant
