@@ -44,6 +44,10 @@ class MaskedStep(XBlock):
             made = torch.zeros_like(mask)
             made[1:] = mask[1:]
             h = h * (1.0 + int(made.sum()))
+        elif self.kind == "also_held":  # the mask is a component's tensor too (MiniMax H3: its scheduler's
+            h = h + components.keeper.mask.float().mean()  # timesteps and the BlockState's are one tensor)
+            if mask.sum() > 1:
+                h = h * 0.5
         elif self.kind == "written":  # the mask is loop state: its outcome changes between steps
             if mask.sum() > 1:
                 h = h * 0.5
@@ -53,6 +57,7 @@ class MaskedStep(XBlock):
 
 
 def call(loop, components, x, mask, n=3):
+    components.keeper.mask = mask
     state = PipelineState()
     state.set("x", x)
     state.set("mask", mask)
@@ -65,10 +70,10 @@ def setup(kind):
     block = MaskedStep()
     block.kind = kind
     torch.manual_seed(0)
-    return Loop.from_blocks_dict({"denoise": block}), Components(model=torch.nn.Linear(4, 4))
+    return Loop.from_blocks_dict({"denoise": block}), Components(model=torch.nn.Linear(4, 4), keeper=Components())
 
 
-@pytest.mark.parametrize("kind", ["bool", "tolist", "nonzero", "mask_index", "built_in_place"])
+@pytest.mark.parametrize("kind", ["bool", "tolist", "nonzero", "mask_index", "built_in_place", "also_held"])
 def test_a_data_dependent_op_on_an_input_no_step_writes_keeps_the_loop_compiled(kind):
     loop, comps = setup(kind)
     x = torch.randn(3, 4)

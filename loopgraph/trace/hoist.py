@@ -74,10 +74,11 @@ class Hoisted:
         return (self.where, self.name, self.inputs, self.module.code, constants, _shown(self.outcome))
 
 
-def extract(graph: fx.Graph, constants: dict[str, torch.Tensor], nodes: list[fx.Node], slots: set[str]) -> tuple[
+def extract(graph: fx.Graph, constants: dict[str, torch.Tensor], nodes: list[fx.Node], slots: dict[str, str]) -> tuple[
         fx.GraphModule, tuple[str, ...]]:
-    """The ops of ``graph`` that compute ``nodes`` from its placeholders, as a module of its own; raises
-    ``NotHoistable`` when one of those placeholders is not a BlockState slot or an op takes a lifted float."""
+    """The ops of ``graph`` that compute ``nodes`` from its placeholders, as a module of its own taking BlockState
+    slots (``slots``: placeholder -> the slot it holds); raises ``NotHoistable`` when one of those placeholders is
+    not a BlockState slot or an op takes a lifted float."""
     needed: set[fx.Node] = set()
     stack = list(nodes)
     mutations = [n for n in graph.nodes if n.meta.get("mutates")]  # in-place ops: the graph's order carries them
@@ -96,13 +97,18 @@ def extract(graph: fx.Graph, constants: dict[str, torch.Tensor], nodes: list[fx.
         stack = [n for n in mutations if n not in needed and any(a in needed for a in n.all_input_nodes[:1])]
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    inputs: dict[str, fx.Node] = {}
     for node in graph.nodes:
-        if node in needed:
+        if node in needed and node.op == "placeholder":
+            slot = slots[node.target]
+            if slot not in inputs:
+                inputs[slot] = new.placeholder(slot)
+            env[node] = inputs[slot]
+        elif node in needed:
             env[node] = new.node_copy(node, lambda n: env[n])
     new.output(tuple(env[n] for n in nodes))
     root = {n.target: constants[n.target] for n in needed if n.op == "get_attr"}
-    inputs = tuple(n.target for n in new.nodes if n.op == "placeholder")
-    return fx.GraphModule(root, new), inputs
+    return fx.GraphModule(root, new), tuple(inputs)
 
 
 def same_outcome(now: Any, then: Any) -> bool:

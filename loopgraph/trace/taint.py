@@ -89,7 +89,7 @@ class Recorder(TorchFunctionMode):
         self.draws: CounterDraws | None = None  # rng="counter": random ops become counter-based draws
         self._storages: dict[tuple, list[fx.Node]] = {}  # storage of each step input -> its placeholders
         self.recorded = 0  # ops recorded so far (an op given a traced float and not recorded bakes it)
-        self.slots: set[str] = set()  # this step's BlockState placeholders
+        self.slots: dict[str, str] = {}  # this step's placeholders of BlockState slots -> the slot
         self.hoisted: list[Hoisted] = []  # data-dependent ops on BlockState inputs (trace/hoist.py)
 
     # -- bookkeeping ----------------------------------------------------------------------------------------
@@ -100,7 +100,9 @@ class Recorder(TorchFunctionMode):
         self.stale.update({k: t for k, (t, _) in self.taint.items()})
         carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
         self.taint, self._const_ids, self.step, self._storages = {}, {}, step, {}
-        self.slots = set(slots)
+        # BlockState slots, and the component tensors that are one of them (a scheduler's timesteps), by slot
+        self.slots = {name: name for name in slots}
+        self.slots.update({held_name: name for held_name, t in carried.items() for name, s in slots.items() if s is t})
         for name, tensor in {**slots, **carried}.items():
             self._placeholder(name, tensor)
         if self.draws is not None:

@@ -167,7 +167,9 @@ class Tracer:
                     self.lifts = python.lifts = Lifts(self.lift_floats, lambda: python.busy)
                     python.hide(wrapper, *methods)
                     watcher = CallWatcher(self.recorder, python) if self.batch else contextlib.nullcontext()
-                    with watcher, self.lifts.active():
+                    # torch.compile'd code the loop calls (flex_attention compiles itself) runs eagerly while it is
+                    # traced: its ops are recorded like any others (Dynamo cannot trace the recorder's mode)
+                    with watcher, self.lifts.active(), torch.compiler.set_stance("force_eager"):
                         result = wrapper(components, state)
                     self._side_effects(None, None)
                     with torch._C.DisableTorchFunction(), python.paused():
@@ -334,8 +336,11 @@ class Tracer:
         """The data-dependent ops evaluated on BlockState inputs (trace/hoist.py): a check each, kept when no step
         writes those inputs; otherwise the op is a problem as any data-dependent Python is (its block runs
         eagerly)."""
-        written = {slot for step in self.steps for slot, node in step.outputs.items()
-                   if node.op != "placeholder" or node.target != slot}
+        written = {slot for step in self.steps for slot, node in step.outputs.items() if node.op != "placeholder"}
+        passed = [(slot, node.target) for step in self.steps for slot, node in step.outputs.items()
+                  if node.op == "placeholder" and node.target != slot]  # `bs.a = bs.b`, or one tensor in two places
+        while any(source in written and slot not in written for slot, source in passed):
+            written |= {slot for slot, source in passed if source in written}
         checks: dict[tuple, Any] = {}
         for h in self.recorder.hoisted:
             if written.isdisjoint(h.inputs):

@@ -20,7 +20,8 @@ import torch
 
 from .diffusers_loops import _require_diffusers
 
-__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "coverage", "seeded"]
+__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "coverage", "describe", "run_calls", "seeded",
+           "table_rows"]
 
 # family -> its loop as diffusers names it; recipes live in loopgraph/zoo/families/<family>.py
 FAMILIES: tuple[str, ...] = (
@@ -90,6 +91,17 @@ class FamilySetup:
             kwargs.update(self.per_steps(steps))
         if self.generator_input is not None:
             kwargs[self.generator_input] = torch.Generator().manual_seed(self.seed)
+        return kwargs
+
+    def pipeline_kwargs(self, steps: int | None = None) -> dict[str, Any]:
+        """``call_inputs`` as ``ModularPipeline.__call__`` takes them: kwargs-type inputs grouped in one dict each."""
+        kwargs: dict[str, Any] = {}
+        for name, value in self.call_inputs(steps).items():
+            kind = self.kwargs_types.get(name)
+            if kind is None:
+                kwargs[name] = value
+            else:
+                kwargs.setdefault(kind, {})[name] = value
         return kwargs
 
     def new_state(self, steps: int | None = None):
@@ -196,25 +208,50 @@ def _short(text: str) -> str:
     return re.sub(r"/\S*/site-packages/", "", text).replace("|", "\\|")
 
 
-def coverage(family: str, *, steps: int = 3, **options) -> tuple[Coverage, Any, FamilySetup]:
-    """Compile ``family``'s loop (``options`` as for ``compile_loop``; backend "eager" unless given), call it twice
-    and say how it ran. Returns the row, the compiled loop and the setup."""
-    from ..compile import compile_loop
+def run_calls(setup: FamilySetup, fast: Any, steps: tuple[int, ...] = (3, 5), calls: int = 3,
+              each: Callable[[int, int, Any], None] | None = None) -> dict[int, list[str]]:
+    """Call the compiled loop ``calls`` times at each step count; ``each(n, call, state)`` sees every result.
+    Returns, by call number (2, 3, ...), why a call that should have found the plan of its step count made
+    another (the first call at each count plans)."""
+    again: dict[int, list[str]] = {}
+    for n in steps:
+        setup.steps = n
+        for call in range(1, calls + 1):
+            plans = fast.stats.plans
+            state = setup.run(fast)
+            if call > 1 and fast.stats.plans > plans:
+                again.setdefault(call, []).extend(fast._plans.misses[:1])  # why the newest plan did not fit
+            if each is not None:
+                each(n, call, state)
+    return again
 
-    setup = build_family(family, steps=steps)
-    fast = compile_loop(setup.wrapper, **{"backend": "eager", **options})
+
+def describe(setup: FamilySetup, fast: Any, again: dict[int, list[str]]) -> Coverage:
+    """The coverage row of a compiled family loop after ``run_calls``: how its newest plan runs, and why not as
+    a whole compiled loop planned once per step count."""
+    import re
+
+    why = sorted({_short(p) for p in fast.last_plan.problems})
+    if again:
+        when = "every call" if max(again) > 2 else "call 2"
+        why.insert(0, f"plans again on {when}: " + _short("; ".join(dict.fromkeys(again[max(again)]))))
+    text = re.sub(r" at 0x[0-9a-f]+", "", "; ".join(why))
+    return Coverage(setup.family, type(setup.core).__name__, type(setup.wrapper).__name__, fast.last_plan.kind, text)
+
+
+def coverage(family: str, **options) -> tuple[Coverage, Any, FamilySetup]:
+    """Compile ``family``'s loop (``options`` as for ``compile_loop``; backend "eager" unless given), ``run_calls``
+    it and say how it ran. Returns the row, the compiled loop and the setup."""
     import warnings
 
+    from ..compile import compile_loop
+
+    setup = build_family(family)
+    fast = compile_loop(setup.wrapper, **{"backend": "eager", **options})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for _ in range(2):
-            setup.run(fast)
-    plan = fast.last_plan
-    why = sorted({_short(p) for p in plan.problems})
-    if fast.stats.plans > 1:
-        why.insert(0, "plans again on call 2: " + _short("; ".join(fast._plans.misses)))
-    row = Coverage(family, type(setup.core).__name__, type(setup.wrapper).__name__, plan.kind, "; ".join(why))
-    return row, fast, setup
+        again = run_calls(setup, fast)
+    return describe(setup, fast, again), fast, setup
 
 
 def coverage_table(rows: list[Coverage]) -> str:
@@ -239,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for family in args.families:
-        rows.append(coverage(family)[0])
+        try:
+            rows.append(coverage(family)[0])
+        except Exception as e:  # a loop that raises where eager works: the table says so
+            setup = build_family(family)
+            first = _short(str(e).strip().splitlines()[0]) if str(e).strip() else ""
+            rows.append(Coverage(family, type(setup.core).__name__, type(setup.wrapper).__name__, "raises",
+                                 f"{type(e).__name__}: {first}"))
         print(rows[-1].markdown(), flush=True)
     if args.write:
         path = Path(args.write)

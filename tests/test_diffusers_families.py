@@ -1,0 +1,104 @@
+"""compile_loop on every diffusers modular family's own core denoise step (diffusers 0.42's 22 families), built
+offline from tiny configs (loopgraph/zoo/families/): the blocks before the loop run eagerly to make the state, then
+the family's loop wrapper runs compiled. Equality with diffusers' eager run first (every state value and the
+components' Python state), for two step counts; then the coverage table in docs/diffusers.md is what the loop
+does; then compile_pipeline on the family's core denoise step. Backend "eager" (the same trace -> analyse ->
+lower pipeline, run by Dynamo's eager backend) keeps the suite short; Inductor: the slow tests at the end."""
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+
+from loopgraph import compile_loop, compile_pipeline
+from loopgraph.bench.measure import count_python_calls
+from loopgraph.runtime import executables
+from loopgraph.zoo.diffusers_families import FAMILIES, build_family, describe, run_calls, table_rows
+
+from .helpers import assert_same, quiet
+
+needs_diffusers = pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None,
+    reason="diffusers is not installed (pip install loopgraph[diffusers]; `make test` installs it)",
+)
+DOC = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
+WHOLE = "whole loop on state buffers"
+
+
+def python_state(setup) -> dict:
+    """Deep copies of the instance attributes of every component that is not a model (schedulers, guiders)."""
+    return {name: copy.deepcopy(vars(c)) for name, c in setup.components.components.items()
+            if c is not None and not isinstance(c, torch.nn.Module) and hasattr(c, "__dict__")}
+
+
+def eager_runs(family: str, steps: tuple[int, ...]) -> dict[int, tuple[dict, dict]]:
+    """diffusers' own runs, on a setup of its own (the same seed: the same weights and inputs)."""
+    setup = build_family(family)
+    runs = {}
+    for n in steps:
+        setup.steps = n
+        runs[n] = (dict(setup.run().values), python_state(setup))
+    return runs
+
+
+@needs_diffusers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_familys_loop_compiled_equals_eager_and_runs_as_the_coverage_table_says(family):
+    expected = eager_runs(family, (3, 5))
+    setup = build_family(family)
+    fast = compile_loop(setup.wrapper, backend="eager")
+    dynamo_utils.counters.clear()
+    graphs = {}
+
+    def same_as_eager(n, call, state):  # call 1 traces; 2 may trace again (state call 1 left); 3 is compiled
+        assert_same(dict(state.values), expected[n][0], f"N={n} call {call}: state")
+        assert_same(python_state(setup), expected[n][1], f"N={n} call {call}: components")
+        graphs[n] = dynamo_utils.counters["stats"]["unique_graphs"]
+
+    again = quiet(run_calls, setup, fast, each=same_as_eager)
+    row = describe(setup, fast, again)
+    assert row.markdown() == table_rows(DOC.read_text()).get(family), (
+        f"docs/diffusers.md's row for {family} is stale: run python -m loopgraph.zoo.diffusers_families {family} "
+        f"--write docs/diffusers.md")
+    if row.runs_as == WHOLE:
+        assert fast.stats.eager_blocks == 0 and fast.stats.compiled_calls >= 2  # a compiled call at each N
+        assert graphs[5] == graphs[3], "a new step count compiled new graphs (Dynamo's own count)"
+
+
+@needs_diffusers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compile_pipeline_on_a_familys_core_denoise_step_equals_eager(family):
+    reference = build_family(family)
+    expected = reference.components(**reference.pipeline_kwargs())
+    setup = build_family(family)
+    pipe = compile_pipeline(setup.components)
+    for call in range(2):
+        got = quiet(pipe, **setup.pipeline_kwargs())
+        assert_same(dict(got.values), dict(expected.values), f"call {call + 1}")
+    assert "compiled" in quiet(lambda: __import__("loopgraph").explain(pipe))
+
+
+# -- Inductor: compiled once, no Python per step (`make test-all`) ------------------------------------------------------
+@pytest.mark.slow
+@needs_diffusers
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inductor_runs_a_whole_compiled_familys_loop_with_no_python_per_step(family, monkeypatch):
+    monkeypatch.setattr(executables, "CHUNK_SECONDS", 1e9)  # one chunk per call: Python per step, not per chunk
+    expected = eager_runs(family, (3, 5))
+    setup = build_family(family)
+    fast = compile_loop(setup.wrapper)
+    dynamo_utils.counters.clear()
+    again = quiet(run_calls, setup, fast,
+                  each=lambda n, call, state: assert_same(dict(state.values), expected[n][0], f"N={n} call {call}"))
+    if describe(setup, fast, again).runs_as != WHOLE:
+        pytest.skip(f"{family} does not run as a whole compiled loop (docs/diffusers.md says why)")
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == fast.stats.compiles
+    calls = {}
+    for n in (3, 5):
+        setup.steps = n
+        state = setup.new_state()
+        calls[n] = count_python_calls(lambda: fast(setup.components, state))
+    assert calls[3] == calls[5], calls
