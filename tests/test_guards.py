@@ -1368,3 +1368,27 @@ def test_r10_a_components_dict_replaced_re_plans_instead_of_raising():
         got = quiet(toy_call, fast, comps, x=torch.ones(3), bias=1.0).get("x")
         assert torch.equal(got, want), f"call {k}"
     assert fast.stats.plans == 2
+
+
+class ScaleBySigmas(XBlock):
+    """Reads a numpy schedule from the BlockState (Helios' `sigmas`, made anew by every set-timesteps call)."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("sigmas")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * float(block_state.sigmas[i])
+        return components, block_state
+
+
+def test_a_numpy_input_made_anew_each_call_is_compared_by_value():
+    import numpy as np
+
+    loop = Loop.from_blocks_dict({"scale": ScaleBySigmas()})
+    fast = compile_loop(loop, backend="eager")
+    for k, sigmas in enumerate([[1.0, 0.5, 0.25], [1.0, 0.5, 0.25], [1.0, 0.5, 0.25], [2.0, 0.5, 0.25]]):
+        want = toy_call(loop, None, x=torch.ones(2), sigmas=np.array(sigmas)).get("x")
+        got = quiet(toy_call, fast, None, x=torch.ones(2), sigmas=np.array(sigmas)).get("x")
+        assert matches_eager(got, want), k
+    assert fast.stats.plans == 2 and fast.stats.compiled_calls == 2  # a new array of the same values: no new plan

@@ -148,6 +148,10 @@ def _atoms_only(values: list | tuple) -> bool:
 _NUMBERS = (bool, int, float, complex)
 
 
+def _is_array(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "shape") and hasattr(value, "dtype")
+
+
 def values_equal(a: Any, b: Any) -> bool:
     """Structural equality that treats tensors by value (same dtype, shape and elements)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -167,6 +171,9 @@ def values_equal(a: Any, b: Any) -> bool:
         return a.keys() == b.keys() and all(values_equal(a[k], b[k]) for k in a)
     if a is b:
         return True
+    if _is_array(a) or _is_array(b):  # a numpy array made anew per call (Helios' sigmas): by dtype, shape, values
+        return (_is_array(a) and _is_array(b) and a.dtype == b.dtype and a.shape == b.shape
+                and bool((a == b).all()))
     if isinstance(a, _NUMBERS) and type(a) is not type(b):  # 1, 1.0 and True are ==, but give other dtypes
         return False
     try:
