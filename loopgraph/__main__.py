@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="the components attribute that is the denoiser model, which compile_denoiser compiles and "
                             "the floor times alone (default: denoiser, unet or transformer)")
     bench.add_argument("--preset", default="dit",
-                       help="zoo preset (dit, dit-ddim, unet, unet-ddim) or a diffusers loop (sdxl, flux, wan, "
-                            "qwenimage; needs loopgraph[diffusers]); default: dit")
+                       help="zoo preset (dit, dit-ddim, unet, unet-ddim), a diffusers loop (sdxl, flux, wan, "
+                            "qwenimage) or a diffusers family's core denoise step (stable_diffusion_3, flux2, ltx, "
+                            "z_image, ...: loopgraph.zoo.diffusers_families.FAMILIES); these need loopgraph[diffusers]; "
+                            "default: dit")
     bench.add_argument("--steps", type=int, help="denoising steps N (default 20; --quick: 4)")
     bench.add_argument("--batch", type=int, help="batch size (default 1)")
     bench.add_argument("--resolution", type=int, dest="sample_size", help="latent height = width")

@@ -68,14 +68,15 @@ class BenchConfig:
             self._check_preset()
 
     def _check_preset(self) -> None:
-        from ..zoo.diffusers_loops import DIFFUSERS_LOOPS  # diffusers itself is imported by the builder only
+        from ..zoo.diffusers_families import FAMILIES  # diffusers itself is imported by the builders only
+        from ..zoo.diffusers_loops import DIFFUSERS_LOOPS
         from ..zoo.loops import PRESETS
 
         if self.preset in PRESETS:
             return
-        if self.preset not in DIFFUSERS_LOOPS:
+        if self.preset not in DIFFUSERS_LOOPS and self.preset not in FAMILIES:
             raise ValueError(f"unknown preset {self.preset!r}; zoo presets: {sorted(PRESETS)}, diffusers loops: "
-                             f"{sorted(DIFFUSERS_LOOPS)}")
+                             f"{sorted(DIFFUSERS_LOOPS)}, diffusers families' core denoise steps: {list(FAMILIES)}")
         fixed = {"batch": 1, "dtype": "float32", "sample_size": None, "model": {}}
         changed = [k for k, v in fixed.items() if getattr(self, k) != v]
         if changed or self.torch_device.type != "cpu":
@@ -168,6 +169,8 @@ def build_setup(config: BenchConfig):
         kwargs["sample_size"] = config.sample_size
     if config.preset in PRESETS:
         return build_loop(config.preset, **kwargs)
-    from ..zoo import diffusers_loops  # a diffusers loop (BenchConfig checked the name and the fixed options)
+    from ..zoo import diffusers_families, diffusers_loops  # BenchConfig checked the name and the fixed options
 
-    return diffusers_loops.build_diffusers_loop(config.preset, steps=config.steps, seed=config.seed)
+    if config.preset in diffusers_loops.DIFFUSERS_LOOPS:
+        return diffusers_loops.build_diffusers_loop(config.preset, steps=config.steps, seed=config.seed)
+    return diffusers_families.build_family(config.preset, steps=config.steps, seed=config.seed)
