@@ -98,11 +98,10 @@ class Recorder(TorchFunctionMode):
         """Make the BlockState's tensors, and the components' tensors derived from loop data in an earlier
         step, this step's placeholders."""
         self.stale.update({k: t for k, (t, _) in self.taint.items()})
-        carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t}
+        slot_ids = {id(t) for t in slots.values()}  # a component's tensor that is a slot's: the slot's placeholder
+        carried = {name: t for name, t in held.items() if self.stale.get(id(t)) is t and id(t) not in slot_ids}
         self.taint, self._const_ids, self.step, self._storages = {}, {}, step, {}
-        # BlockState slots, and the component tensors that are one of them (a scheduler's timesteps), by slot
-        self.slots = {name: name for name in slots}
-        self.slots.update({held_name: name for held_name, t in carried.items() for name, s in slots.items() if s is t})
+        self.slots = {name: name for name in slots}  # BlockState placeholders -> their slot (trace/hoist.py)
         for name, tensor in {**slots, **carried}.items():
             self._placeholder(name, tensor)
         if self.draws is not None:

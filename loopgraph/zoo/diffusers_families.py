@@ -20,7 +20,7 @@ import torch
 
 from .diffusers_loops import _require_diffusers
 
-__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "coverage", "describe", "run_calls", "seeded",
+__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "Calls", "coverage", "describe", "run_calls", "seeded",
            "table_rows"]
 
 # family -> its loop as diffusers names it; recipes live in loopgraph/zoo/families/<family>.py
@@ -49,6 +49,7 @@ class FamilyRecipe:
     steps_input: str | None = "num_inference_steps"  # None: the family takes no step count (see per_steps)
     per_steps: Callable[[int], dict[str, Any]] | None = None  # inputs that depend on N (a schedule of N values)
     kwargs_types: dict[str, str] = field(default_factory=dict)  # input -> kwargs type (``denoiser_input_fields``)
+    core_name: str | None = None  # the step's class name, when ``core`` is a resolved copy (``get_execution_blocks``)
 
 
 def _is_loop_wrapper(block: Any) -> bool:
@@ -78,6 +79,7 @@ class FamilySetup:
     steps_input: str | None = "num_inference_steps"
     per_steps: Callable[[int], dict[str, Any]] | None = None
     kwargs_types: dict[str, str] = field(default_factory=dict)
+    core_name: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def call_inputs(self, steps: int | None = None) -> dict[str, Any]:
@@ -179,7 +181,8 @@ def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool =
     return FamilySetup(family=family, core=core, wrapper=wrapper, loop_name=loop_name, before=before,
                        after=after, components=components, inputs=recipe.inputs, steps=steps, seed=seed,
                        generator_input=recipe.generator_input, steps_input=recipe.steps_input,
-                       per_steps=recipe.per_steps, kwargs_types=dict(recipe.kwargs_types))
+                       per_steps=recipe.per_steps, kwargs_types=dict(recipe.kwargs_types),
+                       core_name=recipe.core_name or type(core).__name__)
 
 
 # -- coverage: how compile_loop runs each family ------------------------------------------------------------------------
@@ -208,35 +211,48 @@ def _short(text: str) -> str:
     return re.sub(r"/\S*/site-packages/", "", text).replace("|", "\\|")
 
 
-def run_calls(setup: FamilySetup, fast: Any, steps: tuple[int, ...] = (3, 5), calls: int = 3,
-              each: Callable[[int, int, Any], None] | None = None) -> dict[int, list[str]]:
-    """Call the compiled loop ``calls`` times at each step count; ``each(n, call, state)`` sees every result.
-    Returns, by call number (2, 3, ...), why a call that should have found the plan of its step count made
-    another (the first call at each count plans)."""
-    again: dict[int, list[str]] = {}
+@dataclass
+class Calls:
+    """What ``run_calls`` saw: why a call planned again (by call number: 2, 3), and the compiles after each N."""
+
+    again: dict[int, list[str]] = field(default_factory=dict)
+    compiles: dict[int, int] = field(default_factory=dict)
+
+
+def run_calls(setup: FamilySetup, fast: Any, steps: tuple[int, ...] = (4, 6), calls: int = 3,
+              each: Callable[[int, int, Any], None] | None = None) -> Calls:
+    """Call the compiled loop ``calls`` times at each step count; ``each(n, call, state)`` sees every result. The
+    first call at each count plans; a later one that plans again is noted with why."""
+    seen = Calls()
     for n in steps:
         setup.steps = n
         for call in range(1, calls + 1):
             plans = fast.stats.plans
             state = setup.run(fast)
             if call > 1 and fast.stats.plans > plans:
-                again.setdefault(call, []).extend(fast._plans.misses[:1])  # why the newest plan did not fit
+                seen.again.setdefault(call, []).extend(fast._plans.misses[:1])  # why the newest plan did not fit
             if each is not None:
                 each(n, call, state)
-    return again
+        seen.compiles[n] = fast.stats.compiles
+    return seen
 
 
-def describe(setup: FamilySetup, fast: Any, again: dict[int, list[str]]) -> Coverage:
+def describe(setup: FamilySetup, fast: Any, calls: Calls) -> Coverage:
     """The coverage row of a compiled family loop after ``run_calls``: how its newest plan runs, and why not as
-    a whole compiled loop planned once per step count."""
+    a whole compiled loop planned once per step count and compiled once."""
     import re
 
     why = sorted({_short(p) for p in fast.last_plan.problems})
+    again = calls.again
     if again:
         when = "every call" if max(again) > 2 else "call 2"
         why.insert(0, f"plans again on {when}: " + _short("; ".join(dict.fromkeys(again[max(again)]))))
+    counts = list(calls.compiles.values())
+    if counts and counts[-1] > counts[0] > 0:
+        why.append("a new step count compiles new code (" + ", ".join(
+            f"{c} compiled after N={n}" for n, c in calls.compiles.items()) + ")")
     text = re.sub(r" at 0x[0-9a-f]+", "", "; ".join(why))
-    return Coverage(setup.family, type(setup.core).__name__, type(setup.wrapper).__name__, fast.last_plan.kind, text)
+    return Coverage(setup.family, setup.core_name, type(setup.wrapper).__name__, fast.last_plan.kind, text)
 
 
 def coverage(family: str, **options) -> tuple[Coverage, Any, FamilySetup]:
@@ -250,8 +266,8 @@ def coverage(family: str, **options) -> tuple[Coverage, Any, FamilySetup]:
     fast = compile_loop(setup.wrapper, **{"backend": "eager", **options})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        again = run_calls(setup, fast)
-    return describe(setup, fast, again), fast, setup
+        calls = run_calls(setup, fast)
+    return describe(setup, fast, calls), fast, setup
 
 
 def coverage_table(rows: list[Coverage]) -> str:
@@ -281,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # a loop that raises where eager works: the table says so
             setup = build_family(family)
             first = _short(str(e).strip().splitlines()[0]) if str(e).strip() else ""
-            rows.append(Coverage(family, type(setup.core).__name__, type(setup.wrapper).__name__, "raises",
+            rows.append(Coverage(family, setup.core_name, type(setup.wrapper).__name__, "raises",
                                  f"{type(e).__name__}: {first}"))
         print(rows[-1].markdown(), flush=True)
     if args.write:

@@ -29,6 +29,7 @@ def recipe(seed: int, gen: torch.Generator) -> FamilyRecipe:
     core = StableDiffusionXLCoreDenoiseStep().get_execution_blocks()
     return FamilyRecipe(
         core=core,
+        core_name="StableDiffusionXLCoreDenoiseStep",
         components={"unet": unet, "scheduler": scheduler, "guider": ClassifierFreeGuidance(guidance_scale=5.0)},
         inputs={
             "prompt_embeds": torch.randn(1, 7, 64, generator=gen),
