@@ -68,7 +68,7 @@ def architecture_map() -> set[str]:
         if len(cells) != 4 or not cells[1].startswith("`"):
             continue
         where = cells[1].strip("`")
-        files = re.findall(r"`([a-z_]+\.py)`", cells[2])
+        files = re.findall(r"`([a-z0-9_]+\.py)`", cells[2])
         assert where.endswith("/") == bool(files), f"row {cells[0]!r}: a package lists its files, a module none"
         named |= {where + f for f in files} if files else {where}
     return named
