@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from ..modular_pipelines.state import _atoms_only, values_equal
-from ..pystate.snapshots import a_type, describe
+from ..pystate.attribute_log import INPUT_ROOT
+from ..pystate.snapshots import a_type, describe, tensor_snaps, value_state
 from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
@@ -84,15 +85,18 @@ def _aliasing(tensors: list[torch.Tensor]) -> tuple:
 class InputGuard:
     """The BlockState a plan was made for: keys, data tensor specs and sharing, every other value."""
 
-    def __init__(self, slots: dict[str, Any], schedule_inputs: list[str], floats: dict[str, Source] | None = None
-                 ) -> None:
+    def __init__(self, slots: dict[str, Any], schedule_inputs: list[str], floats: dict[str, Source] | None = None,
+                 objects: dict[str, tuple[Any, Any, bool]] | None = None) -> None:
         floats = floats or {}
         self.data = {k: tensor_spec(v) for k, v in slots.items()
                      if isinstance(v, torch.Tensor) and k not in schedule_inputs}
         self.floats = floats  # floats the plan takes as inputs: by type and the predicates' outcomes (trace/floats.py)
+        # plain objects (a scheduler): (the traced one, its value_state then, by value) - by value, any object of
+        # the same state fits (one deep-copied per call); else that very object, its attributes read by read
+        self.objects = objects or {}
         ids = {id(slots[k]): k for k in self.data}
         self.schedule = {k: copy.deepcopy(match_form(v, ids)) for k, v in slots.items()
-                         if k not in self.data and k not in floats}
+                         if k not in self.data and k not in floats and k not in self.objects}
         self.keys = set(slots)
         self.aliasing = _aliasing([slots[k] for k in self.data])
 
@@ -107,7 +111,12 @@ class InputGuard:
         ids = {id(slots[k]): k for k in self.data}
         return (all(s.fits(slots[k]) for k, s in self.floats.items())
                 and all(values_equal(match_form(slots[k], ids), expected) for k, expected in self.schedule.items())
+                and all(map(self._object_fits, self.objects, map(slots.get, self.objects)))
                 and _aliasing([slots[k] for k in self.data]) == self.aliasing)
+
+    def _object_fits(self, k: str, now: Any) -> bool:
+        traced, picture, by_value = self.objects[k]
+        return now is traced if not by_value else (type(now) is type(traced) and value_state(now) == picture)
 
     def check(self, slots: dict[str, Any]) -> str | None:
         """None when ``slots`` (a call's BlockState) fits, else why not."""
@@ -124,6 +133,13 @@ class InputGuard:
         for k, s in self.floats.items():
             if not s.fits(slots[k]):
                 return s.misfit(slots[k])
+        for k, (traced, _, by_value) in self.objects.items():
+            if not self._object_fits(k, slots[k]):
+                if by_value:
+                    return (f"input {k!r}: {describe(slots[k])} is not the object the plan was traced with in value "
+                            f"(its attributes differ, or its class)")
+                return (f"input {k!r}: {describe(slots[k])} is another object than the traced one (the plan reads "
+                        f"that one's attributes; it differs by value, or writes objects inside it)")
         ids = {id(slots[k]): k for k in self.data}
         for k, expected in self.schedule.items():
             if not values_equal(match_form(slots[k], ids), expected):
@@ -187,10 +203,33 @@ def plan_guard(trace, lifted: bool = True) -> PlanGuard:
     attributes = [s for s in floats if s.kind == SourceKind.ATTRIBUTE]
     by_type = {id(s.read) for s in attributes}
     reads = [r for r in python.reads.values() if id(r) not in by_type]
+    by_value = rebound_objects(trace)
+    if by_value:  # their state is compared whole, by value, with the inputs
+        reads = [r for r in reads if not r.path.startswith(INPUT_ROOT)]
     rules = tensor_rules(reads, usage.used, usage.eager, usage.const, python.present)
+    objects = {k: (obj, picture, k in by_value) for k, (obj, picture) in trace.input_objects.items()}
     inputs = InputGuard(trace.initial_slots, trace.schedule_inputs,
-                        {s.name: s for s in floats if s.kind == SourceKind.INPUT})
+                        {s.name: s for s in floats if s.kind == SourceKind.INPUT}, objects)
     return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes), trace.checks)
+
+
+def rebound_objects(trace) -> set[str]:
+    """The BlockState's plain objects (``trace.input_objects``) a plan may take by value: another object of the same
+    state (a scheduler the pipeline deep-copies per call) runs the plan, and what the call wrote is set on it
+    (``runtime.executables.write_back``). All or none: when the call wrote an attribute of an object inside one
+    (not its own), read one of their tensors as a graph constant, or runs blocks eagerly, each is that very
+    object, guarded read by read."""
+    if not trace.input_objects or trace.problems:
+        return set()
+    roots = {id(obj) for obj, _ in trace.input_objects.values()}
+    python = trace.python
+    if any(python.paths.get(id(obj), "").startswith(INPUT_ROOT) and id(obj) not in roots
+           for obj, _, _ in python.end):
+        return set()
+    inside = [r for r in python.reads.values() if r.path.startswith(INPUT_ROOT)]
+    if any(id(snap.tensor) in trace.usage.const for r in inside for snap in tensor_snaps(r.value)):
+        return set()
+    return set(trace.input_objects)
 
 
 def stable_guard(trace, guard: PlanGuard) -> StateGuard:

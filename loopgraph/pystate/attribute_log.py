@@ -57,7 +57,11 @@ from .snapshots import (
 )
 from .user_globals import global_reads, is_user_code
 
-__all__ = ["AttributeLog", "Read", "Recording", "TRACE_LOCK", "Write", "record"]
+__all__ = ["INPUT_ROOT", "AttributeLog", "Read", "Recording", "TRACE_LOCK", "Write", "record"]
+
+# Objects watched because the BlockState holds them (a scheduler the pipeline deep-copies per call) have paths
+# "state['name']...": guarded by value with the inputs, not read by read (guards/plan_guard.py).
+INPUT_ROOT = "state["
 
 # One trace at a time in a process: tracing patches classes (and the traced wrapper instance).
 TRACE_LOCK = threading.RLock()
@@ -198,7 +202,7 @@ class Recording:
         here = attrs.get(name, ABSENT) if attrs is not None else value
         read = Read(obj, holder, name, snapshot(here), path)
         self._add_read(read, key)
-        if type(here) is float and attrs is not None and self.lifts is not None:
+        if type(here) is float and attrs is not None and self.lifts is not None and not path.startswith(INPUT_ROOT):
             self.lifts.attribute(obj, name, here, read)
         if name in _MODULE_CONTAINERS and isinstance(obj, torch.nn.Module) and isinstance(here, dict):
             for child_name, child in here.items():  # a module's children by their attribute paths

@@ -19,7 +19,8 @@ import torch
 from ..modular_pipelines.state import _atoms_only
 
 __all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorRule", "TensorSnap", "copy_value", "describe", "difference",
-           "object_state", "same", "snapshot", "tensor_matches", "tensor_snaps", "walk_tensors"]
+           "is_plain_object", "object_state", "same", "snapshot", "tensor_matches", "tensor_snaps", "value_state",
+           "walk_tensors"]
 
 ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
          torch.layout)
@@ -247,6 +248,53 @@ def object_state(value: Any, depth: int = 0, seen: frozenset = frozenset()) -> A
     if not isinstance(attrs, dict):
         return ("is", id(value))
     return (type(value), id(value), tuple((k, object_state(v, depth + 1, seen)) for k, v in attrs.items()))
+
+
+class _TensorValue:
+    """A tensor in a ``value_state``: equal to another of the same dtype, shape, device and elements."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor.detach().clone()
+
+    def __eq__(self, other: Any) -> bool:
+        t = getattr(other, "tensor", None)
+        return (isinstance(t, torch.Tensor) and t.dtype == self.tensor.dtype and t.shape == self.tensor.shape
+                and t.device == self.tensor.device and torch.equal(t, self.tensor))
+
+    __hash__ = None
+
+
+def is_plain_object(value: Any) -> bool:
+    """An object that keeps its state in attributes (a scheduler), not an atom, tensor, container, module or code."""
+    return (type(value) not in ATOM_TYPES and not isinstance(value, (torch.Tensor, torch.nn.Module, *OPAQUE_LEAVES,
+                                                                     list, tuple, dict, set, frozenset))
+            and isinstance(getattr(value, "__dict__", None), dict))
+
+
+def value_state(value: Any, depth: int = 0, seen: frozenset = frozenset()) -> Any:
+    """A picture of a value by value, to ``MAX_DEPTH``: atoms, tensors' elements, containers' items and plain
+    objects' attributes; modules and code by identity. Two pictures are ``==`` when a deep copy of one would be
+    (a scheduler deep-copied per call, Helios' fresh numpy array, are their traced originals' values)."""
+    if type(value) in ATOM_TYPES:
+        return (type(value), value)
+    if isinstance(value, torch.Tensor):
+        return _TensorValue(value)
+    if type(value).__module__ == "numpy" and hasattr(value, "shape"):
+        return (type(value), str(getattr(value, "dtype", "")), tuple(value.shape), value.tobytes())
+    if isinstance(value, (torch.nn.Module, *OPAQUE_LEAVES)) or depth >= MAX_DEPTH or id(value) in seen:
+        return ("is", id(value))
+    seen = seen | {id(value)}
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(value_state(v, depth + 1, seen) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((k, value_state(v, depth + 1, seen)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(value))
+    if is_plain_object(value):
+        return (type(value), tuple((k, value_state(v, depth + 1, seen)) for k, v in vars(value).items()))
+    return ("is", id(value))
 
 
 def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

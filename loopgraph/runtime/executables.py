@@ -303,8 +303,11 @@ def write_back(ctx: Context, trace: LoopTrace, components, state, block_state: B
             final[name] = given[name]
         else:
             final[name] = traced.clone() if isinstance(traced, torch.Tensor) else copy.deepcopy(traced)
+    # a BlockState object taken by value (guards/plan_guard.py: rebound_objects): what the call wrote goes to this
+    # call's object
+    rebound = {id(obj): given[k] for k, (obj, _) in trace.input_objects.items() if given.get(k, obj) is not obj}
     for obj, name, value in trace.python.end:  # every attribute the traced call wrote, as it left it
-        set_attribute(obj, name, trace.python.replay(obj, name, value))
+        set_attribute(rebound.get(id(obj), obj), name, trace.python.replay(obj, name, value))
     for name in trace.final_components:  # the loop's own tensors, not the traced run's
         put(components, trace.component_slots[name].path, computed[name])
     ctx.wrapper.set_block_state(state, final)

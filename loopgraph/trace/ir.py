@@ -221,6 +221,8 @@ class LoopTrace:
     containers: dict[str, Container] = field(default_factory=dict)  # slots holding a list/tuple/dict of loop
                                                                      # tensors: each item is a slot "name[k]"
     checks: tuple = ()  # data-dependent ops on BlockState inputs no step writes, checked per call (trace/hoist.py)
+    input_objects: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # BlockState slot -> (a plain object
+                                                                              # it held, its value_state then)
 
     @property
     def lifted(self) -> list[Source]:

@@ -25,9 +25,9 @@ import torch.fx as fx
 
 from ..modular_pipelines.blocks import run_block
 from .calls import CallWatcher
-from ..pystate.attribute_log import TRACE_LOCK, Recording, record
+from ..pystate.attribute_log import INPUT_ROOT, TRACE_LOCK, Recording, record
 from ..pystate.components import component_objects, component_tensors, set_attribute, value_of
-from ..pystate.snapshots import walk_tensors
+from ..pystate.snapshots import is_plain_object, value_state, walk_tensors
 from ..rng import CounterDraws
 from .floats import Lifts, SourceKind, TracedFloat, floats_in, plain
 from .ir import (
@@ -153,6 +153,7 @@ class Tracer:
         self.final_components: dict[str, torch.Tensor] = {}  # loop tensors the components hold after a step
         self.progress = False                           # the wrapper opened its progress bar
         self.containers: dict[str, Container] = {}      # slots holding a list (tuple, dict) of loop tensors
+        self.input_objects: dict[str, tuple[Any, Any]] = {}  # slot -> (plain object, its value_state then)
         self._intercept: _Intercept | None = None
 
     def trace(self, components, state) -> tuple[LoopTrace, Any]:
@@ -194,6 +195,10 @@ class Tracer:
         for k, v in list(vars(bs).items()):
             if type(v) is float:
                 setattr(bs, k, self.lifts.input(k, v))
+            elif is_plain_object(v) and k not in exclude:  # a scheduler in the BlockState: watched, and pictured
+                with self.python.paused(), torch._C.DisableTorchFunction():
+                    self.input_objects[k] = (v, value_state(v))
+                    self.python.watch(v, f"{INPUT_ROOT}{k!r}]")
         return bs
 
     def set_block_state(self, st, bs):
@@ -410,7 +415,7 @@ class Tracer:
                          progress=self.progress, python=python.log(),
                          usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
                          components=components, floats=self.lifts.sources, containers=self.containers,
-                         checks=checks)
+                         checks=checks, input_objects=self.input_objects)
 
 
 def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
