@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", default="dit",
                        help="zoo preset (dit, dit-ddim, unet, unet-ddim), a diffusers loop (sdxl, flux, wan, "
                             "qwenimage) or a diffusers family's core denoise step (stable_diffusion_3, flux2, ltx, "
-                            "z_image, ...: loopgraph.zoo.diffusers_families.FAMILIES); these need loopgraph[diffusers]; "
+                            "z_image, ...: loopgraph.zoo.diffusers_families.FAMILIES); these need "
+                            "loopgraph[diffusers]; "
                             "default: dit")
     bench.add_argument("--steps", type=int, help="denoising steps N (default 20; --quick: 4)")
     bench.add_argument("--batch", type=int, help="batch size (default 1)")

@@ -228,7 +228,7 @@ def uncompiled_step(module, whole_tables):
     return lambda carried, invariants, tables, i: run_step(module, whole_tables, carried, invariants, tables, i)
 
 
-# -- diffusers loops: the scheduler's and guider's Python state, compared with eager's ----------------------------------
+# -- diffusers loops: the scheduler's and guider's Python state, compared with eager's ---------------------------------
 def python_state(setup) -> dict:
     """Deep copies of the scheduler's and guider's instance attributes."""
     comps = setup.components

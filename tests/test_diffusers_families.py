@@ -82,7 +82,7 @@ def test_compile_pipeline_on_a_familys_core_denoise_step_equals_eager(family):
     assert "compiled" in quiet(lambda: __import__("loopgraph").explain(pipe))
 
 
-# -- Inductor: compiled once, no Python per step (`make test-all`) ------------------------------------------------------
+# -- Inductor: compiled once, no Python per step (`make test-all`) -----------------------------------------------------
 @pytest.mark.slow
 @needs_diffusers
 @pytest.mark.parametrize("family", FAMILIES)

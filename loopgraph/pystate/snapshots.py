@@ -228,28 +228,6 @@ def copy_value(value: Any) -> Any:
     return value
 
 
-def object_state(value: Any, depth: int = 0, seen: frozenset = frozenset()) -> Any:
-    """A comparable picture of an object's state, its attributes' and its containers' (to ``MAX_DEPTH``): atoms by
-    type and value, tensors, modules, code and objects already on the path by identity. Two pictures are ``==``
-    when nothing in the object changed that its code could see."""
-    if type(value) in ATOM_TYPES:
-        return (type(value), value)
-    if (isinstance(value, (torch.Tensor, torch.nn.Module, *OPAQUE_LEAVES)) or depth >= MAX_DEPTH
-            or id(value) in seen):
-        return ("is", id(value))
-    seen = seen | {id(value)}
-    if isinstance(value, (list, tuple)):
-        return (type(value), tuple(object_state(v, depth + 1, seen) for v in value))
-    if isinstance(value, dict):
-        return (type(value), tuple((k, object_state(v, depth + 1, seen)) for k, v in value.items()))
-    if isinstance(value, (set, frozenset)):
-        return (type(value), frozenset(value))
-    attrs = getattr(value, "__dict__", None)
-    if not isinstance(attrs, dict):
-        return ("is", id(value))
-    return (type(value), id(value), tuple((k, object_state(v, depth + 1, seen)) for k, v in attrs.items()))
-
-
 class _TensorValue:
     """A tensor in a ``value_state``: equal to another of the same dtype, shape, device and elements."""
 
@@ -273,28 +251,43 @@ def is_plain_object(value: Any) -> bool:
             and isinstance(getattr(value, "__dict__", None), dict))
 
 
-def value_state(value: Any, depth: int = 0, seen: frozenset = frozenset()) -> Any:
-    """A picture of a value by value, to ``MAX_DEPTH``: atoms, tensors' elements, containers' items and plain
-    objects' attributes; modules and code by identity. Two pictures are ``==`` when a deep copy of one would be
-    (a scheduler deep-copied per call, Helios' fresh numpy array, are their traced originals' values)."""
+def _picture(value: Any, by_value: bool, depth: int = 0, seen: frozenset = frozenset()) -> Any:
+    """A comparable picture of a value, its containers' items and its plain objects' attributes (to ``MAX_DEPTH``):
+    atoms by type and value; modules, code and objects already on the path by identity; tensors by their elements
+    (``by_value``) or by identity and version counter; objects, by value, also by identity unless ``by_value``."""
     if type(value) in ATOM_TYPES:
         return (type(value), value)
     if isinstance(value, torch.Tensor):
-        return _TensorValue(value)
-    if type(value).__module__ == "numpy" and hasattr(value, "shape"):
+        if by_value:
+            return _TensorValue(value)
+        return ("tensor", id(value), value._version if not value.is_inference() else 0)
+    if by_value and type(value).__module__ == "numpy" and hasattr(value, "shape"):
         return (type(value), str(getattr(value, "dtype", "")), tuple(value.shape), value.tobytes())
     if isinstance(value, (torch.nn.Module, *OPAQUE_LEAVES)) or depth >= MAX_DEPTH or id(value) in seen:
         return ("is", id(value))
     seen = seen | {id(value)}
     if isinstance(value, (list, tuple)):
-        return (type(value), tuple(value_state(v, depth + 1, seen) for v in value))
+        return (type(value), tuple(_picture(v, by_value, depth + 1, seen) for v in value))
     if isinstance(value, dict):
-        return (type(value), tuple((k, value_state(v, depth + 1, seen)) for k, v in value.items()))
+        return (type(value), tuple((k, _picture(v, by_value, depth + 1, seen)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
         return (type(value), frozenset(value))
     if is_plain_object(value):
-        return (type(value), tuple((k, value_state(v, depth + 1, seen)) for k, v in vars(value).items()))
+        attrs = tuple((k, _picture(v, by_value, depth + 1, seen)) for k, v in vars(value).items())
+        return (type(value), attrs) if by_value else (type(value), id(value), attrs)
     return ("is", id(value))
+
+
+def object_state(value: Any) -> Any:
+    """A picture of an object's state: ``==`` to another when nothing in it changed that its code could see (tensors
+    by identity and version counter, objects by identity too)."""
+    return _picture(value, by_value=False)
+
+
+def value_state(value: Any) -> Any:
+    """A picture of a value by value: ``==`` to another when a deep copy of one would be (a scheduler deep-copied per
+    call, a fresh numpy array of the same values); modules and code by identity."""
+    return _picture(value, by_value=True)
 
 
 def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

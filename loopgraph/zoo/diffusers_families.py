@@ -18,10 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from .diffusers_loops import _require_diffusers
+from .diffusers_loops import require_diffusers
 
-__all__ = ["FAMILIES", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "Calls", "coverage", "describe", "run_calls", "seeded",
-           "table_rows"]
+__all__ = ["FAMILIES", "Calls", "Coverage", "FamilyRecipe", "FamilySetup", "build_family", "coverage", "describe",
+           "run_calls", "table_rows"]
 
 # family -> its loop as diffusers names it; recipes live in loopgraph/zoo/families/<family>.py
 FAMILIES: tuple[str, ...] = (
@@ -29,13 +29,6 @@ FAMILIES: tuple[str, ...] = (
     "ideogram4", "krea2", "ltx", "ltx2", "minimax_h3", "minimax_music3", "qwenimage", "qwenimage21",
     "stable_diffusion_3", "stable_diffusion_xl", "wan", "wan_animate_2", "z_image",
 )
-
-
-def seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """``make()`` under ``torch.manual_seed(seed)``, in eval mode; the caller's global RNG is left alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return make().eval()
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,7 @@ def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool =
         >>> setup.run().get("latents").shape
         torch.Size([1, 4, 8, 8])
     """
-    _require_diffusers()
+    require_diffusers()
     if family not in FAMILIES:
         raise ValueError(f"unknown diffusers family {family!r}; known: {list(FAMILIES)}")
     if steps < 1:
@@ -185,7 +178,7 @@ def build_family(family: str, *, steps: int = 4, seed: int = 0, progress: bool =
                        core_name=recipe.core_name or type(core).__name__)
 
 
-# -- coverage: how compile_loop runs each family ------------------------------------------------------------------------
+# -- coverage: how compile_loop runs each family -----------------------------------------------------------------------
 TABLE_BEGIN, TABLE_END = "<!-- families: begin (python -m loopgraph.zoo.diffusers_families --write FILE) -->", \
     "<!-- families: end -->"
 

@@ -22,12 +22,13 @@ import torch
 
 from .loops import LoopSetup
 
-__all__ = ["DIFFUSERS_LOOPS", "DiffusersLoopSetup", "build_diffusers_loop"]
+__all__ = ["DIFFUSERS_LOOPS", "DiffusersLoopSetup", "build_diffusers_loop", "require_diffusers", "sdxl_scheduler",
+           "sdxl_unet", "seeded", "wan_scheduler", "wan_transformer"]
 
 DENOISER_FIELDS = "denoiser_input_fields"
 
 
-def _require_diffusers():
+def require_diffusers():
     """Import diffusers, or say how to get it."""
     try:
         import diffusers
@@ -79,7 +80,7 @@ class DiffusersLoopSetup(LoopSetup):
         return kwargs
 
 
-def _seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+def seeded(seed: int, make: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
         torch.manual_seed(seed)
         return make().eval()
@@ -94,11 +95,11 @@ class _Recipe:
     begin_index: int | None
 
 
-def _sdxl(seed: int, gen: torch.Generator) -> _Recipe:
-    from diffusers import ClassifierFreeGuidance, EulerDiscreteScheduler, UNet2DConditionModel
-    from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
+def sdxl_unet(seed: int) -> torch.nn.Module:
+    """SDXL's UNet at a tiny config (diffusers' fast tests): text-time conditioning, cross-attention dim 64."""
+    from diffusers import UNet2DConditionModel
 
-    unet = _seeded(seed, lambda: UNet2DConditionModel(
+    return seeded(seed, lambda: UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
@@ -106,8 +107,21 @@ def _sdxl(seed: int, gen: torch.Generator) -> _Recipe:
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled
         cross_attention_dim=64,
     ))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+
+
+def sdxl_scheduler():
+    """SDXL base's Euler scheduler config."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, timestep_spacing="leading")
+
+
+def _sdxl(seed: int, gen: torch.Generator) -> _Recipe:
+    from diffusers import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.stable_diffusion_xl.denoise import StableDiffusionXLDenoiseStep
+
+    unet, scheduler = sdxl_unet(seed), sdxl_scheduler()
     fields = {
         "prompt_embeds": torch.randn(1, 7, 64, generator=gen),
         "negative_prompt_embeds": torch.randn(1, 7, 64, generator=gen),
@@ -129,7 +143,7 @@ def _flux(seed: int, gen: torch.Generator) -> _Recipe:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from diffusers.modular_pipelines.flux.denoise import FluxDenoiseStep
 
-    transformer = _seeded(seed, lambda: FluxTransformer2DModel(
+    transformer = seeded(seed, lambda: FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
     ))
@@ -149,16 +163,29 @@ def _flux(seed: int, gen: torch.Generator) -> _Recipe:
     )
 
 
-def _wan(seed: int, gen: torch.Generator) -> _Recipe:
-    from diffusers import ClassifierFreeGuidance, UniPCMultistepScheduler, WanTransformer3DModel
-    from diffusers.modular_pipelines.wan.denoise import WanDenoiseStep
+def wan_transformer(seed: int) -> torch.nn.Module:
+    """Wan 2.1's transformer at a tiny config (diffusers' fast tests): 2 layers, 2 heads x 12, text dim 32."""
+    from diffusers import WanTransformer3DModel
 
-    transformer = _seeded(seed, lambda: WanTransformer3DModel(
+    return seeded(seed, lambda: WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     ))
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def wan_scheduler():
+    """The Wan 2.1 checkpoints' scheduler config: UniPC multistep, flow prediction, shift 3."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def _wan(seed: int, gen: torch.Generator) -> _Recipe:
+    from diffusers import ClassifierFreeGuidance
+    from diffusers.modular_pipelines.wan.denoise import WanDenoiseStep
+
+    transformer, scheduler = wan_transformer(seed), wan_scheduler()
     return _Recipe(
         block=WanDenoiseStep(),
         components={"transformer": transformer, "scheduler": scheduler,
@@ -178,7 +205,7 @@ def _qwenimage(seed: int, gen: torch.Generator) -> _Recipe:
     from diffusers import ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
     from diffusers.modular_pipelines.qwenimage.denoise import QwenImageDenoiseStep
 
-    transformer = _seeded(seed, lambda: QwenImageTransformer2DModel(
+    transformer = seeded(seed, lambda: QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
         num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
     ))
@@ -226,7 +253,7 @@ def build_diffusers_loop(name: str, *, steps: int = 8, seed: int = 0, progress: 
         >>> setup.run().shape
         torch.Size([1, 64, 4])
     """
-    _require_diffusers()
+    require_diffusers()
     if name not in DIFFUSERS_LOOPS:
         raise ValueError(f"unknown diffusers loop {name!r}; known: {sorted(DIFFUSERS_LOOPS)}")
     if steps < 1:

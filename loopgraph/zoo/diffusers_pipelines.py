@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .diffusers_loops import _require_diffusers, _seeded
+from .diffusers_loops import require_diffusers, seeded
 
 __all__ = ["PipelineSetup", "build_diffusers_pipeline", "DIFFUSERS_PIPELINES"]
 
@@ -75,7 +75,7 @@ def _word_tokenizer(folder: Path):
 def _vae(seed: int, **config: Any):
     from diffusers import AutoencoderKL
 
-    return _seeded(seed, lambda: AutoencoderKL(
+    return seeded(seed, lambda: AutoencoderKL(
         block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
         **config))
@@ -89,7 +89,7 @@ def _sdxl(folder: Path, seed: int) -> tuple[Any, dict[str, Any]]:
 
     tokenizer = _clip_tokenizer(folder / "clip")
     config = dict(vocab_size=len(tokenizer), **_CLIP)
-    unet = _seeded(seed + 3, lambda: UNet2DConditionModel(
+    unet = seeded(seed + 3, lambda: UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
@@ -98,8 +98,8 @@ def _sdxl(folder: Path, seed: int) -> tuple[Any, dict[str, Any]]:
         cross_attention_dim=64))                   # the two text encoders' hidden states side by side: 32 + 32
     pipe = StableDiffusionXLAutoBlocks().init_pipeline()
     pipe.update_components(
-        text_encoder=_seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**config))),
-        text_encoder_2=_seeded(seed + 2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**config,
+        text_encoder=seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(**config))),
+        text_encoder_2=seeded(seed + 2, lambda: CLIPTextModelWithProjection(CLIPTextConfig(**config,
                                                                                             projection_dim=32))),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, vae=_vae(seed + 4),
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -117,13 +117,13 @@ def _flux(folder: Path, seed: int) -> tuple[Any, dict[str, Any]]:
     tokenizer, words = _clip_tokenizer(folder / "clip"), _word_tokenizer(folder / "t5")
     pipe = FluxAutoBlocks().init_pipeline()
     pipe.update_components(
-        text_encoder=_seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **_CLIP))),
+        text_encoder=seeded(seed + 1, lambda: CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **_CLIP))),
         tokenizer=tokenizer,
-        text_encoder_2=_seeded(seed + 2, lambda: T5EncoderModel(T5Config(
+        text_encoder_2=seeded(seed + 2, lambda: T5EncoderModel(T5Config(
             vocab_size=len(_WORDS), d_model=32, d_ff=37, d_kv=16, num_layers=2, num_heads=2, pad_token_id=0,
             eos_token_id=1))),
         tokenizer_2=words,
-        transformer=_seeded(seed + 3, lambda: FluxTransformer2DModel(
+        transformer=seeded(seed + 3, lambda: FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])),
         vae=_vae(seed + 4, shift_factor=0.0, scaling_factor=1.0),  # 4 latent channels, packed 2x2 into 16
@@ -142,7 +142,7 @@ DIFFUSERS_PIPELINES: dict[str, Callable[[Path, int], tuple[Any, dict[str, Any]]]
 def build_diffusers_pipeline(name: str, *, seed: int = 0, folder: str | Path | None = None) -> PipelineSetup:
     """A diffusers ``ModularPipeline`` from its preset blocks with tiny components; tokenizer files go into
     ``folder`` (a new temporary folder when None). ``name``: one of ``DIFFUSERS_PIPELINES``."""
-    _require_diffusers()
+    require_diffusers()
     if name not in DIFFUSERS_PIPELINES:
         raise ValueError(f"unknown diffusers pipeline {name!r}; known: {sorted(DIFFUSERS_PIPELINES)}")
     where = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix=f"loopgraph-{name}-"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusers_families import FamilyRecipe, seeded
+from ..diffusers_families import FamilyRecipe
+from ..diffusers_loops import seeded
 
 
 def recipe(seed: int, gen: torch.Generator) -> FamilyRecipe:

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusers_families import FamilyRecipe, seeded
+from ..diffusers_families import FamilyRecipe
+from ..diffusers_loops import sdxl_scheduler, sdxl_unet
 
 
 def recipe(seed: int, gen: torch.Generator) -> FamilyRecipe:
-    from diffusers import ClassifierFreeGuidance, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import ClassifierFreeGuidance
     from diffusers.modular_pipelines.stable_diffusion_xl.modular_blocks_stable_diffusion_xl import (
         StableDiffusionXLCoreDenoiseStep,
     )
 
-    unet = seeded(seed, lambda: UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
-        norm_num_groups=1, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled
-        cross_attention_dim=64,
-    ))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # SDXL base's scheduler config
+    unet, scheduler = sdxl_unet(seed), sdxl_scheduler()  # the tiny UNet and SDXL's scheduler, as diffusers_loops
     # the core step's denoise block is an AutoPipelineBlocks (controlnet / inpaint / plain): resolve it, with
     # no trigger inputs, to the text-to-image blocks (input, set_timesteps, prepare_latents, prepare_add_cond,
     # the StableDiffusionXLDenoiseStep loop), as a pipeline call with prompt embeddings only would run them
