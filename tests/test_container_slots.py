@@ -2,6 +2,8 @@
 per image, handed to the denoiser as a list): the loop carries each tensor as a slot of its own and puts the
 container back together, so the loop stays compiled. Equality with eager first."""
 
+import collections
+
 import pytest
 import torch
 
@@ -104,3 +106,57 @@ def test_a_container_read_by_the_next_step_runs_as_eager_runs_it():
     for _ in range(2):
         assert_same_state(quiet(call, fast, comps, x), want)
     assert "a tensor computed in an earlier step reached this step" in fast.explain()
+
+
+class SplitAs(XBlock):
+    """``parts`` as a named tuple or a defaultdict: not rebuilt item by item, the loop runs eagerly."""
+
+    kind = "namedtuple"
+
+    def __call__(self, components, block_state, i: int):
+        rows = block_state.x.unbind(0)
+        if self.kind == "namedtuple":
+            block_state.parts = Pair(*rows)
+        else:
+            block_state.parts = collections.defaultdict(list, {f"image{k}": row for k, row in enumerate(rows)})
+        return components, block_state
+
+
+Pair = collections.namedtuple("Pair", "first second")
+
+
+class FreeingLoop(Loop):
+    """Sets the scratch list to None after its loop (frees it)."""
+
+    def __call__(self, components, state):
+        bs = self.get_block_state(state)
+        for i in range(bs.num_steps):
+            components, bs = self.loop_step(components, bs, i=i)
+        bs.parts = None
+        self.set_block_state(state, bs)
+        return components, state
+
+
+@pytest.mark.parametrize("kind", ["namedtuple", "defaultdict"])
+def test_a_container_of_another_type_runs_as_eager_runs_it(kind):
+    split = SplitAs()
+    split.kind = kind
+    loop = Loop.from_blocks_dict({"split": split, "join": Join()})
+    comps = Components(model=ListModel())
+    x = torch.randn(2, 4)
+    fast = compile_loop(loop, backend="eager")
+    want = call(loop, comps, x)
+    for _ in range(2):
+        got = quiet(call, fast, comps, x)
+        assert matches_eager(got.get("x"), want.get("x")) and type(got.get("parts")) is type(want.get("parts"))
+
+
+def test_a_container_slot_the_wrapper_empties_after_its_loop_is_left_as_eager_leaves_it():
+    loop = FreeingLoop.from_blocks_dict({"split": Split(), "join": Join()})
+    comps = Components(model=ListModel())
+    x = torch.randn(2, 4)
+    fast = compile_loop(loop, backend="eager")
+    want = call(loop, comps, x)
+    for _ in range(2):
+        got = quiet(call, fast, comps, x)
+        assert matches_eager(got.get("x"), want.get("x")) and got.get("parts") is None

@@ -48,6 +48,14 @@ class MaskedStep(XBlock):
             h = h + components.keeper.mask.float().mean()  # timesteps and the BlockState's are one tensor)
             if mask.sum() > 1:
                 h = h * 0.5
+        elif self.kind == "flag":  # a 0-d mask selects everything or nothing: not a mask's positions
+            h[mask.bool().any()] = 0.0
+        elif self.kind == "numpy":  # an array that shares the tensor's memory: not a check, the block runs eagerly
+            h = h * float(mask.numpy().sum() + 1)
+        elif self.kind == "list_changed":  # the caller changes the list it got: the check keeps its own copy
+            ids = mask.tolist()
+            ids.append(7)
+            h = h * (1.0 + sum(ids) / 10)
         elif self.kind == "written":  # the mask is loop state: its outcome changes between steps
             if mask.sum() > 1:
                 h = h * 0.5
@@ -73,7 +81,8 @@ def setup(kind):
     return Loop.from_blocks_dict({"denoise": block}), Components(model=torch.nn.Linear(4, 4), keeper=Components())
 
 
-@pytest.mark.parametrize("kind", ["bool", "tolist", "nonzero", "mask_index", "built_in_place", "also_held"])
+@pytest.mark.parametrize("kind", ["bool", "tolist", "nonzero", "mask_index", "built_in_place", "also_held",
+                                  "list_changed"])
 def test_a_data_dependent_op_on_an_input_no_step_writes_keeps_the_loop_compiled(kind):
     loop, comps = setup(kind)
     x = torch.randn(3, 4)
@@ -110,3 +119,49 @@ def test_an_input_a_step_writes_keeps_its_block_eager_and_equal():
     for _ in range(2):
         assert matches_eager(quiet(call, fast, comps, x, mask.clone()), want)
     assert "data-dependent Python: `__bool__` on a value derived from loop state" in fast.explain()
+
+
+@pytest.mark.parametrize("kind", ["numpy", "flag"])
+def test_numpy_of_an_input_or_a_0d_mask_runs_as_eager_runs_it(kind):
+    loop, comps = setup(kind)
+    x = torch.randn(3, 4)
+    fast = compile_loop(loop, backend="eager")
+    for mask in [torch.tensor([1, 0, 1]), torch.tensor([1, 0, 1]), torch.tensor([1, 1, 1])]:
+        want = call(loop, comps, x, mask.clone())
+        assert matches_eager(quiet(call, fast, comps, x, mask.clone()), want)
+    if kind == "numpy":
+        assert "data-dependent Python: `numpy`" in fast.explain()
+
+
+class ScheduleTwice(XBlock):
+    """Reads one schedule through a component and through the BlockState (a scheduler's own timesteps that the
+    pipeline also hands to the loop): one tensor when traced."""
+
+    @property
+    def inputs(self):
+        return [InputParam("x"), InputParam("ts")]
+
+    def __call__(self, components, block_state, i: int):
+        block_state.x = block_state.x * components.keeper.ts[i] + block_state.ts.sum()
+        return components, block_state
+
+
+def test_a_component_tensor_that_was_an_inputs_tensor_and_no_longer_is_re_plans():
+    loop = Loop.from_blocks_dict({"d": ScheduleTwice()})
+    fast = compile_loop(loop, backend="eager")
+    for k in range(4):
+        ts = torch.arange(1.0, 5.0) * (k + 1 if k < 2 else 1)
+        comps = Components(keeper=Components(ts=ts))
+        given = ts if k < 2 else ts.clone()  # from call 3 on the component keeps a tensor of its own
+        eager_comps = Components(keeper=Components(ts=ts))
+        want = toy(loop, eager_comps, given)
+        assert matches_eager(quiet(toy, fast, comps, given), want), k
+
+
+def toy(loop, components, ts, n=3):
+    state = PipelineState()
+    state.set("x", torch.ones(2))
+    state.set("ts", ts)
+    state.set("num_steps", n)
+    _, state = loop(components, state)
+    return state.get("x")

@@ -23,7 +23,8 @@ import torch
 
 from ..modular_pipelines.state import _atoms_only, values_equal
 from ..pystate.attribute_log import INPUT_ROOT
-from ..pystate.snapshots import a_type, describe, tensor_snaps, value_state
+from ..pystate.components import slot_aliases
+from ..pystate.snapshots import ContainerSnap, a_type, describe, tensor_snaps, value_state
 from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
@@ -210,7 +211,7 @@ def plan_guard(trace, lifted: bool = True) -> PlanGuard:
     objects = {k: (obj, picture, k in by_value) for k, (obj, picture) in trace.input_objects.items()}
     inputs = InputGuard(trace.initial_slots, trace.schedule_inputs,
                         {s.name: s for s in floats if s.kind == SourceKind.INPUT}, objects)
-    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes), trace.checks)
+    return PlanGuard(trace.components, inputs, StateGuard(reads, rules, attributes), trace.checks, trace.aliases)
 
 
 def rebound_objects(trace) -> set[str]:
@@ -223,13 +224,31 @@ def rebound_objects(trace) -> set[str]:
         return set()
     roots = {id(obj) for obj, _ in trace.input_objects.values()}
     python = trace.python
-    if any(python.paths.get(id(obj), "").startswith(INPUT_ROOT) and id(obj) not in roots
-           for obj, _, _ in python.end):
-        return set()
+    tree = {oid for oid, path in python.paths.items() if path.startswith(INPUT_ROOT)} | roots
+    if any(id(obj) in tree and id(obj) not in roots for obj, _, _ in python.end):
+        return set()  # it wrote into an object inside one
+    if any(_refers(value, tree) for _, _, value in python.end):
+        return set()  # it left one (or an object inside it) somewhere else (`holder.current = bs.sched`)
     inside = [r for r in python.reads.values() if r.path.startswith(INPUT_ROOT)]
+    if any(_refers(r.value, tree) for r in python.reads.values() if not r.path.startswith(INPUT_ROOT)):
+        return set()  # the components or blocks hold one too (`state.set("sched", components.scheduler)`)
     if any(id(snap.tensor) in trace.usage.const for r in inside for snap in tensor_snaps(r.value)):
         return set()
     return set(trace.input_objects)
+
+
+def _refers(value: Any, ids: set[int], depth: int = 0) -> bool:
+    """Whether ``value`` (a read's snapshot, an attribute's end value) is or holds one of the objects ``ids``."""
+    if id(value) in ids:
+        return True
+    if depth > 6:
+        return False
+    items = getattr(value, "items", None) if isinstance(value, ContainerSnap) else value
+    if isinstance(items, dict):
+        return any(_refers(v, ids, depth + 1) for v in items.values())
+    if isinstance(items, (list, tuple)):
+        return any(_refers(v, ids, depth + 1) for v in items)
+    return False
 
 
 def stable_guard(trace, guard: PlanGuard) -> StateGuard:
@@ -242,22 +261,36 @@ class PlanGuard:
     """Everything a plan is valid for: the components object, the BlockState inputs and the Python state its
     traced call read."""
 
-    def __init__(self, components: Any, inputs: InputGuard, state: StateGuard, checks: tuple = ()) -> None:
+    def __init__(self, components: Any, inputs: InputGuard, state: StateGuard, checks: tuple = (),
+                 aliases: tuple = ((), frozenset())) -> None:
         self.components, self.inputs, self.state = components, inputs, state
         self.checks = checks  # data-dependent ops on the inputs, evaluated per call (trace/hoist.py)
+        self.aliases = aliases  # component tensors that were BlockState slots' tensors (pystate/components.py)
+
+    def _aliases_hold(self, slots: dict[str, Any]) -> bool:
+        names, pairs = self.aliases
+        objects = {n: o for n in names if (o := getattr(self.components, n, None)) is not None}
+        return slot_aliases(objects, slots) == pairs
 
     def holds(self, components: Any, slots: dict[str, Any]) -> bool:
         """Whether a call with ``components`` and BlockState ``slots`` (and the Python state as it is now) may
         reuse the plan: the fast path, no reasons."""
         return (components is self.components and self.inputs.holds(slots) and self.state.holds()
-                and all(c.holds(slots) for c in self.checks))
+                and all(c.holds(slots) for c in self.checks) and self._aliases_hold(slots))
 
     def check(self, components: Any, slots: dict[str, Any]) -> str | None:
         """None when the call may reuse the plan, else why not."""
         if components is not self.components:
             return "another components object than the traced call's"
-        return (self.inputs.check(slots) or self.state.check()
-                or next((why for c in self.checks if (why := c.check(slots)) is not None), None))
+        why = (self.inputs.check(slots) or self.state.check()
+               or next((why for c in self.checks if (why := c.check(slots)) is not None), None))
+        if why is None and not self._aliases_hold(slots):
+            names, pairs = self.aliases
+            now = slot_aliases({n: o for n in names if (o := getattr(self.components, n, None)) is not None}, slots)
+            shown = lambda found: sorted(f"{'.'.join(map(str, path))} is input {slot!r}" for path, slot in found)
+            why = (f"which component tensors are BlockState inputs' tensors changed: now {shown(now) or 'none'}, "
+                   f"when traced {shown(pairs) or 'none'}")
+        return why
 
     def describe(self) -> str:
         s = self.state

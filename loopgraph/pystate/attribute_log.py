@@ -40,11 +40,12 @@ import torch
 from . import class_hooks
 from ..modular_pipelines.state import _atoms_only
 from ..trace.floats import Lifts
-from .class_hooks import HEAPTYPE, Patcher
+from .class_hooks import Patcher
 from .components import _TORCH_GLOBAL_HOOKS, _class_lookup, value_of
 from .snapshots import (
     ABSENT,
     ATOM_TYPES,
+    HEAPTYPE,
     MAX_DEPTH,
     OPAQUE_LEAVES,
     ContainerSnap,

@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .snapshots import ABSENT
+from .snapshots import ABSENT, HEAPTYPE
 
 if TYPE_CHECKING:
     from .attribute_log import Recording
 
-__all__ = ["HEAPTYPE", "Patcher", "active"]
+__all__ = ["Patcher", "active"]
 
-HEAPTYPE = 1 << 9  # a class defined in Python (its attributes can be set)
 
 _HOOK = "_loopgraph_hook"
 

@@ -11,7 +11,7 @@ import torch
 
 from .snapshots import ABSENT
 
-__all__ = ["component_objects", "component_tensors", "put", "set_attribute", "value_of"]
+__all__ = ["component_objects", "component_tensors", "put", "set_attribute", "slot_aliases", "value_of"]
 
 
 def value_of(obj: Any, name: str) -> Any:
@@ -80,6 +80,14 @@ def component_tensors(objects: dict[str, Any]) -> dict[str, tuple[tuple, torch.T
         for attr, value in vars(obj).items():
             walk(value, (comp, attr), f"{comp}.{attr}")
     return found
+
+
+def slot_aliases(objects: dict[str, Any], slots: dict[str, Any]) -> frozenset:
+    """(path, slot) for each component tensor that is a BlockState slot's tensor (a scheduler's timesteps handed to
+    the loop as its own input): the step reads it through the slot, so a plan holds only while the same ones are
+    one tensor."""
+    ids = {id(v): k for k, v in slots.items() if isinstance(v, torch.Tensor)}
+    return frozenset((path, ids[id(t)]) for path, t in component_tensors(objects).values() if id(t) in ids)
 
 
 def put(components, path: tuple, value: torch.Tensor) -> None:

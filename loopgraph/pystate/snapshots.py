@@ -18,9 +18,9 @@ import torch
 
 from ..modular_pipelines.state import _atoms_only
 
-__all__ = ["ABSENT", "ATOMS", "ContainerSnap", "TensorRule", "TensorSnap", "copy_value", "describe", "difference",
-           "is_plain_object", "object_state", "same", "snapshot", "tensor_matches", "tensor_snaps", "value_state",
-           "walk_tensors"]
+__all__ = ["ABSENT", "ATOMS", "HEAPTYPE", "ContainerSnap", "TensorRule", "TensorSnap", "copy_value", "describe",
+           "difference", "is_plain_object", "object_state", "same", "snapshot", "tensor_matches", "tensor_snaps",
+           "value_state", "walk_tensors"]
 
 ATOMS = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device, torch.memory_format,
          torch.layout)
@@ -31,6 +31,8 @@ OPAQUE_LEAVES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType
 # identity and version counter.
 TENSOR_VALUE_NUMEL = 1 << 16
 MAX_DEPTH = 6
+HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made at run time (a class statement, or a C type from a spec)
+IMMUTABLETYPE = 1 << 8  # Py_TPFLAGS_IMMUTABLETYPE: C types (functools.partial); a class statement's classes lack it
 
 
 class _Absent:
@@ -229,12 +231,13 @@ def copy_value(value: Any) -> Any:
 
 
 class _TensorValue:
-    """A tensor in a ``value_state``: equal to another of the same dtype, shape, device and elements."""
+    """A tensor in a ``value_state``: equal to another of the same dtype, shape, device and elements (``keep``: a
+    copy, for the picture a plan keeps; else the tensor itself, for the call's side)."""
 
     __slots__ = ("tensor",)
 
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor.detach().clone()
+    def __init__(self, tensor: torch.Tensor, keep: bool) -> None:
+        self.tensor = tensor.detach().clone() if keep else tensor
 
     def __eq__(self, other: Any) -> bool:
         t = getattr(other, "tensor", None)
@@ -245,21 +248,23 @@ class _TensorValue:
 
 
 def is_plain_object(value: Any) -> bool:
-    """An object that keeps its state in attributes (a scheduler), not an atom, tensor, container, module or code."""
-    return (type(value) not in ATOM_TYPES and not isinstance(value, (torch.Tensor, torch.nn.Module, *OPAQUE_LEAVES,
-                                                                     list, tuple, dict, set, frozenset))
-            and isinstance(getattr(value, "__dict__", None), dict))
+    """An object that keeps all its state in its ``__dict__`` (a scheduler): an instance of classes made by class
+    statements only, without ``__slots__`` (not an atom, tensor, container, module, code, partial or other C type)."""
+    return (not isinstance(value, (torch.Tensor, torch.nn.Module))
+            and isinstance(getattr(value, "__dict__", None), dict)
+            and all(c is object or (c.__flags__ & HEAPTYPE and not c.__flags__ & IMMUTABLETYPE
+                                    and "__slots__" not in vars(c)) for c in type(value).__mro__))
 
 
-def _picture(value: Any, by_value: bool, depth: int = 0, seen: frozenset = frozenset()) -> Any:
+def _picture(value: Any, by_value: bool, keep: bool = False, depth: int = 0, seen: frozenset = frozenset()) -> Any:
     """A comparable picture of a value, its containers' items and its plain objects' attributes (to ``MAX_DEPTH``):
     atoms by type and value; modules, code and objects already on the path by identity; tensors by their elements
     (``by_value``) or by identity and version counter; objects, by value, also by identity unless ``by_value``."""
     if type(value) in ATOM_TYPES:
         return (type(value), value)
     if isinstance(value, torch.Tensor):
-        if by_value:
-            return _TensorValue(value)
+        if by_value and value.numel() <= TENSOR_VALUE_NUMEL:
+            return _TensorValue(value, keep)
         return ("tensor", id(value), value._version if not value.is_inference() else 0)
     if by_value and type(value).__module__ == "numpy" and hasattr(value, "shape"):
         return (type(value), str(getattr(value, "dtype", "")), tuple(value.shape), value.tobytes())
@@ -267,13 +272,13 @@ def _picture(value: Any, by_value: bool, depth: int = 0, seen: frozenset = froze
         return ("is", id(value))
     seen = seen | {id(value)}
     if isinstance(value, (list, tuple)):
-        return (type(value), tuple(_picture(v, by_value, depth + 1, seen) for v in value))
+        return (type(value), tuple(_picture(v, by_value, keep, depth + 1, seen) for v in value))
     if isinstance(value, dict):
-        return (type(value), tuple((k, _picture(v, by_value, depth + 1, seen)) for k, v in value.items()))
+        return (type(value), tuple((k, _picture(v, by_value, keep, depth + 1, seen)) for k, v in value.items()))
     if isinstance(value, (set, frozenset)):
         return (type(value), frozenset(value))
     if is_plain_object(value):
-        attrs = tuple((k, _picture(v, by_value, depth + 1, seen)) for k, v in vars(value).items())
+        attrs = tuple((k, _picture(v, by_value, keep, depth + 1, seen)) for k, v in vars(value).items())
         return (type(value), attrs) if by_value else (type(value), id(value), attrs)
     return ("is", id(value))
 
@@ -284,10 +289,11 @@ def object_state(value: Any) -> Any:
     return _picture(value, by_value=False)
 
 
-def value_state(value: Any) -> Any:
+def value_state(value: Any, keep: bool = False) -> Any:
     """A picture of a value by value: ``==`` to another when a deep copy of one would be (a scheduler deep-copied per
-    call, a fresh numpy array of the same values); modules and code by identity."""
-    return _picture(value, by_value=True)
+    call, a fresh numpy array of the same values); modules, code and large tensors by identity. ``keep``: the
+    picture holds copies of the tensors (one a plan keeps), else the tensors themselves (a call's, compared now)."""
+    return _picture(value, by_value=True, keep=keep)
 
 
 def walk_tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:

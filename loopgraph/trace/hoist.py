@@ -18,7 +18,15 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-__all__ = ["Hoisted", "NotHoistable", "extract", "same_outcome"]
+__all__ = ["HOISTABLE", "Hoisted", "NotHoistable", "extract", "same_outcome"]
+
+# The data-dependent ops whose outcome is a Python value or a tensor a check can compare (not `numpy()`, whose array
+# shares the tensor's memory, nor `repr`/`format`)
+HOISTABLE = frozenset({
+    "item", "__bool__", "__int__", "__float__", "__index__", "__complex__", "tolist", "nonzero", "nonzero_static",
+    "argwhere", "is_nonzero", "equal", "allclose", "_local_scalar_dense", "masked_select", "unique",
+    "unique_consecutive", "bincount",
+})
 
 
 class NotHoistable(Exception):

@@ -223,6 +223,8 @@ class LoopTrace:
     checks: tuple = ()  # data-dependent ops on BlockState inputs no step writes, checked per call (trace/hoist.py)
     input_objects: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # BlockState slot -> (a plain object
                                                                               # it held, its value_state then)
+    aliases: tuple = ((), frozenset())  # (the components looked at, {(a component tensor's path, a BlockState slot)}):
+                                        # one tensor in both places when traced
 
     @property
     def lifted(self) -> list[Source]:

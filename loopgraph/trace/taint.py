@@ -6,6 +6,7 @@ reported as an ``Unsupported`` problem of the block it ran in, with the user's f
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import sys
 import traceback
@@ -253,7 +254,9 @@ class Recorder(TorchFunctionMode):
         has a static size (the mask's positions checked per call, trace/hoist.py). None: no mask, or one computed
         from loop state."""
         items = index if type(index) is tuple else (index,)
-        if not any(isinstance(m, torch.Tensor) and m.dtype == torch.bool for m in items):
+        masks = [m for m in items if isinstance(m, torch.Tensor) and m.dtype == torch.bool]
+        if len(masks) != 1 or masks[0].dim() == 0 or not all(  # `x[mask]`, `x[:, mask]`, `x[..., mask]` only
+                m is masks[0] or m is Ellipsis or m == slice(None) for m in items):
             return None
         converted = []
         for m in items:
@@ -271,7 +274,7 @@ class Recorder(TorchFunctionMode):
     def _hoist(self, func, name: str, args: tuple, kwargs: dict, flat: list, out: Any) -> bool:
         """A data-dependent op whose tensors derive from BlockState inputs only: its outcome becomes a constant
         of the step, checked per call (trace/hoist.py). False when it cannot be (the caller records a problem)."""
-        if self.step is None or not self.in_step or self.step.index < 0 or any(
+        if name not in hoist.HOISTABLE or self.step is None or not self.in_step or self.step.index < 0 or any(
                 type(v) is TracedFloat or (isinstance(v, torch.Tensor) and self.stale.get(id(v)) is v) for v in flat):
             return False
         nodes: list[fx.Node] = []
@@ -283,7 +286,7 @@ class Recorder(TorchFunctionMode):
                 module, inputs = hoist.extract(self.step.graph, self.step.constants, nodes, self.slots)
             except hoist.NotHoistable:
                 return False
-            outcome = out.clone() if isinstance(out, torch.Tensor) else out
+            outcome = out.clone() if isinstance(out, torch.Tensor) else copy.deepcopy(out)  # the caller may change it
         self.hoisted.append(hoist.Hoisted(name, _user_location(), self.block, func, template, module, inputs,
                                           outcome))
         return True

@@ -26,7 +26,7 @@ import torch.fx as fx
 from ..modular_pipelines.blocks import run_block
 from .calls import CallWatcher
 from ..pystate.attribute_log import INPUT_ROOT, TRACE_LOCK, Recording, record
-from ..pystate.components import component_objects, component_tensors, set_attribute, value_of
+from ..pystate.components import component_objects, component_tensors, set_attribute, slot_aliases, value_of
 from ..pystate.snapshots import is_plain_object, value_state, walk_tensors
 from ..rng import CounterDraws
 from .floats import Lifts, SourceKind, TracedFloat, floats_in, plain
@@ -154,10 +154,14 @@ class Tracer:
         self.progress = False                           # the wrapper opened its progress bar
         self.containers: dict[str, Container] = {}      # slots holding a list (tuple, dict) of loop tensors
         self.input_objects: dict[str, tuple[Any, Any]] = {}  # slot -> (plain object, its value_state then)
+        self.aliases: tuple = ((), frozenset())         # (components looked at, {(tensor's path, slot)}): one
+                                                        # tensor in both places
+        self._components: Any = None
         self._intercept: _Intercept | None = None
 
     def trace(self, components, state) -> tuple[LoopTrace, Any]:
         wrapper = self.wrapper
+        self._components = components
         methods = {"get_block_state": self.get_block_state, "set_block_state": self.set_block_state,
                    "loop_step": self.loop_step, "progress_bar": self.progress_bar}
         with TRACE_LOCK:
@@ -197,8 +201,11 @@ class Tracer:
                 setattr(bs, k, self.lifts.input(k, v))
             elif is_plain_object(v) and k not in exclude:  # a scheduler in the BlockState: watched, and pictured
                 with self.python.paused(), torch._C.DisableTorchFunction():
-                    self.input_objects[k] = (v, value_state(v))
+                    self.input_objects[k] = (v, value_state(v, keep=True))
                     self.python.watch(v, f"{INPUT_ROOT}{k!r}]")
+        with self.python.paused():
+            objects = component_objects(self.wrapper, self._components)
+            self.aliases = (tuple(objects), slot_aliases(objects, self.initial))
         return bs
 
     def set_block_state(self, st, bs):
@@ -362,6 +369,10 @@ class Tracer:
     def _flatten(self, step: StepTrace, name: str, value: Any) -> None:
         """A slot holding a list, tuple or dict of loop tensors: each tensor is a step output of its own (slot
         ``name[k]``); the same structure every step, tensors only, or the loop falls back."""
+        if type(value) not in (list, tuple, dict):  # a named tuple, a model output: rebuilt how? not carried
+            self._wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(value).__name__} (the compiled "
+                                  f"loop carries tensors, and plain lists, tuples and dicts of tensors)")
+            return
         keys = tuple(value) if isinstance(value, dict) else tuple(range(len(value)))
         container = Container(type(value), keys)
         items = [value[k] for k in keys]
@@ -380,8 +391,10 @@ class Tracer:
         initial = self.initial or {}
         final = _settle_floats(python, self.final or {})
         for name, container in self.containers.items():
-            if name in final:
-                final.update({slot: final[name][k] for k, slot in container.items(name)})
+            value = final.get(name)
+            if type(value) is container.type and (tuple(value) if isinstance(value, dict)
+                                                  else tuple(range(len(value)))) == container.keys:
+                final.update({slot: value[k] for k, slot in container.items(name)})
         draws = recorder.draws
         seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
                                           for key, (name, value) in draws.seeds.items()}
@@ -415,7 +428,7 @@ class Tracer:
                          progress=self.progress, python=python.log(),
                          usage=TensorUse(recorder.used, recorder.eager_used, recorder.const_ids),
                          components=components, floats=self.lifts.sources, containers=self.containers,
-                         checks=checks, input_objects=self.input_objects)
+                         checks=checks, input_objects=self.input_objects, aliases=self.aliases)
 
 
 def _settle_floats(python: Recording, final: dict[str, Any]) -> dict[str, Any]:
