@@ -24,7 +24,7 @@ import torch
 from ..modular_pipelines.state import _atoms_only, values_equal
 from ..pystate.attribute_log import INPUT_ROOT
 from ..pystate.components import slot_aliases
-from ..pystate.snapshots import ContainerSnap, a_type, describe, tensor_snaps, value_state
+from ..pystate.snapshots import MAX_DEPTH, ContainerSnap, a_type, describe, tensor_snaps, value_state
 from ..trace.floats import Source, SourceKind
 from .attribute_guard import StateGuard, tensor_rules
 
@@ -241,7 +241,7 @@ def _refers(value: Any, ids: set[int], depth: int = 0) -> bool:
     """Whether ``value`` (a read's snapshot, an attribute's end value) is or holds one of the objects ``ids``."""
     if id(value) in ids:
         return True
-    if depth > 6:
+    if depth > MAX_DEPTH:
         return False
     items = getattr(value, "items", None) if isinstance(value, ContainerSnap) else value
     if isinstance(items, dict):

@@ -183,6 +183,11 @@ class Container:
     type: type
     keys: tuple
 
+    @classmethod
+    def of(cls, value: Any) -> "Container":
+        """The structure of a list, tuple or dict: its type and its keys (indices for a list or tuple)."""
+        return cls(type(value), tuple(value) if isinstance(value, dict) else tuple(range(len(value))))
+
     @staticmethod
     def item_slot(name: str, key: Any) -> str:
         return f"{name}[{key!r}]"

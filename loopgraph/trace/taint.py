@@ -140,7 +140,10 @@ class Recorder(TorchFunctionMode):
         return hit[1] if hit is not None and hit[0] is value else None
 
     def problem(self, reason: str, kind: ProblemKind = ProblemKind.OTHER) -> None:
-        issue = Unsupported(reason, self.block, _user_location(), kind)
+        self.add_problem(Unsupported(reason, self.block, _user_location(), kind))
+
+    def add_problem(self, issue: Unsupported) -> None:
+        """Note ``issue`` once per reason and block (strict: raise it)."""
         if (issue.reason, issue.block) not in {(p.reason, p.block) for p in self.problems}:
             self.problems.append(issue)
         if self.strict:

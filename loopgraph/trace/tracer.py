@@ -358,12 +358,8 @@ class Tracer:
             if written.isdisjoint(h.inputs):
                 checks.setdefault(h.key(), h)
                 continue
-            problem = Unsupported(f"data-dependent Python: `{h.name}` on a value derived from loop state", h.block,
-                                  h.where, ProblemKind.DATA_DEPENDENT)
-            if self.strict:
-                raise problem
-            if (problem.reason, problem.block) not in {(p.reason, p.block) for p in self.recorder.problems}:
-                self.recorder.problems.append(problem)
+            self.recorder.add_problem(Unsupported(f"data-dependent Python: `{h.name}` on a value derived from loop "
+                                                  f"state", h.block, h.where, ProblemKind.DATA_DEPENDENT))
         return tuple(checks.values())
 
     def _flatten(self, step: StepTrace, name: str, value: Any) -> None:
@@ -373,9 +369,8 @@ class Tracer:
             self._wrapper_problem(f"slot {name!r} holds loop tensors inside a {type(value).__name__} (the compiled "
                                   f"loop carries tensors, and plain lists, tuples and dicts of tensors)")
             return
-        keys = tuple(value) if isinstance(value, dict) else tuple(range(len(value)))
-        container = Container(type(value), keys)
-        items = [value[k] for k in keys]
+        container = Container.of(value)
+        items = [value[k] for k in container.keys]
         nodes = [self.recorder.node_of(t) if isinstance(t, torch.Tensor) else None for t in items]
         known = self.containers.setdefault(name, container)
         if known != container or any(n is None for n in nodes):
@@ -392,8 +387,7 @@ class Tracer:
         final = _settle_floats(python, self.final or {})
         for name, container in self.containers.items():
             value = final.get(name)
-            if type(value) is container.type and (tuple(value) if isinstance(value, dict)
-                                                  else tuple(range(len(value)))) == container.keys:
+            if isinstance(value, (list, tuple, dict)) and Container.of(value) == container:
                 final.update({slot: value[k] for k, slot in container.items(name)})
         draws = recorder.draws
         seeds = {} if draws is None else {name: SeedDraw(key, draws.generators[key], value.device, value)
