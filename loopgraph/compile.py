@@ -8,6 +8,7 @@ and runs the plan's executable (runtime/). Each stage is a package; docs/how-com
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ import torch
 from .backend.compiler import Backend
 from .config import CompileConfig, LoopStats
 from .guards.plan_guard import PlanCache
+from .inner_loops import LOCAL, InnerLoop, step_loop_blocks
 from .modular_pipelines.blocks import ModularPipelineBlocks
 from .planner import Planner
 from .report import PlanReport, explain_lines, report
@@ -48,20 +50,37 @@ class CompiledLoop(ModularPipelineBlocks):
         last_plan: the newest plan as a read-only report (how it runs, slots, step graphs, passes).
         explain(verbose=False): the same as text, and why a block runs eagerly; ``guard_check(components,
             state)`` says why a call would re-plan, without running it.
+        inner_loops: by block name, the step loops inside the wrapper's blocks (``loopgraph.inner_loops``), each
+            with its own compiled loop (``.compiled``); empty for a wrapper whose ``loop_step`` is the step.
     """
 
-    def __init__(self, wrapper, config: CompileConfig) -> None:
+    def __init__(self, wrapper, config: CompileConfig, watch: StepWatch | None = None) -> None:
         super().__init__()
         self.wrapper = wrapper
         self.config = config
         self.stats = LoopStats()
-        self._watch = StepWatch(type(wrapper).__name__)
+        # a step loop inside a block of another compiled loop reports to that loop's watch (inner_loops.py)
+        self._own_watch = watch is None
+        self._watch = watch or StepWatch(type(wrapper).__name__)
         self._ctx = Context(wrapper, config, self.stats, self._watch)
         self._planner = Planner(self._ctx, Backend(config))
         self._plans = PlanCache(config.max_plans, config.static_shapes, f"{type(wrapper).__name__}")
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
         self._replans: list[str] = []  # why each of the latest consecutive calls re-planned
         self.path = None
+        # blocks that run the steps in a loop of their own (inner_loops.py): the wrapper's loop runs eagerly and
+        # each such loop compiled where it is
+        found = step_loop_blocks(wrapper)
+        self.inner_loops: dict[str, InnerLoop] = {
+            name: InnerLoop(name, wrapper.sub_blocks[name], loop, self._compile_inner)
+            for name, loop in found.items() if loop.problem is None}
+        self._inner_problems = {name: loop for name, loop in found.items() if loop.problem is not None}
+
+    def _compile_inner(self, inner_wrapper) -> "CompiledLoop":
+        fast = CompiledLoop(inner_wrapper, self.config, self._watch)
+        self._watch.spellings = ("{}", LOCAL + "{}")  # a callback's "latents" is the block's local latents
+        fast.path = f"{self.path or type(self.wrapper).__name__}.{inner_wrapper.name}"
+        return fast
 
     @property
     def path(self) -> str | None:
@@ -71,7 +90,8 @@ class CompiledLoop(ModularPipelineBlocks):
     @path.setter
     def path(self, value: str | None) -> None:
         self._path = value
-        self._watch.path = value or type(self.wrapper).__name__
+        if self._own_watch:
+            self._watch.path = value or type(self.wrapper).__name__
 
     def __deepcopy__(self, memo):
         # ModularPipeline / init_pipeline deep-copy their blocks: the copy gets the wrapper's copy and its own
@@ -107,6 +127,8 @@ class CompiledLoop(ModularPipelineBlocks):
 
     # -- calling ---------------------------------------------------------------------------------------------
     def __call__(self, components, state):
+        if self.inner_loops:
+            return self._call_with_inner_loops(components, state)
         with self._lock, torch.no_grad(), self._watch.calling():
             self.stats.calls += 1
             block_state = self.wrapper.get_block_state(state)  # eager's input checks and errors
@@ -139,6 +161,28 @@ class CompiledLoop(ModularPipelineBlocks):
                 counter = self._planner.backend.counter
                 self.stats.compiles, self.stats.compile_seconds = counter.count, counter.seconds
                 self.stats.loaded = counter.loaded
+
+    def _call_with_inner_loops(self, components, state):
+        """The wrapper's own loop eagerly, its blocks' step loops compiled (inner_loops.py): each block that holds
+        one runs its ``__call__`` with the loop handed to the block's inner compiled loop."""
+        with self._lock, self._watch.calling():
+            self.stats.calls += 1
+            blocks = self.wrapper.sub_blocks
+            originals = {name: blocks[name] for name in self.inner_loops}
+            try:
+                for name, inner in self.inner_loops.items():
+                    blocks[name] = inner.proxy()
+                return self.wrapper(components, state)
+            finally:
+                blocks.update(originals)
+                self._sum_inner_stats()
+
+    def _sum_inner_stats(self) -> None:
+        """The inner loops' stats as this loop's (its own: the calls)."""
+        inner = [loop.compiled.stats for loop in self.inner_loops.values() if loop.compiled is not None]
+        for f in dataclasses.fields(LoopStats):
+            if f.name != "calls":
+                setattr(self.stats, f.name, sum(getattr(s, f.name) for s in inner) if inner else f.default)
 
     def on_step_end(self, callback, every: int = 1, tensors=("latents",)):
         """Call ``callback(event)`` after every ``every``-th step of each call (steps ``every - 1``,
@@ -173,6 +217,11 @@ class CompiledLoop(ModularPipelineBlocks):
             >>> fast.guard_check(setup.components, setup.new_state())
             'plan 0: components.guider.guidance_scale is 7.5, was 4.0'
         """
+        if self.inner_loops:
+            raise NotImplementedError(
+                f"guard_check: {type(self.wrapper).__name__}'s plans are its blocks' step loops', whose state the "
+                f"blocks before them make on each iteration: only a call can tell (explain() shows why a step loop "
+                f"planned again)")
         with self._lock, torch.no_grad():
             if not self._plans:
                 return "not planned yet: the first call traces the loop"
@@ -212,6 +261,18 @@ class CompiledLoop(ModularPipelineBlocks):
         ``verbose=True`` adds the slot table, each step graph's steps, the hoisted tables and the passes."""
         lines = [f"CompiledLoop({type(self.wrapper).__name__}) backend={self.config.backend} "
                  f"mode={self.config.mode} strict={self.config.strict}"]
+        for name, loop in self._inner_problems.items():
+            lines.append(f"block {name!r} runs its steps in a loop of its own ({loop.owner.__name__}.__call__, "
+                         f"{loop.where}) that cannot be compiled where it is: {loop.problem}")
+        if self.inner_loops:
+            lines.append(f"runs as: its own loop eagerly (Python per iteration); the step loops of its blocks "
+                         f"compiled where they are (stats: theirs, summed)")
+            for name, inner in self.inner_loops.items():
+                lines.append(f"block {name!r}: the step loop in {inner.loop.owner.__name__}.__call__ "
+                             f"({inner.loop.where}):")
+                text = inner.compiled.explain(verbose) if inner.compiled is not None else "  not called yet"
+                lines.extend("  " + line for line in text.splitlines())
+            return "\n".join(lines)
         if not self._plans:
             return "\n".join(lines + ["  not planned yet: the first call traces the loop"])
         if self._plans.misses:
@@ -226,7 +287,9 @@ def compile_loop(wrapper, config: CompileConfig | None = None, **options) -> Com
     Args:
         wrapper: a loop wrapper (loopgraph's or diffusers' ``LoopSequentialPipelineBlocks``, or any object
             with ``sub_blocks``, ``loop_step``, ``get_block_state``/``set_block_state`` and a looping
-            ``__call__``).
+            ``__call__``). A wrapper one of whose blocks runs the steps in a ``for`` loop of its own (a loop over
+            chunks: diffusers' Helios) runs its own loop eagerly and that step loop compiled where it is
+            (``loopgraph.inner_loops``; ``CompiledLoop.inner_loops``).
         config: a ``CompileConfig``; ``options`` (its field names, below) replace its fields.
         backend: "inductor" (default; C++ host loop on CPU), or "eager"/"aot_eager" for debugging.
         mode: an Inductor mode such as "max-autotune-no-cudagraphs".

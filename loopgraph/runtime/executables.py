@@ -150,7 +150,7 @@ class WholeLoop:
                 slot = self.trace.component_slots.get(name)
                 value = torch.zeros_like(slot.value if slot else self.trace.final_slots[name])
             state.append(value)
-        invariants = [slots[name] for name in self.loop.invariant_slots]
+        invariants = unshared([slots[name] for name in self.loop.invariant_slots])
         after = None
         if watch is not None:
             def after(done: int, buffers: list[torch.Tensor]) -> None:
@@ -256,6 +256,19 @@ class WholeLoopCudaGraph(WholeLoop):
 
     def code(self) -> list[Callable]:
         return list(self.compiled.steps)
+
+
+def unshared(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` with each one that shares storage with an earlier one copied: the loop's inputs may be views of
+    one tensor (Helios' history latents), which a ``while_loop`` refuses ("input-to-input aliasing"); the loop
+    only reads them."""
+    seen: set[tuple] = set()
+    out = []
+    for t in tensors:
+        key = (t.device, t.untyped_storage().data_ptr())
+        out.append(t.clone() if key in seen and key[1] else t)
+        seen.add(key)
+    return out
 
 
 def origin(fn) -> str:

@@ -62,6 +62,9 @@ class StepWatch:
         self.callbacks: list[_Callback] = []
         self.stop = False      # interrupt() asked the call in flight to stop (a plain flag: set from any thread)
         self.running = False   # a call is in flight: interrupt() applies to it
+        # how a callback's tensor name is spelled in the loop's state: a step loop inside a block keeps the block's
+        # locals as ``local_<name>`` (inner_loops.py), so ``latents`` is found there too
+        self.spellings: tuple[str, ...] = ("{}",)
 
     def add(self, fn: Callable[[StepEvent], Any], every: int, tensors: tuple[str, ...]) -> Callable[[], None]:
         if not callable(fn):
@@ -79,7 +82,11 @@ class StepWatch:
 
     @contextlib.contextmanager
     def calling(self):
-        """Around one call: an interruption asked for before it or after it does not carry over."""
+        """Around one call: an interruption asked for before it or after it does not carry over. A call inside the
+        call in flight (a step loop compiled inside one of its blocks, sharing its watch) is part of it."""
+        if self.running:
+            yield
+            return
         self.stop, self.running = False, True
         try:
             yield
@@ -93,10 +100,14 @@ class StepWatch:
     def after(self, step: int, total: int, read: Callable[[str], torch.Tensor | None], t: Any = None) -> None:
         """Step ``step`` of ``total`` is done: call the callbacks due, then stop if interrupted. ``read(name)`` is
         the BlockState tensor ``name`` as it is now (None: the loop has no such tensor)."""
+        def spelled(name: str) -> torch.Tensor | None:
+            return next((v for form in self.spellings if (v := read(form.format(name))) is not None), None)
+
+        spelled.names = getattr(read, "names", [])
         for callback in list(self.callbacks):
             if (step + 1) % callback.every:
                 continue
-            tensors = {name: _copy(read, name, self.path) for name in callback.tensors}
+            tensors = {name: _copy(spelled, name, self.path) for name in callback.tensors}
             versions = {name: v._version for name, v in tensors.items()}
             returned = callback.fn(StepEvent(self.path, step, total, t, tensors))
             changed = {n for n, v in tensors.items() if v._version != versions[n]}

@@ -225,6 +225,12 @@ class Recorder(TorchFunctionMode):
                     self._check_stale(v)
             self.eager_used.update(id(v) for v in flat if isinstance(v, torch.Tensor))
             return func(*args, **kwargs)
+        if isinstance(func, torch._ops.HigherOrderOperator) and self.step is not None:
+            # flex_attention's operator with its score_mod and block mask as arguments: Dynamo compiles the public
+            # function (torch.nn.attention.flex_attention), not the operator called on what it was given
+            self.problem(f"higher-order op `torch.ops.higher_order.{name}` on loop data: the compiled loop cannot "
+                         f"call it as recorded (its functions and block mask as arguments)")
+            return func(*args, **kwargs)
         if name in _DATA_DEPENDENT:
             out = func(*args, **kwargs)
             if not self._hoist(func, name, args, kwargs, flat, out):

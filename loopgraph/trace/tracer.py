@@ -394,8 +394,9 @@ class Tracer:
                                           for key, (name, value) in draws.seeds.items()}
         tainted_final = {k for k, v in final.items() if recorder.node_of(v) is not None}
         inplace = {k for k in tainted_final if k in initial and initial[k] is final[k]}
+        kept = {id(initial[k]) for k in inplace}  # the caller's tensors whose final value another slot carries
         for name, version in self.versions.items():
-            if initial[name]._version != version and name not in inplace:
+            if initial[name]._version != version and name not in inplace and id(initial[name]) not in kept:
                 recorder.problems.append(Unsupported(
                     f"input {name!r} is updated in place and then replaced by a new tensor: the caller's tensor "
                     f"keeps an intermediate value (not compiled yet)", None, None))

@@ -201,7 +201,7 @@ def _short(text: str) -> str:
     """Paths made machine-independent: ``.../site-packages/diffusers/x.py`` -> ``diffusers/x.py``."""
     import re
 
-    return re.sub(r"/\S*/site-packages/", "", text).replace("|", "\\|")
+    return re.sub(r" at 0x[0-9a-f]+", "", re.sub(r"/\S*/site-packages/", "", text)).replace("|", "\\|")
 
 
 @dataclass
@@ -222,8 +222,8 @@ def run_calls(setup: FamilySetup, fast: Any, steps: tuple[int, ...] = (4, 6), ca
         for call in range(1, calls + 1):
             plans = fast.stats.plans
             state = setup.run(fast)
-            if call > 1 and fast.stats.plans > plans:
-                seen.again.setdefault(call, []).extend(fast._plans.misses[:1])  # why the newest plan did not fit
+            if call > 1 and fast.stats.plans > plans:  # why the newest plan did not fit
+                seen.again.setdefault(call, []).extend(m for loop in _compiled(fast) for m in loop._plans.misses[:1])
             if each is not None:
                 each(n, call, state)
         seen.compiles[n] = fast.stats.compiles
@@ -235,17 +235,31 @@ def describe(setup: FamilySetup, fast: Any, calls: Calls) -> Coverage:
     a whole compiled loop planned once per step count and compiled once."""
     import re
 
-    why = sorted({_short(p) for p in fast.last_plan.problems})
+    loops = _compiled(fast)
+    why = sorted({_short(p) for loop in loops for p in loop.last_plan.problems})
+    runs_as = loops[0].last_plan.kind
+    inner = getattr(fast, "inner_loops", {})
+    if inner:
+        runs_as = f"its step loop: {runs_as}"
+        why.insert(0, "; ".join(
+            f"its own loop runs eagerly (Python per chunk); compile_loop plans the step loop in "
+            f"`{i.loop.owner.__name__}.__call__` ({_short(i.loop.where)})" for i in inner.values()))
     again = calls.again
     if again:
         when = "every call" if max(again) > 2 else "call 2"
-        why.insert(0, f"plans again on {when}: " + _short("; ".join(dict.fromkeys(again[max(again)]))))
+        why.insert(0, f"plans again on {when}: " + "; ".join(dict.fromkeys(_short(m) for m in again[max(again)])))
     counts = list(calls.compiles.values())
     if counts and counts[-1] > counts[0] > 0:
         why.append("a new step count compiles new code (" + ", ".join(
             f"{c} compiled after N={n}" for n, c in calls.compiles.items()) + ")")
     text = re.sub(r" at 0x[0-9a-f]+", "", "; ".join(why))
-    return Coverage(setup.family, setup.core_name, type(setup.wrapper).__name__, fast.last_plan.kind, text)
+    return Coverage(setup.family, setup.core_name, type(setup.wrapper).__name__, runs_as, text)
+
+
+def _compiled(fast: Any) -> list:
+    """The compiled loops that ran: the loop itself, or the step loops compiled inside its blocks."""
+    inner = [i.compiled for i in getattr(fast, "inner_loops", {}).values() if i.compiled is not None]
+    return inner or [fast]
 
 
 def coverage(family: str, **options) -> tuple[Coverage, Any, FamilySetup]:
