@@ -19,7 +19,7 @@ import torch
 from .backend.compiler import Backend
 from .config import CompileConfig, LoopStats
 from .guards.plan_guard import PlanCache
-from .inner_loops import LOCAL, InnerLoop, step_loop_blocks
+from .inner_loops import LOCAL, InnerLoop, step_loop_blocks, wrapper_lock
 from .modular_pipelines.blocks import ModularPipelineBlocks
 from .planner import Planner
 from .report import PlanReport, explain_lines, report
@@ -68,17 +68,22 @@ class CompiledLoop(ModularPipelineBlocks):
         self._lock = threading.Lock()  # calls never share the plan's buffers mid-flight
         self._replans: list[str] = []  # why each of the latest consecutive calls re-planned
         self.path = None
-        # blocks that run the steps in a loop of their own (inner_loops.py): the wrapper's loop runs eagerly and
-        # each such loop compiled where it is
-        found = step_loop_blocks(wrapper)
+        self._find_inner_loops()
+
+    def _find_inner_loops(self) -> None:
+        """Blocks that run the steps in a loop of their own (inner_loops.py): the wrapper's loop runs eagerly and
+        each such loop compiled where it is. Found again when the wrapper's blocks change."""
+        blocks = self.wrapper.sub_blocks
+        found = step_loop_blocks(self.wrapper)
         self.inner_loops: dict[str, InnerLoop] = {
-            name: InnerLoop(name, wrapper.sub_blocks[name], loop, self._compile_inner)
+            name: InnerLoop(name, blocks[name], loop, self._compile_inner)
             for name, loop in found.items() if loop.problem is None}
         self._inner_problems = {name: loop for name, loop in found.items() if loop.problem is not None}
+        self._blocks_seen = [(name, id(block)) for name, block in blocks.items()]
 
     def _compile_inner(self, inner_wrapper) -> "CompiledLoop":
         fast = CompiledLoop(inner_wrapper, self.config, self._watch)
-        self._watch.spellings = ("{}", LOCAL + "{}")  # a callback's "latents" is the block's local latents
+        self._watch.spellings = (LOCAL + "{}", "{}")  # a callback's "latents": the block's carried local first
         fast.path = f"{self.path or type(self.wrapper).__name__}.{inner_wrapper.name}"
         return fast
 
@@ -127,6 +132,8 @@ class CompiledLoop(ModularPipelineBlocks):
 
     # -- calling ---------------------------------------------------------------------------------------------
     def __call__(self, components, state):
+        if [(name, id(block)) for name, block in self.wrapper.sub_blocks.items()] != self._blocks_seen:
+            self._find_inner_loops()  # a block replaced since: it may hold a step loop, or no longer
         if self.inner_loops:
             return self._call_with_inner_loops(components, state)
         with self._lock, torch.no_grad(), self._watch.calling():
@@ -165,8 +172,8 @@ class CompiledLoop(ModularPipelineBlocks):
     def _call_with_inner_loops(self, components, state):
         """The wrapper's own loop eagerly, its blocks' step loops compiled (inner_loops.py): each block that holds
         one runs its ``__call__`` with the loop handed to the block's inner compiled loop."""
-        with self._lock, self._watch.calling():
-            self.stats.calls += 1
+        with self._lock, wrapper_lock(self.wrapper), self._watch.calling():  # (another compiled loop of the same
+            self.stats.calls += 1                                             # wrapper swaps its blocks too)
             blocks = self.wrapper.sub_blocks
             originals = {name: blocks[name] for name in self.inner_loops}
             try:
@@ -245,7 +252,11 @@ class CompiledLoop(ModularPipelineBlocks):
     # -- introspection ---------------------------------------------------------------------------------------
     @property
     def last_plan(self) -> PlanReport | None:
-        """The plan of the most recent call (found or made), as a read-only report; None before the first call."""
+        """The plan of the most recent call (found or made), as a read-only report; None before the first call. A
+        loop whose step loops run inside its blocks: the newest plan of its (last) step loop."""
+        if self.inner_loops:
+            ran = [i.compiled for i in self.inner_loops.values() if i.compiled is not None and i.compiled._plans]
+            return ran[-1].last_plan if ran else None
         return report(self._plans.newest) if self._plans else None
 
     @property

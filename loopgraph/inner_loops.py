@@ -11,24 +11,33 @@ a block runs the wrapper's own loop (the chunks) eagerly, and each step loop as 
 
 - the block's ``__call__`` is recompiled from its source with the ``for`` statement replaced by a call to a runner
   (``StepLoop.function``); the loop's body becomes a function of one iteration (``StepLoop.step``), which loads the
-  locals it uses, runs the body unchanged and stores the locals it assigns;
-- the runner builds a ``BlockState`` of what the body uses: the block's ``block_state`` attributes it names, and the
-  function's locals as ``local_<name>`` slots; the iterations' items are the schedule (``loop_items``). An
-  ``InnerLoopWrapper`` around the step function, whose ``loop_step`` runs one iteration, is compiled by
-  ``compile_loop`` like any loop wrapper (traced, guarded, planned, one plan per chunk shape);
+  locals it may read before assigning them, runs the body unchanged and stores the locals a later iteration or the
+  code after the loop reads (``_scan``: liveness);
+- the runner (``InnerLoop.run``) builds a ``BlockState`` of what the body uses: the ``block_state`` attributes it
+  names, the function's locals as ``local_<name>`` slots, tensors inside dict/list/tuple locals as data inputs of
+  their own; what the loop iterates over is the schedule (its slot, or ``loop_items``). An ``InnerLoopWrapper``
+  whose ``loop_step`` runs one iteration is compiled by ``compile_loop`` like any loop wrapper (traced, guarded,
+  planned: one plan per chunk whose program or shapes differ);
 - after the loop, the ``block_state`` attributes and the locals the body assigned are what the compiled loop left.
 
-What is refused (the block then runs as it is, eagerly, and ``explain()`` says why): ``break``, ``continue`` or
-``return`` in the loop's body, ``yield``, ``global``/``nonlocal``, an ``else:`` on the loop, closures, private
-(mangled) names, a ``block_state`` used other than through its attributes; a loop over anything but a tensor,
-list, tuple or range (or ``enumerate`` of one) runs its iterations eagerly.
+What is refused (the block then runs as it is, eagerly, and ``explain()`` says why): ``break``, ``continue``,
+``return`` or ``del`` in the loop's body, ``yield``, ``global``/``nonlocal``, an ``else:`` on the loop, a ``try``
+around it that catches or finalizes, a function defined outside the loop that reads a name the loop assigns, a
+closure, private (mangled) names, a ``block_state`` used other than through its attributes, a decorator that cannot
+be evaluated again, a source file that is not the code Python runs. A loop over anything but a tensor, list, tuple
+or range (or ``enumerate`` of one), or with a progress bar used for more than ``update()``, runs its iterations as
+written on that call.
 """
 
 from __future__ import annotations
 
+import __future__
 import ast
 import copy
+import dis
+import functools
 import inspect
+import operator
 import textwrap
 import threading
 import types
@@ -41,9 +50,9 @@ from tqdm import tqdm
 
 from .modular_pipelines.blocks import ModularPipelineBlocks
 from .modular_pipelines.loop_blocks import LoopSequentialPipelineBlocks
-from .modular_pipelines.state import BlockState, InputParam
+from .modular_pipelines.state import BlockState, InputParam, OutputParam
 
-__all__ = ["InnerLoopWrapper", "StepLoop", "find_step_loop", "step_loop_blocks"]
+__all__ = ["InnerLoop", "InnerLoopWrapper", "StepLoop", "find_step_loop", "step_loop_blocks", "wrapper_lock"]
 
 LOCAL = "local_"       # a local variable's slot in the inner BlockState: local_latents
 ITEMS = "loop_items"   # the iterations' items: the inner loop's schedule (its loop input)
@@ -63,6 +72,7 @@ class StepLoop:
     state_attrs: tuple[str, ...]     # the block_state attributes the body names
     enumerate: bool                  # ``for ... in enumerate(x)``: the inner wrapper enumerates x itself
     schedule: str                    # the inner BlockState slot of what the loop iterates over (its loop input)
+    updated_only: frozenset[str]     # slots the body uses only as ``x.update(...)`` (a progress bar may be one)
     step: Callable                   # step(block, components, block_state, locals, item): one iteration
     function: Callable[[Callable], Callable]  # the block's __call__ with the loop replaced, given a runner
     problem: str | None = None       # why it cannot be compiled (None: it can)
@@ -70,7 +80,8 @@ class StepLoop:
     @classmethod
     def refused(cls, owner: type, where: str, problem: str) -> "StepLoop":
         """A step loop that cannot be compiled where it is: its block runs as it is."""
-        return cls(owner, where, (), (), (), False, ITEMS, lambda *a: None, lambda run: owner.__call__, problem)
+        return cls(owner, where, (), (), (), False, ITEMS, frozenset(), lambda *a: None, lambda run: owner.__call__,
+                   problem)
 
 
 def _source_where(fn) -> tuple[str, int]:
@@ -92,16 +103,17 @@ def _is_step_call(node: ast.AST, components: str) -> bool:
             and node.func.value.value.id == components)
 
 
-def _loops(statements: list[ast.stmt]):
-    """The ``for`` statements of a function body, outermost first (descending into ``with``, ``if`` and
-    ``try``, not into loops or nested functions)."""
+def _loops(statements: list[ast.stmt], in_try: bool = False):
+    """(``for`` statement, inside a ``try`` that catches or finalizes) for a function body's loops, outermost first
+    (descending into ``with``, ``if`` and ``try``, not into loops or nested functions)."""
     for stmt in statements:
         if isinstance(stmt, ast.For):
-            yield stmt
+            yield stmt, in_try
         elif isinstance(stmt, (ast.With, ast.If, ast.Try)):
+            catches = in_try or isinstance(stmt, ast.Try) and bool(stmt.handlers or stmt.finalbody)
             for name in ("body", "orelse", "finalbody", "handlers"):
                 for part in getattr(stmt, name, []):
-                    yield from _loops(part.body if isinstance(part, ast.ExceptHandler) else [part])
+                    yield from _loops(part.body if isinstance(part, ast.ExceptHandler) else [part], catches)
 
 
 def _own_statements(node: ast.AST):
@@ -134,7 +146,24 @@ def _refuse(loop: ast.For, fdef: ast.FunctionDef, state_name: str) -> str | None
             parent = parents.get(node)
             if not (isinstance(parent, ast.Attribute) and parent.value is node):
                 return f"`{state_name}` used other than through its attributes (line {node.lineno})"
+        if isinstance(node, ast.Delete):  # a deleted local or attribute would come back after the loop
+            return f"`del` in the loop's body (line {node.lineno})"
+    assigned = _stores_in(loop.body) | _stores(loop.target)
+    inside = {id(n) for n in ast.walk(loop)}
+    for node in ast.walk(fdef):  # a function made outside the loop reads the function's variables, not the step's
+        if id(node) not in inside and isinstance(node, (ast.Lambda, ast.FunctionDef, ast.GeneratorExp)):
+            shared = sorted(_loads(node) & assigned) if node is not fdef else []
+            if shared:
+                return (f"a function defined outside the loop (line {node.lineno}) reads {shared}, which the loop "
+                        f"assigns")
     return None
+
+
+def _stores_in(statements: list[ast.stmt]) -> set[str]:
+    """Every name a block of statements assigns, anywhere in it but in nested functions."""
+    return set().union(*(_stores(stmt) for stmt in statements)) | {
+        n.id for stmt in statements for n in ast.walk(stmt) if isinstance(n, ast.Name)
+        and isinstance(n.ctx, ast.Store)}
 
 
 def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
@@ -169,8 +198,11 @@ def _loads(node: ast.AST, bound: frozenset = frozenset()) -> set[str]:
 
 
 def _stores(node: ast.AST) -> set[str]:
-    """The names a simple statement assigns (not inside comprehensions or lambdas)."""
-    if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda)):
+    """The names a simple statement surely assigns (not inside comprehensions or lambdas, not by a walrus that
+    might not run, not by a bare annotation)."""
+    if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Lambda, ast.NamedExpr)):
+        return set()
+    if isinstance(node, ast.AnnAssign) and node.value is None:
         return set()
     own = {node.id} if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) else set()
     return own.union(*(_stores(c) for c in ast.iter_child_nodes(node)))
@@ -237,19 +269,62 @@ def _find(owner: type) -> StepLoop | None:
     if not isinstance(fdef, ast.FunctionDef) or len(fdef.args.args) < 3:
         return None
     self_name, components_name, state_name = (a.arg for a in fdef.args.args[:3])
-    loop = next((stmt for stmt in _loops(fdef.body)
-                 if any(_is_step_call(n, components_name) for n in ast.walk(stmt))), None)
+    loop, in_try = next(((stmt, in_try) for stmt, in_try in _loops(fdef.body)
+                         if any(_is_step_call(n, components_name) for n in ast.walk(stmt))), (None, False))
     if loop is None:
         return None
     filename, first = _source_where(fn)
     ast.increment_lineno(fdef, first - 1)
     where = f"{_short_path(filename)}:{loop.lineno}"
     problem = _refuse(loop, fdef, state_name)
+    if problem is None and in_try:
+        problem = "the loop is inside a `try` that catches or finalizes (what the steps wrote before an error)"
     if problem is None and fn.__code__.co_freevars:
         problem = f"the function is a closure (free variables {list(fn.__code__.co_freevars)})"
+    if problem is None and not _same_code(fdef, fn):
+        problem = "its source file is not the code Python runs (edited since it was imported)"
     if problem is not None:
         return StepLoop.refused(owner, where, problem)
-    return _build(owner, fn, fdef, loop, where, (self_name, components_name, state_name))
+    try:
+        return _build(owner, fn, fdef, loop, where, (self_name, components_name, state_name))
+    except Exception as e:  # a decorator that cannot be evaluated again (defined in the class body), ...
+        return StepLoop.refused(owner, where, f"it cannot be recompiled ({type(e).__name__}: {e})")
+
+
+def _same_code(fdef: ast.FunctionDef, fn: types.FunctionType) -> bool:
+    """Whether the function's source, compiled again, is the bytecode Python runs."""
+    bare = copy.deepcopy(fdef)
+    bare.decorator_list = []
+    flags = fn.__code__.co_flags & _FUTURE_FLAGS
+    try:
+        code = compile(ast.Module([bare], type_ignores=[]), fn.__code__.co_filename, "exec", flags=flags,
+                       dont_inherit=True)
+    except SyntaxError:
+        return False
+    again = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == fdef.name)
+    return _instructions(again) == _instructions(fn.__code__)
+
+
+_CALL_SETUP = {"CACHE", "PRECALL", "PUSH_NULL", "KW_NAMES", "NOP", "RESUME", "EXTENDED_ARG"}
+
+
+def _instructions(code: types.CodeType) -> list[tuple]:
+    """What a code object does, as (operation, operand) pairs, nested code objects included; how calls are set up
+    (a method call's ``LOAD_METHOD`` or ``LOAD_ATTR``, which compiling the same tree in another module may choose
+    differently: pytest's assertion rewriting) and jump offsets are left out."""
+    out: list[tuple] = []
+    for ins in dis.get_instructions(code):
+        if ins.opname in _CALL_SETUP:
+            continue
+        name = "LOAD_ATTR" if ins.opname == "LOAD_METHOD" else ins.opname
+        if isinstance(ins.argval, types.CodeType):
+            out.append((name, tuple(_instructions(ins.argval))))
+        else:
+            out.append((name, None if ins.opcode in dis.hasjrel or ins.opcode in dis.hasjabs else ins.argval))
+    return out
+
+
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
 
 
 def _build(owner, fn, fdef: ast.FunctionDef, loop: ast.For, where: str, params) -> StepLoop:
@@ -313,7 +388,27 @@ def _build(owner, fn, fdef: ast.FunctionDef, loop: ast.For, where: str, params) 
             new = decorator(new)
         return new
 
-    return StepLoop(owner, where, loads, stores, attrs, enumerated, schedule, step, function)
+    return StepLoop(owner, where, loads, stores, attrs, enumerated, schedule, _updated_only(loop, state_name), step,
+                    function)
+
+
+def _updated_only(loop: ast.For, state_name: str) -> frozenset[str]:
+    """The slots (a local's, a block_state attribute's) the loop uses only to call ``.update(...)`` on: a progress
+    bar there can be advanced for it."""
+    parents = _parents(loop)
+    only: dict[str, bool] = {}
+    for node in ast.walk(loop):
+        if isinstance(node, ast.Name) and node.id != state_name:
+            key = LOCAL + node.id
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == state_name:
+            key = node.attr
+        else:
+            continue
+        use = parents.get(node)
+        updates = (isinstance(use, ast.Attribute) and use.attr == "update" and isinstance(parents.get(use), ast.Call)
+                   and parents[use].func is use)
+        only[key] = only.get(key, True) and updates
+    return frozenset(k for k, ok in only.items() if ok)
 
 
 def _parse(line: int, lines: list[str]) -> list[ast.stmt]:
@@ -386,6 +481,12 @@ class InnerLoopWrapper(LoopSequentialPipelineBlocks):
     def loop_inputs(self) -> list[InputParam]:
         return [InputParam(self.loop.schedule)]
 
+    @property
+    def intermediate_outputs(self) -> list[OutputParam]:
+        """What the block reads after the loop: the locals it keeps, the block_state attributes it names (also
+        those first set inside the loop)."""
+        return [OutputParam(LOCAL + n) for n in self.loop.stores] + [OutputParam(a) for a in self.loop.state_attrs]
+
     def get_block_state(self, state: _InnerState) -> BlockState:
         return BlockState(**state.values)
 
@@ -397,15 +498,16 @@ class InnerLoopWrapper(LoopSequentialPipelineBlocks):
         schedule = getattr(block_state, self.loop.schedule)
         with self.progress_bar(total=len(schedule)) as bar:
             for item in enumerate(schedule) if self.loop.enumerate else schedule:
+                bar.step_begins()
                 components, block_state = self.loop_step(components, block_state, item=item)
-                bar.update()
+                bar.step_ends()
         self.set_block_state(state, block_state)
         return components, state
 
     def progress_bar(self, iterable=None, total: int | None = None) -> "_Bars":
-        """The progress bars the block's loop updates (its own, given on each call): advanced by the loop's steps
-        (per step eagerly, per chunk of steps compiled), not closed."""
-        return _Bars(getattr(_CALL, "bars", []))
+        """The progress bars the block's loop updates (its own, given on each call): advanced as the body advanced
+        them (each step eagerly; per chunk of steps compiled, by what the traced steps did), not closed."""
+        return _Bars()
 
 
 @dataclass
@@ -420,6 +522,7 @@ class InnerLoop:
     compiled: Any = None                         # the inner CompiledLoop
     eager_runs: int = 0                          # loops run eagerly (over an iterable the runner cannot list)
     stand_ins: dict[str, "_NoBar"] = field(default_factory=dict)  # progress bars' stand-ins, by slot
+    bar_steps: dict[int, list[int]] = field(default_factory=dict)  # by step count: what each step added to bars
 
     def proxy(self) -> "_Proxy":
         """What runs in the block's place: its ``__call__`` with the loop replaced by ``run``."""
@@ -435,6 +538,9 @@ class InnerLoop:
         values.update({LOCAL + n: local_vars[n] for n in loop.loads if n in local_vars})
         values[loop.schedule] = iterable
         bars = {name: value for name, value in values.items() if isinstance(value, tqdm)}
+        if any(name not in loop.updated_only for name in bars):  # a bar used for more than update(): as written
+            self.eager_runs += 1
+            return self._eager(block, components, block_state, iterable, local_vars)
         for name in bars:  # progress bars: the inner wrapper's loop advances them
             values[name] = self.stand_ins.setdefault(name, _NoBar())
         # a carried local that holds the caller's tensor (updated in place, then rebound: minimax' latents) is also
@@ -448,11 +554,14 @@ class InnerLoop:
         if self.compiled is None:
             self.compiled = self.compile(InnerLoopWrapper(block, loop, self.name))
         state = _InnerState(values)
-        _CALL.bars = list(bars.values())
+        steps = len(iterable)
+        _CALL.bars, _CALL.amounts, _CALL.recorded = list(bars.values()), [], self.bar_steps.get(steps)
         try:
             self.compiled(components, state)
         finally:
-            _CALL.bars = []
+            amounts, _CALL.bars, _CALL.amounts = _CALL.amounts, [], []
+        if len(amounts) == steps:  # the loop ran its steps in Python (traced, or eagerly): how they moved the bars
+            self.bar_steps[steps] = amounts
         out = {k: bars.get(k, v) if isinstance(v, _NoBar) else v for k, v in state.values.items()
                if k not in aliases}
         for a in loop.state_attrs:
@@ -501,35 +610,62 @@ def _tensors_inside(value: Any, path: str = "", depth: int = 0):
 
 class _NoBar:
     """Stands in for a progress bar inside the step loop's body (the same object on every call, so the plan's
-    guard sees the same input): the inner wrapper's loop advances the real bar instead."""
+    guard sees the same input): it notes what each step adds, and the inner wrapper advances the real bars."""
 
     def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def set_description(self, *args, **kwargs) -> None:
-        pass
+        steps = getattr(_CALL, "amounts", None)
+        if steps:
+            steps[-1] += n
 
 
 class _Bars:
-    """The call's progress bars as one: ``update`` advances each; leaving the ``with`` closes none."""
+    """The call's progress bars as one, never closed. The inner wrapper's own loop advances them by what each step
+    added (``step_begins``/``step_ends``); a compiled call, by chunks of steps (``update``), as the traced steps
+    did."""
 
     total = None  # a bar may count more than this loop's steps (all chunks'): never filled up to its total
 
-    def __init__(self, bars: list[Any]) -> None:
-        self.bars = bars
+    def __init__(self) -> None:
+        self.bars, self.recorded, self.done = getattr(_CALL, "bars", []), getattr(_CALL, "recorded", None), 0
+
+    def _advance(self, n: int) -> None:
+        for bar in self.bars:
+            if n:
+                bar.update(n)
+
+    def step_begins(self) -> None:
+        _CALL.amounts.append(0)
+
+    def step_ends(self) -> None:
+        self._advance(_CALL.amounts[-1])
 
     def update(self, n: int = 1) -> None:
-        for bar in self.bars:
-            bar.update(n)
+        steps = self.recorded[self.done:self.done + n] if self.recorded is not None else [1] * n
+        self.done += n
+        self._advance(sum(steps))
 
     def __enter__(self) -> "_Bars":
         return self
 
     def __exit__(self, *exc) -> None:
         pass
+
+
+_LOCKS: "weakref.WeakKeyDictionary[Any, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def wrapper_lock(wrapper: Any) -> threading.Lock:
+    """One lock per wrapper: a call that puts its blocks' proxies in the wrapper holds it (two compiled loops of one
+    wrapper, or one from two threads, never see each other's proxies)."""
+    with _LOCKS_LOCK:
+        try:
+            return _LOCKS.setdefault(wrapper, threading.Lock())
+        except TypeError:  # not weakly referenceable: one lock for all such wrappers
+            return _LOCKS_LOCK_FALLBACK
+
+
+_LOCKS_LOCK_FALLBACK = threading.Lock()
 
 
 def step_loop_blocks(wrapper: Any) -> dict[str, StepLoop]:

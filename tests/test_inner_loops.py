@@ -319,3 +319,11 @@ def test_guard_check_on_a_loop_whose_step_loops_are_inside_its_blocks_says_it_ca
     fast = compile_loop(ChunkLoop(), backend="eager")
     with pytest.raises(NotImplementedError, match="only a call can tell"):
         fast.guard_check(components(), new_state())
+
+
+def test_last_plan_of_a_loop_whose_step_loop_is_inside_a_block_is_the_step_loops():
+    fast = compile_loop(ChunkLoop(), backend="eager")
+    assert fast.last_plan is None
+    quiet(fast, components(), new_state())
+    assert fast.last_plan.kind == "whole loop on state buffers"
+    assert fast.last_plan == fast.inner_loops["denoise"].compiled.last_plan

@@ -109,8 +109,8 @@ def extract(graph: fx.Graph, constants: dict[str, torch.Tensor], nodes: list[fx.
     for node in graph.nodes:
         if node in needed and node.op == "placeholder":
             slot = slots[node.target]
-            if slot not in inputs:
-                inputs[slot] = new.placeholder(slot)
+            if slot not in inputs:  # (a slot's name need not be an identifier: `local_d:['k']`, `x[0]`)
+                inputs[slot] = new.placeholder(f"input_{len(inputs)}")
             env[node] = inputs[slot]
         elif node in needed:
             env[node] = new.node_copy(node, lambda n: env[n])
