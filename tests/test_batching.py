@@ -16,7 +16,7 @@ from loopgraph import CompileConfig, InputParam, ModularPipelineBlocks, Pipeline
 from loopgraph.verify import matches_eager
 from loopgraph.zoo.loops import build_loop
 
-from .helpers import Loop, Net, components, two_call_loop
+from .helpers import Loop, Net, components, quiet, two_call_loop
 
 
 def run(loop, net, n=4, uncond_len=5, seed=0):
@@ -205,3 +205,27 @@ def test_batched_calls_compose_with_counter_rng():
     again = run(fast, net, seed=3)
     assert matches_eager(again, first) and fast.stats.compiled_calls == 1
     assert fast.last_plan.kind != "eager segments" and fast.last_plan.batching[0].batched_steps == (0, 1, 2, 3)
+
+
+def test_a_model_that_runs_hooks_is_not_batched_its_hooks_run_once_per_call_as_eagerly():
+    # diffusers' cache hooks (MagCache, FirstBlockCache) keep state per cache context in objects they make on
+    # first use: a batched retrace of the model ran them once more and changed that state, so the traced call
+    # (which must be eager's) differed from eager
+    def make():
+        net = Net()
+        net.seen = {}
+
+        def count(module, args, output):  # a stateful forward hook: its count of calls scales the output, the
+            module.seen["calls"] = module.seen.get("calls", 0) + 1  # same for a step's two calls (1 and 2, 3 and 4)
+            return output * (1 + 0.01 * ((module.seen["calls"] + 1) // 2))
+
+        net.register_forward_hook(count)
+        return net
+
+    loop, eager_net, net = two_call_loop(), make(), make()
+    fast = compile_loop(two_call_loop(), backend="eager")
+    for call in range(2):
+        expected = run(loop, eager_net)
+        assert torch.equal(quiet(run, fast, net), expected), f"call {call}"
+    (site,) = fast.last_plan.batching
+    assert site.batched_steps == () and "runs hooks" in site.reason, site.reason

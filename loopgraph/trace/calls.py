@@ -125,6 +125,20 @@ def _issue(call: ModuleCall, wrote: list[str], problems: list) -> str | None:
     return None
 
 
+def _hooks(module: torch.nn.Module) -> str | None:
+    """The hooks ``module`` or a module inside it runs, in words (None: none)."""
+    for name, m in module.named_modules():
+        attrs = vars(m)
+        registry = attrs.get("_diffusers_hook")
+        kinds = [kind for kind in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks") if attrs.get(kind)]
+        hooks = list(getattr(registry, "hooks", None) or ())
+        if hooks or kinds:
+            what = f"diffusers hooks {hooks}" if hooks else f"torch {', '.join(k.strip('_') for k in kinds)}"
+            return (f"the model runs hooks ({what} on {name or 'the model itself'}): a batched call would run them "
+                    f"once more")
+    return None
+
+
 def _leaf_rules(group: list[ModuleCall]) -> set[int] | str:
     """Which argument leaves are concatenated along dim 0 (the others are the same in every call), or why the
     calls' arguments cannot be batched."""
@@ -195,6 +209,7 @@ class CallWatcher:
         self.depth = 0
         self.start: tuple | None = None
         self.busy = False  # running a batched call: its module calls are not the loop's
+        self.hooked: dict[int, tuple[str]] = {}  # per module: why its hooks keep it apart ("" when none)
         self.original: Any = None
 
     def __enter__(self) -> CallWatcher:
@@ -251,10 +266,19 @@ class CallWatcher:
                     return  # not on loop data: evaluated eagerly, nothing to batch
                 call = self._call(module, nodes, args, kwargs, output)
                 wrote = [w.path for key, w in self.python.writes.items() if len(w.events) > writes.get(key, 0)]
-                call.issue = _issue(call, wrote, self.recorder.problems[problems:])
+                call.issue = _issue(call, wrote, self.recorder.problems[problems:]) or self._hooks(module)
                 step.calls.append(call)
             if any(c.module is module for c in step.calls[:-1]):
                 self._join(step, call)
+
+    def _hooks(self, module: torch.nn.Module) -> str | None:
+        """Why a batched call of ``module`` would change what its hooks keep (None: it runs none). A batched call
+        runs the module once more, for real: hooks run again, and diffusers' cache hooks (MagCache, First-Block
+        Cache) keep state per cache context in objects they make on first use, out of the attribute log's sight."""
+        known = self.hooked.get(id(module))
+        if known is None:
+            known = self.hooked[id(module)] = (_hooks(module) or "",)
+        return known[0] or None
 
     def _call(self, module, nodes, args, kwargs, output) -> ModuleCall:
         rec = self.recorder
