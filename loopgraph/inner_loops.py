@@ -324,7 +324,8 @@ def _instructions(code: types.CodeType) -> list[tuple]:
     return out
 
 
-_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, f).compiler_flag for f in __future__.all_feature_names))
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, feature).compiler_flag
+                                                 for feature in __future__.all_feature_names))
 
 
 def _build(owner, fn, fdef: ast.FunctionDef, loop: ast.For, where: str, params) -> StepLoop:

@@ -48,6 +48,27 @@ def run_loop(loop, x, n, components=None):
     return state.get("x")
 
 
+class ChunkLoop(LoopSequentialPipelineBlocks):
+    """A loop over chunks (diffusers' Helios, MiniMax Music 3): ``loop_step`` gets the chunk index ``k``; a
+    subclass's blocks run the steps of each chunk in a loop of their own (loopgraph/inner_loops.py)."""
+
+    @property
+    def description(self):
+        return "loops over chunks; a block loops over the timesteps"
+
+    @property
+    def loop_inputs(self):
+        return [InputParam("num_chunks")]
+
+    def __call__(self, components, state):
+        bs = self.get_block_state(state)
+        bs.chunks = []
+        for k in range(bs.num_chunks):
+            components, bs = self.loop_step(components, bs, k=k)
+        self.set_block_state(state, bs)
+        return components, state
+
+
 # -- the guards' toy loops ---------------------------------------------------------------------------------------------
 class XBlock(ModularPipelineBlocks):
     """A loop block that reads the slot ``x`` (the toy loops' latents)."""

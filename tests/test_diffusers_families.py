@@ -7,7 +7,6 @@ lower pipeline, run by Dynamo's eager backend) keeps the suite short; Inductor: 
 
 import copy
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 
 from loopgraph import compile_loop, compile_pipeline
+from loopgraph.bench.measure import count_python_calls
 from loopgraph.guards import plan_guard
 from loopgraph.runtime import executables
 from loopgraph.zoo.diffusers_families import FAMILIES, build_family, describe, run_calls, table_rows
@@ -28,6 +28,7 @@ needs_diffusers = pytest.mark.skipif(
 DOC = Path(__file__).resolve().parents[1] / "docs" / "diffusers.md"
 WHOLE = "whole loop on state buffers"
 INNER_WHOLE = f"its step loop: {WHOLE}"  # a loop over chunks whose block runs the steps (loopgraph/inner_loops.py)
+GUARDS = str(Path(plan_guard.__file__).parent)
 
 
 def python_state(setup) -> dict:
@@ -106,7 +107,9 @@ def test_inductor_runs_a_whole_compiled_familys_loop_with_no_python_per_step(fam
         quiet(setup.run, fast)  # plans N=8; makes the counted call's plan the newest
         quiet(setup.run, fast)  # and runs it compiled once (a first call of new compiled code does more, once)
         state = setup.new_state()
-        python_calls[n] = calls_outside_guards(lambda: fast(setup.components, state))
+        # (the plan guards' own calls follow how many plans are tried before the one that fits, not the steps:
+        # a loop over chunks keeps a plan per chunk)
+        python_calls[n] = count_python_calls(lambda: fast(setup.components, state), skip=GUARDS)
         loops = [inner.compiled for inner in fast.inner_loops.values()] or [fast]
         inputs[n] = {k: len(v) for loop in loops for k, v in loop._plans.newest.guard.inputs.schedule.items()
                      if isinstance(v, (list, tuple))}
@@ -114,24 +117,6 @@ def test_inductor_runs_a_whole_compiled_familys_loop_with_no_python_per_step(fam
         assert python_calls[6] == python_calls[8], python_calls  # no Python per step
     else:  # an input with a value per step (MiniMax H3's row_timestep_plan): the guard compares it item by item
         assert python_calls[8] > python_calls[6], python_calls
-
-
-def calls_outside_guards(fn) -> int:
-    """Python calls while ``fn()`` runs, but for the plan guards' own: their number follows how many plans are tried
-    before the one that fits (a loop over chunks keeps a plan per chunk), not the steps."""
-    guards = str(Path(plan_guard.__file__).parent)
-    calls = 0
-
-    def profile(frame, event, arg):
-        nonlocal calls
-        calls += event == "call" and not frame.f_code.co_filename.startswith(guards)
-
-    sys.setprofile(profile)
-    try:
-        fn()
-    finally:
-        sys.setprofile(None)
-    return calls
 
 
 @needs_diffusers

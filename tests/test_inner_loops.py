@@ -11,10 +11,10 @@ import pytest
 import torch
 from tqdm.auto import tqdm
 
-from loopgraph import (InputParam, Interrupted, LoopSequentialPipelineBlocks, ModularPipelineBlocks, PipelineState,
-                       compile_loop)
+from loopgraph import InputParam, Interrupted, ModularPipelineBlocks, OutputParam, PipelineState, compile_loop
 from loopgraph.inner_loops import LOCAL, find_step_loop
 
+from .helpers import ChunkLoop as ChunkWrapper
 from .helpers import Components, assert_same, quiet
 
 
@@ -63,6 +63,10 @@ class Denoise(ModularPipelineBlocks):
         return [InputParam("latents"), InputParam("timesteps"), InputParam("context"), InputParam("bias"),
                 InputParam("bar_file")]
 
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("latents"), OutputParam("last_i")]
+
     @torch.no_grad()
     def __call__(self, components, block_state, k: int):
         latents = block_state.latents
@@ -81,30 +85,18 @@ class Denoise(ModularPipelineBlocks):
 
 
 class Collect(ModularPipelineBlocks):
+    @property
+    def intermediate_outputs(self):
+        return [OutputParam("chunks")]
+
     def __call__(self, components, block_state, k: int):
         block_state.chunks.append(block_state.latents)
         return components, block_state
 
 
-class ChunkLoop(LoopSequentialPipelineBlocks):
+class ChunkLoop(ChunkWrapper):
     block_classes = [Prepare, Denoise, Collect]
     block_names = ["prepare", "denoise", "collect"]
-
-    @property
-    def description(self):
-        return "loops over chunks; its denoise block loops over the timesteps"
-
-    @property
-    def loop_inputs(self):
-        return [InputParam("num_chunks")]
-
-    def __call__(self, components, state):
-        bs = self.get_block_state(state)
-        bs.chunks = []
-        for k in range(bs.num_chunks):
-            components, bs = self.loop_step(components, bs, k=k)
-        self.set_block_state(state, bs)
-        return components, state
 
 
 def new_state(steps=4, chunks=2, bias=0.0, bar_file=None, seed=0):
@@ -205,6 +197,10 @@ class InPlaceThenRebound(Denoise):
     """MiniMax Music 3's pattern: the caller's latents are updated in place in the first step, then the local is
     rebound to the scheduler's new tensor; the caller's tensor keeps the intermediate value."""
 
+    @property
+    def intermediate_outputs(self):
+        return [*super().intermediate_outputs, OutputParam("given")]
+
     @torch.no_grad()
     def __call__(self, components, block_state, k: int):
         latents = block_state.latents
@@ -214,7 +210,7 @@ class InPlaceThenRebound(Denoise):
             out = components.net(latents, t, block_state.context)
             latents = components.scheduler.step(out, t, latents)[0]
         block_state.given = block_state.latents  # the caller's tensor, kept to compare
-        block_state.latents = latents
+        block_state.latents, block_state.last_i = latents, i
         return components, block_state
 
 
@@ -228,6 +224,7 @@ def test_the_callers_tensor_updated_in_place_then_rebound_keeps_eagers_intermedi
     for call in range(2):
         _, eager_state = InPlaceLoop()(eager_comps, new_state())
         _, state = quiet(fast, comps, new_state())
+        assert isinstance(eager_state.get("given"), torch.Tensor)
         assert_same(state.get("given"), eager_state.get("given"), f"call {call}: the caller's tensor")
         assert_same(results(state), results(eager_state), f"call {call}")
     assert fast.inner_loops["denoise"].compiled.stats.compiled_calls == 3  # every chunk but the traced one
@@ -240,7 +237,7 @@ class Breaks(Denoise):
             latents = components.scheduler.step(components.net(latents, t, block_state.context), t, latents)[0]
             if latents.abs().max() > 100:
                 break
-        block_state.latents = latents
+        block_state.latents, block_state.last_i = latents, i
         return components, block_state
 
 
@@ -311,7 +308,7 @@ class StepsSeen(Denoise):
             out = components.net(latents, t, block_state.context) + block_state.bias * 2
             latents = components.scheduler.step(out, t, latents)[0]
             self.kept.append(latents.clone())
-        block_state.latents = latents
+        block_state.latents, block_state.last_i = latents, i
         return components, block_state
 
 

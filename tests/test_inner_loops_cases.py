@@ -9,10 +9,10 @@ import io
 
 import torch
 
-from loopgraph import (InputParam, LoopSequentialPipelineBlocks, ModularPipelineBlocks, OutputParam, PipelineState,
-                       compile_loop)
+from loopgraph import InputParam, ModularPipelineBlocks, OutputParam, PipelineState, compile_loop
 from loopgraph.inner_loops import find_step_loop
 
+from .helpers import ChunkLoop as ChunkWrapper
 from .helpers import Components, assert_same, quiet
 
 
@@ -59,25 +59,9 @@ class Collect(ModularPipelineBlocks):
         return components, block_state
 
 
-class ChunkLoop(LoopSequentialPipelineBlocks):
+class ChunkLoop(ChunkWrapper):
     block_classes = [Prepare]
     block_names = ["prepare"]
-
-    @property
-    def description(self):
-        return "chunks"
-
-    @property
-    def loop_inputs(self):
-        return [InputParam("num_chunks")]
-
-    def __call__(self, components, state):
-        bs = self.get_block_state(state)
-        bs.chunks = []
-        for k in range(bs.num_chunks):
-            components, bs = self.loop_step(components, bs, k=k)
-        self.set_block_state(state, bs)
-        return components, state
 
 
 def loop_of(denoise):

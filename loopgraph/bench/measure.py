@@ -93,32 +93,25 @@ class _Method:
         return out, seconds
 
 
-def count_python_calls(fn: Callable[[], Any]) -> int:
-    """Python function calls (``sys.setprofile`` "call" events) while ``fn()`` runs; C calls do not count. A
-    compiled loop runs in one chunk meanwhile: its chunks follow the clock (``CHUNK_SECONDS``), not the steps, so a
-    busy machine would add Python calls per chunk to the count."""
+def count_python_calls(fn: Callable[[], Any], skip: str | None = None) -> int:
+    """Python function calls (``sys.setprofile`` "call" events) while ``fn()`` runs; C calls do not count, nor
+    calls of code in files under ``skip`` (a folder). A compiled loop runs in one chunk meanwhile: its chunks follow
+    the clock (``CHUNK_SECONDS``), not the steps, so a busy machine would add Python calls per chunk to the count."""
     from ..runtime import executables
 
-    chunk, executables.CHUNK_SECONDS = executables.CHUNK_SECONDS, 1e9
-    try:
-        return _count_calls(fn)
-    finally:
-        executables.CHUNK_SECONDS = chunk
-
-
-def _count_calls(fn: Callable[[], Any]) -> int:
     calls = 0
 
     def profile(frame, event, arg):
         nonlocal calls
-        if event == "call":
-            calls += 1
+        calls += event == "call" and not (skip and frame.f_code.co_filename.startswith(skip))
 
+    chunk, executables.CHUNK_SECONDS = executables.CHUNK_SECONDS, 1e9
     sys.setprofile(profile)
     try:
         fn()
     finally:
         sys.setprofile(None)
+        executables.CHUNK_SECONDS = chunk
     return calls
 
 
