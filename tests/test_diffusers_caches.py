@@ -1,8 +1,8 @@
 """diffusers' step caches (``transformer.enable_cache(...)``) under compile_loop, on LTX's loop (it opens
 ``cache_context`` per guidance batch), built offline from tiny configs. Equality with diffusers' eager run with the
 same cache first, over several calls: the caches keep state across steps and calls (counters that go on from one
-generation to the next in a modular loop), which the compiled loop must follow exactly. How far each is compiled
-(issue 28): the table in docs/diffusers.md."""
+generation to the next in a modular loop), which the compiled loop must follow exactly; ``disable_cache()``
+afterwards plans again. How far each is compiled (issue 28): docs/diffusers.md, "Step caches"."""
 
 import importlib.util
 
@@ -56,3 +56,10 @@ def test_a_diffusers_cache_under_compile_loop_gives_diffusers_eager_results_call
     # the transformer is never batched with its hooks (a batched retrace ran them once more: MagCache's traced call
     # was 0.52 off eager)
     assert fast.last_plan.batching and all(not site.batched_steps for site in fast.last_plan.batching)
+    # disable_cache(): the guards see the hooks gone, the loop plans again, then runs compiled as without a cache
+    eager.components.transformer.disable_cache()
+    setup.components.transformer.disable_cache()
+    compiled_calls = fast.stats.compiled_calls
+    for call in range(2):
+        assert_same(dict(quiet(setup.run, fast).values), dict(eager.run().values), f"{cache} off: call {call}")
+    assert fast.last_plan.kind == "whole loop on state buffers" and fast.stats.compiled_calls == compiled_calls + 1
