@@ -281,7 +281,8 @@ class CompiledLoop(ModularPipelineBlocks):
             for name, inner in self.inner_loops.items():
                 lines.append(f"block {name!r}: the step loop in {inner.loop.owner.__name__}.__call__ "
                              f"({inner.loop.where}):")
-                text = inner.compiled.explain(verbose) if inner.compiled is not None else "  not called yet"
+                lines += [f"  ran as written on {n} call(s): {why}" for why, n in inner.as_written.items()]
+                text = inner.compiled.explain(verbose) if inner.compiled is not None else "  not compiled yet"
                 lines.extend("  " + line for line in text.splitlines())
             return "\n".join(lines)
         if not self._plans:

@@ -521,7 +521,7 @@ class InnerLoop:
     loop: StepLoop
     compile: Callable[[InnerLoopWrapper], Any]   # compile_loop with the outer loop's options
     compiled: Any = None                         # the inner CompiledLoop
-    eager_runs: int = 0                          # loops run eagerly (over an iterable the runner cannot list)
+    as_written: dict[str, int] = field(default_factory=dict)  # why calls ran the loop as written: how many
     stand_ins: dict[str, "_NoBar"] = field(default_factory=dict)  # progress bars' stand-ins, by slot
     bar_steps: dict[int, list[int]] = field(default_factory=dict)  # by step count: what each step added to bars
 
@@ -533,15 +533,16 @@ class InnerLoop:
         loop = self.loop
         if not isinstance(iterable, (torch.Tensor, list, tuple, range)):
             # an iterator, a generator: listing it ahead could change what the loop sees; run it as written
-            self.eager_runs += 1
-            return self._eager(block, components, block_state, iterable, local_vars)
+            return self._eager(f"it iterates over a {type(iterable).__name__} (not a tensor, list, tuple or range)",
+                               block, components, block_state, iterable, local_vars)
         values = {a: getattr(block_state, a) for a in loop.state_attrs if hasattr(block_state, a)}
         values.update({LOCAL + n: local_vars[n] for n in loop.loads if n in local_vars})
         values[loop.schedule] = iterable
         bars = {name: value for name, value in values.items() if isinstance(value, tqdm)}
-        if any(name not in loop.updated_only for name in bars):  # a bar used for more than update(): as written
-            self.eager_runs += 1
-            return self._eager(block, components, block_state, iterable, local_vars)
+        used = sorted(name for name in bars if name not in loop.updated_only)
+        if used:
+            return self._eager(f"its progress bar {used[0]!r} is used for more than update()", block, components,
+                               block_state, iterable, local_vars)
         for name in bars:  # progress bars: the inner wrapper's loop advances them
             values[name] = self.stand_ins.setdefault(name, _NoBar())
         # a carried local that holds the caller's tensor (updated in place, then rebound: minimax' latents) is also
@@ -570,7 +571,8 @@ class InnerLoop:
                 setattr(block_state, a, out[a])
         return {n: out[LOCAL + n] for n in loop.stores if LOCAL + n in out}
 
-    def _eager(self, block, components, block_state, iterable, local_vars) -> dict[str, Any]:
+    def _eager(self, why: str, block, components, block_state, iterable, local_vars) -> dict[str, Any]:
+        self.as_written[why] = self.as_written.get(why, 0) + 1
         ns = types.SimpleNamespace(**{LOCAL + n: local_vars[n] for n in self.loop.loads if n in local_vars})
         for item in (enumerate(iterable) if self.loop.enumerate else iterable):
             self.loop.step(block, components, block_state, ns, item)

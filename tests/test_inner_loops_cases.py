@@ -230,8 +230,9 @@ class WithBar(ModularPipelineBlocks):
 
 
 def test_a_progress_bar_used_for_more_than_update_runs_the_loop_as_written():
-    pairs, _ = eager_and_compiled(WithBar, eager=True)
+    pairs, fast = eager_and_compiled(WithBar, eager=True)
     assert_all_same(pairs)
+    assert "ran as written on 4 call(s): its progress bar 'local_bar' is used for more than update()" in fast.explain()
 
 
 class BarEveryOther(ModularPipelineBlocks):
