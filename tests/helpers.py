@@ -48,6 +48,34 @@ def run_loop(loop, x, n, components=None):
     return state.get("x")
 
 
+class ChunkScheduler:
+    """A scheduler with Python state: a step index that ``set_timesteps`` resets, as diffusers' have."""
+
+    def __init__(self):
+        self.step_index = None
+
+    def set_timesteps(self, n):
+        self.step_index = 0
+        return torch.linspace(1.0, 0.1, n)
+
+    def step(self, model_output, t, sample):
+        self.step_index += 1
+        return (sample - 0.1 * t * model_output,)
+
+
+class PrepareChunk(ModularPipelineBlocks):
+    """A chunk's fresh latents (row ``k`` of ``noise``) and timesteps."""
+
+    @property
+    def inputs(self):
+        return [InputParam("noise"), InputParam("num_steps")]
+
+    def __call__(self, components, block_state, k: int):
+        block_state.latents = block_state.noise[k].clone()
+        block_state.timesteps = components.scheduler.set_timesteps(block_state.num_steps)
+        return components, block_state
+
+
 class ChunkLoop(LoopSequentialPipelineBlocks):
     """A loop over chunks (diffusers' Helios, MiniMax Music 3): ``loop_step`` gets the chunk index ``k``; a
     subclass's blocks run the steps of each chunk in a loop of their own (loopgraph/inner_loops.py)."""

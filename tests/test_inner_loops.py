@@ -15,7 +15,10 @@ from loopgraph import InputParam, Interrupted, ModularPipelineBlocks, OutputPara
 from loopgraph.inner_loops import LOCAL, find_step_loop
 
 from .helpers import ChunkLoop as ChunkWrapper
-from .helpers import Components, assert_same, quiet
+from .helpers import ChunkScheduler as Scheduler
+from .helpers import Components
+from .helpers import PrepareChunk as Prepare
+from .helpers import assert_same, quiet
 
 
 class CountedNet(torch.nn.Module):
@@ -26,32 +29,6 @@ class CountedNet(torch.nn.Module):
 
     def forward(self, x, t, context):
         return torch.tanh(self.lin(x) * (1 + t) + context.mean(1, keepdim=True))
-
-
-class Scheduler:
-    """A scheduler with Python state: a step index that ``set_timesteps`` resets, as diffusers' have."""
-
-    def __init__(self):
-        self.step_index = None
-
-    def set_timesteps(self, n):
-        self.step_index = 0
-        return torch.linspace(1.0, 0.1, n)
-
-    def step(self, model_output, t, sample):
-        self.step_index += 1
-        return (sample - 0.1 * t * model_output,)
-
-
-class Prepare(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("noise"), InputParam("num_steps")]
-
-    def __call__(self, components, block_state, k: int):
-        block_state.latents = block_state.noise[k].clone()
-        block_state.timesteps = components.scheduler.set_timesteps(block_state.num_steps)
-        return components, block_state
 
 
 class Denoise(ModularPipelineBlocks):

@@ -13,7 +13,10 @@ from loopgraph import InputParam, ModularPipelineBlocks, OutputParam, PipelineSt
 from loopgraph.inner_loops import find_step_loop
 
 from .helpers import ChunkLoop as ChunkWrapper
-from .helpers import Components, assert_same, quiet
+from .helpers import ChunkScheduler as Scheduler
+from .helpers import Components
+from .helpers import PrepareChunk as Prepare
+from .helpers import assert_same, quiet
 
 
 class Net(torch.nn.Module):
@@ -26,27 +29,8 @@ class Net(torch.nn.Module):
         return torch.tanh(self.lin(x) * (1 + t))
 
 
-class Scheduler:
-    def set_timesteps(self, n):
-        return torch.linspace(1.0, 0.1, n)
-
-    def step(self, model_output, t, sample):
-        return (sample - 0.1 * t * model_output,)
-
-
 def comps():
     return Components(net=Net(), scheduler=Scheduler())
-
-
-class Prepare(ModularPipelineBlocks):
-    @property
-    def inputs(self):
-        return [InputParam("noise"), InputParam("num_steps")]
-
-    def __call__(self, components, block_state, k: int):
-        block_state.latents = block_state.noise[k].clone()
-        block_state.timesteps = components.scheduler.set_timesteps(block_state.num_steps)
-        return components, block_state
 
 
 class Collect(ModularPipelineBlocks):
